@@ -1,0 +1,155 @@
+"""The ClientApp: two-stage training for the market, plain local training for FedAvg/FedProx.
+
+Order within round ``r`` of a market client (kta, fedmd):
+
+1. restore the client's own model from ``context.state`` (it never leaves the node);
+2. **stage 1**: ``local-epochs`` of cross-entropy on the private partition;
+3. **stage 2**: ``distill-epochs`` of KL toward the personalized targets carried by this
+   round's instruction (computed by the server from the logits of round ``r-1``; a client's
+   first round has none, so it skips stage 2);
+4. save the model to ``context.state``; reply with its logits on the reference set.
+
+``local`` runs step 2 only and replies with metrics. FedAvg/FedProx load the global
+weights from the message, run step 2 (FedProx adds its proximal term) and reply with
+weights. Evaluation replies carry metrics only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from kta_flwr import protocol
+from kta_flwr.config import ConfigError, RunConfig, parse_run_config
+from kta_flwr.data import ClientData, load_client_data
+from kta_flwr.models import build_model
+from kta_flwr.training import (
+    Optim,
+    distill,
+    evaluate,
+    predict_logits,
+    resolve_device,
+    train_supervised,
+)
+
+MODEL_STATE = "personal-model"
+
+app = ClientApp()
+
+
+class _Node:
+    """Everything one handler call needs, read from the Context and the Message."""
+
+    def __init__(self, msg: Message, context: Context) -> None:
+        self.cfg: RunConfig = parse_run_config(context.run_config)
+        node = context.node_config
+        if "partition-id" not in node or "num-partitions" not in node:
+            raise ConfigError(
+                "node-config needs 'partition-id' and 'num-partitions' (e.g. "
+                "flower-supernode --node-config 'partition-id=0 num-partitions=2')"
+            )
+        self.partition_id = int(node["partition-id"])
+        self.data: ClientData = load_client_data(
+            self.cfg, self.partition_id, int(node["num-partitions"])
+        )
+        self.config: ConfigRecord = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
+        self.server_round = int(self.config.get("server-round", 0))
+        expected = self.config.get(protocol.FINGERPRINT)
+        if expected is not None and expected != self.data.splits.reference_fingerprint:
+            raise ConfigError(
+                f"this node's reference set (fingerprint "
+                f"{self.data.splits.reference_fingerprint}) differs from the server's "
+                f"({expected}): check 'dataset', 'data-path', 'reference-size' and 'seed'"
+            )
+        self.device = resolve_device(self.cfg.device)
+        self.context = context
+        # Distinct, reproducible randomness per (seed, partition, round).
+        self.seed = self.cfg.seed * 1_000_003 + self.partition_id * 10_007 + self.server_round
+
+    def fresh_model(self) -> nn.Module:
+        splits = self.data.splits
+        name = self.cfg.model_for_partition(self.partition_id)
+        # FedAvg/FedProx overwrite these weights with the global model.
+        return build_model(name, splits.input_shape, splits.num_classes, self.cfg.seed + self.partition_id)
+
+    def personal_model(self) -> nn.Module:
+        """The client's own model, restored from the node's state if it trained before."""
+        model = self.fresh_model()
+        if MODEL_STATE in self.context.state.array_records:
+            model.load_state_dict(self.context.state.array_records[MODEL_STATE].to_torch_state_dict())
+        return model
+
+    def optim(self, lr: float) -> Optim:
+        cfg = self.cfg
+        return Optim(lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def train_stage1(self, model: nn.Module, proximal_mu: float = 0.0) -> float:
+        train = self.data.train
+        return train_supervised(
+            model, train.x, train.y, epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size,
+            optim=self.optim(self.cfg.learning_rate), device=self.device, seed=self.seed, proximal_mu=proximal_mu,
+        )
+
+    def train_stage2(self, model: nn.Module, targets: np.ndarray) -> float:
+        ref = self.data.splits.reference
+        return distill(
+            model, ref.x, targets, epochs=self.cfg.distill_epochs, batch_size=self.cfg.batch_size,
+            optim=self.optim(self.cfg.distill_learning_rate), device=self.device, seed=self.seed + 1,
+            temperature=self.cfg.temperature, kl_weight=self.cfg.distill_weight,
+            y_ref=ref.y, ce_weight=self.cfg.reference_ce_weight,
+        )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local work; replies with reference logits (market) or weights."""
+    node = _Node(msg, context)
+    metrics = {"num-examples": len(node.data.train.y), "partition-id": node.partition_id}
+    content = RecordDict()
+    if node.cfg.is_market:
+        model = node.personal_model()
+        metrics["train-loss"] = node.train_stage1(model)
+        if protocol.TARGETS in msg.content.array_records:
+            splits = node.data.splits
+            targets = protocol.unpack(
+                msg.content, protocol.TARGETS, len(splits.reference.y), splits.num_classes
+            )
+            metrics["distill-loss"] = node.train_stage2(model, targets)
+        context.state[MODEL_STATE] = ArrayRecord(model.state_dict())
+        if node.cfg.strategy != "local":
+            content[protocol.LOGITS] = protocol.pack(
+                predict_logits(model, node.data.splits.reference.x, node.device)
+            )
+    else:
+        model = node.fresh_model()
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        mu = float(node.config.get("proximal-mu", 0.0))
+        metrics["train-loss"] = node.train_stage1(model, proximal_mu=mu)
+        content["arrays"] = ArrayRecord(model.state_dict())
+    content[protocol.METRICS] = MetricRecord(metrics)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_model(msg: Message, context: Context) -> Message:
+    """Evaluate the personalized model (market) or the received global model."""
+    node = _Node(msg, context)
+    if node.cfg.is_market:
+        model = node.personal_model()
+    else:
+        model = node.fresh_model()
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    test = node.data.splits.test
+    result = evaluate(model, test.x, test.y, node.data.label_distribution, node.device)
+    metrics = MetricRecord(
+        {
+            "personalized-accuracy": result.personalized_accuracy,
+            "global-accuracy": result.accuracy,
+            "test-loss": result.loss,
+            "num-examples": len(test.y),
+            "partition-id": node.partition_id,
+        }
+    )
+    return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)

@@ -1,0 +1,235 @@
+"""One typed, validated run configuration shared by the ServerApp and the ClientApp.
+
+Every key of ``[tool.flwr.app.config]`` in ``pyproject.toml`` is a field of
+:class:`RunConfig` (kebab-case there, snake_case here); ``tests/test_config.py`` keeps the
+two in step. :func:`parse_run_config` turns Flower's ``context.run_config`` into a
+``RunConfig`` and rejects bad values with a :class:`ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+#: Strategies whose clients exchange only reference-set predictions (or nothing).
+MARKET_STRATEGIES = ("kta", "fedmd", "local")
+#: Flower's stock parameter-averaging strategies.
+PARAMETER_STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = MARKET_STRATEGIES + PARAMETER_STRATEGIES
+
+PARTITIONERS = ("dirichlet", "iid")
+DIVERGENCES = ("js", "skl", "cosine")
+TARGET_SPACES = ("prob", "logit")
+MARKETS = ("adaptive", "fixed")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RunConfig:  # pylint: disable=too-many-instance-attributes
+    """All run-config keys with their defaults (mirrors ``[tool.flwr.app.config]``)."""
+
+    # --- federation -------------------------------------------------------------
+    strategy: str = "kta"
+    num_server_rounds: int = 10
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    round_timeout: float = 600.0
+    seed: int = 0
+    # --- data -------------------------------------------------------------------
+    dataset: str = "digits"
+    data_path: str = ""
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    reference_size: int = 300
+    test_size: int = 300
+    # --- models and local training ----------------------------------------------
+    models: str = "mlp"
+    local_epochs: int = 2
+    distill_epochs: int = 4
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    distill_learning_rate: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    proximal_mu: float = 0.01
+    # --- knowledge market -------------------------------------------------------
+    market: str = "adaptive"
+    temperature: float = 3.0
+    distill_weight: float = 1.0
+    reference_ce_weight: float = 0.0
+    divergence: str = "js"
+    similarity_tau: float = 0.02
+    neighbours: int = 0
+    self_weight: float = 0.0
+    accuracy_exponent: float = 1.0
+    target_space: str = "logit"
+    # --- runtime ----------------------------------------------------------------
+    device: str = "auto"
+    output_dir: str = "~/kta-flwr/outputs"
+
+    # ---------------------------------------------------------------------------
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Architectures, assigned round-robin to partitions (``models = "mlp,cnn"``)."""
+        return tuple(name.strip() for name in self.models.split(",") if name.strip())
+
+    def model_for_partition(self, partition_id: int) -> str:
+        """Name of the architecture that partition ``partition_id`` trains."""
+        names = self.model_names
+        return names[partition_id % len(names)]
+
+    @property
+    def is_market(self) -> bool:
+        """True for strategies whose clients keep their own models (no weights sent)."""
+        return self.strategy in MARKET_STRATEGIES
+
+    def resolved_output_dir(self) -> Path:
+        """``output-dir`` as an absolute path; relative paths are taken from ``$HOME``.
+
+        The ServerApp runs in the SuperLink's working directory, not the caller's, so a
+        path relative to the current directory would land somewhere surprising.
+        """
+        path = Path(self.output_dir).expanduser()
+        return path if path.is_absolute() else Path.home() / path
+
+    def to_flwr(self) -> dict[str, Any]:
+        """The config as Flower run-config keys (kebab-case)."""
+        return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with ``changes`` applied (snake_case names), validated."""
+        return _validate(dataclasses.replace(self, **changes))
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Build a validated :class:`RunConfig` from Flower's ``context.run_config``.
+
+    Keys missing from ``run_config`` take their defaults; unknown keys are rejected.
+
+    Raises:
+        ConfigError: naming the first bad key, its value and what is allowed.
+    """
+    by_key = {_kebab(f.name): f for f in fields(RunConfig)}
+    unknown = sorted(set(run_config) - set(by_key))
+    if unknown:
+        raise ConfigError(
+            f"unknown run-config key(s) {unknown}; known keys: {sorted(by_key)}"
+        )
+    values: dict[str, Any] = {}
+    for key, value in run_config.items():
+        field = by_key[key]
+        values[field.name] = _coerce(key, value, type(getattr(RunConfig(), field.name)))
+    return _validate(RunConfig(**values))
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Check ``value`` against the default's type (ints are accepted for floats)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"run-config '{key}' = {value!r} has type {type(value).__name__}; "
+            f"expected {kind.__name__}"
+        )
+    return value
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"run-config '{key}' = {value!r} is not allowed; choose one of {list(allowed)}"
+        )
+
+
+def _positive(key: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"run-config '{key}' = {value!r} must be a positive number")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"run-config '{key}' = {value!r} must be >= 0")
+
+
+def _validate(cfg: RunConfig) -> RunConfig:
+    """Check value ranges that do not depend on the data; returns ``cfg``."""
+    # Imported here: models/data import torch, which config users may not need.
+    from kta_flwr.data import DATASETS  # pylint: disable=import-outside-toplevel
+    from kta_flwr.models import MODELS  # pylint: disable=import-outside-toplevel
+
+    _choice("strategy", cfg.strategy, STRATEGIES)
+    _choice("dataset", cfg.dataset, tuple(DATASETS))
+    _choice("partitioner", cfg.partitioner, PARTITIONERS)
+    _choice("market", cfg.market, MARKETS)
+    _choice("divergence", cfg.divergence, DIVERGENCES)
+    _choice("target-space", cfg.target_space, TARGET_SPACES)
+    _choice("device", cfg.device, DEVICES)
+    for key, value in (
+        ("num-server-rounds", cfg.num_server_rounds),
+        ("local-epochs", cfg.local_epochs),
+        ("batch-size", cfg.batch_size),
+        ("learning-rate", cfg.learning_rate),
+        ("distill-learning-rate", cfg.distill_learning_rate),
+        ("min-nodes", cfg.min_nodes),
+        ("round-timeout", cfg.round_timeout),
+        ("dirichlet-alpha", cfg.dirichlet_alpha),
+        ("reference-size", cfg.reference_size),
+        ("test-size", cfg.test_size),
+        ("temperature", cfg.temperature),
+        ("similarity-tau", cfg.similarity_tau),
+    ):
+        _positive(key, value)
+    for key, value in (
+        ("distill-epochs", cfg.distill_epochs),
+        ("momentum", cfg.momentum),
+        ("weight-decay", cfg.weight_decay),
+        ("proximal-mu", cfg.proximal_mu),
+        ("distill-weight", cfg.distill_weight),
+        ("reference-ce-weight", cfg.reference_ce_weight),
+        ("neighbours", cfg.neighbours),
+        ("accuracy-exponent", cfg.accuracy_exponent),
+        ("seed", cfg.seed),
+    ):
+        _non_negative(key, value)
+    if not 0.0 < cfg.fraction_train <= 1.0:
+        raise ConfigError(
+            f"run-config 'fraction-train' = {cfg.fraction_train!r} must be in (0, 1]"
+        )
+    if not (cfg.self_weight == -1.0 or 0.0 <= cfg.self_weight <= 1.0):
+        raise ConfigError(
+            f"run-config 'self-weight' = {cfg.self_weight!r} must be in [0, 1], "
+            "or -1 to weigh a client's own predictions by similarity like any other"
+        )
+    if cfg.momentum >= 1.0:
+        raise ConfigError(f"run-config 'momentum' = {cfg.momentum!r} must be < 1")
+    names = cfg.model_names
+    if not names:
+        raise ConfigError("run-config 'models' is empty; name at least one model")
+    for name in names:
+        _choice("models", name, tuple(MODELS))
+    if cfg.strategy in PARAMETER_STRATEGIES and len(set(names)) > 1:
+        raise ConfigError(
+            f"run-config 'models' = {cfg.models!r} mixes architectures, but strategy "
+            f"{cfg.strategy!r} averages weights and needs one architecture; use a "
+            f"market strategy {list(MARKET_STRATEGIES)} for mixed models"
+        )
+    if cfg.strategy == "kta" and cfg.distill_epochs == 0:
+        raise ConfigError(
+            "run-config 'distill-epochs' = 0 disables the market's distillation stage; "
+            "use strategy='local' for a no-communication run"
+        )
+    return cfg

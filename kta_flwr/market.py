@@ -1,0 +1,303 @@
+"""The KTA v2 knowledge market as pure numpy functions (no Flower, no torch).
+
+Notation: K clients, N reference samples, C classes. Client k uploads logits
+``z[k]`` of shape ``[N, C]`` on the labeled public reference set (labels ``y``, ``[N]``).
+
+1. Softened predictions ``p[k, i] = softmax(z[k, i] / T)``.
+2. Reference accuracy ``acc[k] = mean_i 1[argmax z[k, i] == y[i]]``.
+3. Divergence ``D[k, j] = mean_i d(p[k, i], p[j, i])`` with ``d`` the Jensen-Shannon
+   divergence (``js``), the symmetric KL (``skl``) or ``1 - cosine`` (``cosine``).
+4. Similarity graph ``S[k, j] = exp(-D[k, j] / tau)`` (``S[k, k] = 1``).
+5. Teacher weights ``W[k, j] ∝ S[k, j] * acc[j] ** gamma`` over the ``m`` most similar
+   other clients (all when ``m = 0``). With ``self_weight = rho`` in [0, 1] the client
+   keeps weight ``rho`` on itself and the others share ``1 - rho``; with
+   ``self_weight = -1`` the client competes like any other teacher (``S[k, k] = 1``).
+   Rows sum to 1.
+6. Personalized targets ``q[k] = sum_j W[k, j] p[j]`` (``prob`` space) or
+   ``softmax(sum_j W[k, j] z[j] / T)`` (``logit`` space); each row of ``q[k]`` is a
+   probability distribution over the C classes.
+
+**Adaptive sharpness** (``adaptive=True``, the default): instead of one fixed ``tau``,
+each client k gets the ``tau`` from ``tau_grid`` whose teacher mix (at T = 1) best predicts the labeled
+reference samples, each sample weighted by k's own predicted class marginal
+``pi_k(c) = mean_i p[k, i, c]`` (so a label-skewed client judges teachers on the classes it
+cares about, with no extra upload):
+``tau_k = argmax_tau  sum_i pi_k(y_i) * log q_tau[k, i, y_i] / sum_i pi_k(y_i)``.
+A sharp ``tau`` keeps targets personal (near self-teaching), a broad one approaches an
+accuracy-weighted global teacher; the labels arbitrate. Cost: one weight/target
+computation per grid value, ``O(|grid| * K^2 * N * C)``.
+
+A FedMD-style global teacher is the same code path with uniform weights
+(``weighting="uniform"``): every client gets the plain mean of all predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class MarketParams:
+    """Knobs of the market; see the module docstring for the formulas."""
+
+    temperature: float = 1.0
+    divergence: str = "js"
+    tau: float = 0.02
+    neighbours: int = 0
+    self_weight: float = -1.0
+    accuracy_exponent: float = 1.0
+    target_space: str = "prob"
+    weighting: str = "market"  # "market" (similarity x accuracy) or "uniform" (FedMD)
+    adaptive: bool = True  # pick tau per client from tau_grid (else use the fixed tau)
+    tau_grid: tuple[float, ...] = tuple(np.geomspace(0.003, 10.0, 13).round(6))  # ascending
+    tie_tolerance: float = 1e-3  # nats of weighted log-likelihood
+
+
+@dataclass(frozen=True)
+class MarketOutput:
+    """Everything the market computed for one round."""
+
+    accuracy: np.ndarray  # [K] reference-set accuracy in [0, 1]
+    divergence: np.ndarray  # [K, K] mean pairwise divergence, zero diagonal
+    similarity: np.ndarray  # [K, K] in (0, 1], ones on the diagonal
+    weights: np.ndarray  # [K, K] teacher weights, rows sum to 1
+    targets: np.ndarray  # [K, N, C] float32 soft targets, rows sum to 1
+    tau: np.ndarray  # [K] similarity temperature used for each client
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax over the last axis of ``logits / temperature`` (float64, same shape)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    expd = np.exp(scaled)
+    return expd / expd.sum(axis=-1, keepdims=True)
+
+
+def reference_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Top-1 accuracy of each client on the reference set.
+
+    Args:
+        logits: ``[K, N, C]`` client logits.
+        labels: ``[N]`` integer reference labels.
+
+    Returns:
+        ``[K]`` accuracies in [0, 1].
+    """
+    return (np.asarray(logits).argmax(axis=-1) == np.asarray(labels)[None, :]).mean(axis=1)
+
+
+def pairwise_divergence(probs: np.ndarray, kind: str = "js") -> np.ndarray:
+    """Mean per-sample divergence between every pair of clients' predictions.
+
+    Args:
+        probs: ``[K, N, C]`` probability vectors.
+        kind: ``"js"`` (Jensen-Shannon, in nats, bounded by ln 2), ``"skl"``
+            (symmetric KL, ``(KL(p||q) + KL(q||p)) / 2``) or ``"cosine"`` (1 - cosine).
+
+    Returns:
+        ``[K, K]`` symmetric, non-negative matrix with a zero diagonal.
+    """
+    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0)
+    num_clients = p.shape[0]
+    out = np.zeros((num_clients, num_clients))
+    logp = np.log(p)
+    for k in range(num_clients):
+        pk, lk = p[k][None], logp[k][None]  # [1, N, C] against all clients [K, N, C]
+        if kind == "js":
+            m = 0.5 * (pk + p)
+            logm = np.log(m)
+            per = 0.5 * (pk * (lk - logm)).sum(-1) + 0.5 * (p * (logp - logm)).sum(-1)
+        elif kind == "skl":
+            per = 0.5 * ((pk - p) * (lk - logp)).sum(-1)
+        elif kind == "cosine":
+            dot = (pk * p).sum(-1)
+            norms = np.linalg.norm(pk, axis=-1) * np.linalg.norm(p, axis=-1)
+            per = 1.0 - dot / np.maximum(norms, _EPS)
+        else:
+            raise ValueError(f"unknown divergence {kind!r}; use js, skl or cosine")
+        out[k] = per.mean(axis=-1)
+    out = np.maximum(0.5 * (out + out.T), 0.0)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def similarity_graph(divergence: np.ndarray, tau: float) -> np.ndarray:
+    """``S = exp(-D / tau)``: ``[K, K]`` similarities in (0, 1], ones on the diagonal."""
+    if tau <= 0:
+        raise ValueError(f"similarity temperature tau must be > 0, got {tau}")
+    return np.exp(-np.asarray(divergence, dtype=np.float64) / tau)
+
+
+def teacher_weights(
+    similarity: np.ndarray,
+    accuracy: np.ndarray,
+    *,
+    accuracy_exponent: float = 1.0,
+    neighbours: int = 0,
+    self_weight: float = -1.0,
+) -> np.ndarray:
+    """Per-client teacher mix ``W[k, j] ∝ S[k, j] * acc[j] ** gamma``.
+
+    Args:
+        similarity: ``[K, K]`` similarity graph.
+        accuracy: ``[K]`` reference accuracies in [0, 1].
+        accuracy_exponent: ``gamma``; 0 ignores accuracy.
+        neighbours: keep only the ``m`` most similar other clients (0 keeps all).
+        self_weight: fixed weight ``rho`` in [0, 1] on the client itself, or -1 to let
+            the client compete by similarity and accuracy like any other teacher.
+
+    Returns:
+        ``[K, K]`` non-negative weights, each row summing to 1.
+    """
+    sim = np.asarray(similarity, dtype=np.float64)
+    num_clients = sim.shape[0]
+    # A tiny floor keeps a zero-accuracy client from zeroing a whole row.
+    quality = np.maximum(np.asarray(accuracy, dtype=np.float64), 1e-3) ** accuracy_exponent
+    scores = sim * quality[None, :]
+    others = ~np.eye(num_clients, dtype=bool)
+    if 0 < neighbours < num_clients - 1:
+        masked = np.where(others, sim, -np.inf)
+        # Indices of all but the m most similar others, per row.
+        drop = np.argsort(-masked, axis=1, kind="stable")[:, neighbours:]
+        keep = np.ones_like(others)
+        np.put_along_axis(keep, drop, False, axis=1)
+        others &= keep
+    if self_weight < 0:
+        scores = np.where(others | np.eye(num_clients, dtype=bool), scores, 0.0)
+        return scores / scores.sum(axis=1, keepdims=True)
+    weights = np.where(others, scores, 0.0)
+    row = weights.sum(axis=1, keepdims=True)
+    lonely = row[:, 0] <= 0  # a single client, or every other teacher masked out
+    weights = np.divide(weights, row, out=np.zeros_like(weights), where=row > 0)
+    weights *= 1.0 - self_weight
+    weights[np.arange(num_clients), np.arange(num_clients)] += np.where(
+        lonely, 1.0, self_weight
+    )
+    return weights
+
+
+def soft_targets(
+    logits: np.ndarray, weights: np.ndarray, *, temperature: float = 1.0, space: str = "prob"
+) -> np.ndarray:
+    """Personalized soft targets ``[K, N, C]`` (float32, rows sum to 1).
+
+    Args:
+        logits: ``[K, N, C]`` client logits.
+        weights: ``[K, K]`` teacher weights (rows sum to 1).
+        temperature: softening temperature ``T``.
+        space: ``"prob"`` mixes softened probabilities; ``"logit"`` mixes logits, then
+            applies a softmax at ``T``.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if space == "prob":
+        targets = np.einsum("kj,jnc->knc", w, softmax(logits, temperature))
+    elif space == "logit":
+        targets = softmax(np.einsum("kj,jnc->knc", w, np.asarray(logits, np.float64)), temperature)
+    else:
+        raise ValueError(f"unknown target space {space!r}; use prob or logit")
+    targets = np.clip(targets, 0.0, None)
+    targets /= targets.sum(axis=-1, keepdims=True)
+    return targets.astype(np.float32)
+
+
+def run_market(logits: np.ndarray, labels: np.ndarray, params: MarketParams) -> MarketOutput:
+    """One market round: accuracy, similarity graph, teacher weights and targets.
+
+    Args:
+        logits: ``[K, N, C]`` finite logits of the K participating clients.
+        labels: ``[N]`` reference labels in ``[0, C)``.
+        params: the market's knobs.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be [K, N, C], got shape {logits.shape}")
+    if logits.shape[1] != len(labels):
+        raise ValueError(f"logits cover {logits.shape[1]} samples, labels {len(labels)}")
+    accuracy = reference_accuracy(logits, labels)
+    probs = softmax(logits, params.temperature)
+    divergence = pairwise_divergence(probs, params.divergence)
+    similarity = similarity_graph(divergence, params.tau)
+    num_clients = logits.shape[0]
+    taus = np.full(num_clients, params.tau)
+    if params.weighting == "uniform":
+        weights = np.full((num_clients, num_clients), 1.0 / num_clients)
+        taus[:] = np.inf
+    elif params.weighting != "market":
+        raise ValueError(f"unknown weighting {params.weighting!r}; use market or uniform")
+    elif params.adaptive:
+        taus, weights = adaptive_weights(logits, labels, probs, divergence, accuracy, params)
+        similarity = np.exp(-divergence / taus[:, None])
+    else:
+        weights = _weights_at(similarity, accuracy, params)
+    targets = soft_targets(logits, weights, temperature=params.temperature, space=params.target_space)
+    return MarketOutput(accuracy, divergence, similarity, weights, targets, taus)
+
+
+def _weights_at(similarity: np.ndarray, accuracy: np.ndarray, params: MarketParams) -> np.ndarray:
+    return teacher_weights(
+        similarity,
+        accuracy,
+        accuracy_exponent=params.accuracy_exponent,
+        neighbours=params.neighbours,
+        self_weight=params.self_weight,
+    )
+
+
+def label_likelihood(
+    targets: np.ndarray, labels: np.ndarray, sample_weights: np.ndarray
+) -> np.ndarray:
+    """Weighted mean log-likelihood of the reference labels under each client's targets.
+
+    Args:
+        targets: ``[K, N, C]`` soft targets.
+        labels: ``[N]`` reference labels.
+        sample_weights: ``[K, N]`` non-negative weight of each sample for each client.
+
+    Returns:
+        ``[K]`` values ``sum_i w[k, i] log q[k, i, y_i] / sum_i w[k, i]`` (<= 0).
+    """
+    picked = np.take_along_axis(targets, np.asarray(labels)[None, :, None], axis=-1)[..., 0]
+    logq = np.log(np.clip(picked.astype(np.float64), _EPS, 1.0))
+    return (sample_weights * logq).sum(axis=1) / np.maximum(sample_weights.sum(axis=1), _EPS)
+
+
+def adaptive_weights(  # pylint: disable=too-many-arguments
+    logits: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    divergence: np.ndarray,
+    accuracy: np.ndarray,
+    params: MarketParams,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-client sharpness: the ``tau`` in ``params.tau_grid`` whose targets maximise
+    :func:`label_likelihood` with each client's predicted class marginal as sample weights.
+
+    Args:
+        logits: ``[K, N, C]``; probs: the same softened at ``T``; divergence: ``[K, K]``;
+        accuracy: ``[K]``; labels: ``[N]``.
+
+    Returns:
+        ``([K] chosen tau, [K, K] teacher weights at each client's tau)``.
+    """
+    marginal = probs.mean(axis=1)  # [K, C]: what each client believes its classes are
+    sample_weights = marginal[:, np.asarray(labels)]  # [K, N]
+    grid = np.asarray(params.tau_grid, dtype=np.float64)
+    scores = np.empty((len(grid), logits.shape[0]))
+    candidates = []
+    for g, tau in enumerate(grid):
+        weights = _weights_at(similarity_graph(divergence, tau), accuracy, params)
+        # Scored at T = 1: the mix is judged as a predictor, not at the (flatter)
+        # distillation temperature, which would favour single over-confident teachers.
+        targets = soft_targets(logits, weights, temperature=1.0, space=params.target_space)
+        scores[g] = label_likelihood(targets, labels, sample_weights)
+        candidates.append(weights)
+    # Among near-ties (within ``tie_tolerance`` nats of the best) take the broadest tau:
+    # a sharper, more personal mix must earn its place with clearly better evidence.
+    good = scores >= scores.max(axis=0, keepdims=True) - params.tie_tolerance
+    best = len(grid) - 1 - np.argmax(good[::-1], axis=0)
+    rows = np.arange(logits.shape[0])
+    return grid[best], np.stack(candidates)[best, rows]

@@ -1,0 +1,241 @@
+"""The knowledge-market Strategy on Flower's Message API, and the strategy factory.
+
+Round ``r`` of :class:`KnowledgeMarket` (kta, fedmd) as seen by the server:
+
+1. ``configure_train``: each sampled client gets the run's ``ConfigRecord`` plus, if the
+   market has priced it before, its personalized soft targets ``q_k`` computed from the
+   logits uploaded in earlier rounds (round ``r-1`` under full participation).
+2. Clients train (stage 1), distill toward ``q_k`` (stage 2) and reply with their logits
+   on the reference set.
+3. ``aggregate_train``: replies are checked (error, missing record, shape, NaN) and bad
+   ones dropped with a warning naming the node; the market
+   (:func:`kta_flwr.market.run_market`) runs on the latest valid logits of every client
+   and stores the targets each client receives in round ``r+1``.
+
+``local`` is the same strategy without a market: clients only get instructions and reply
+with metrics. FedAvg and FedProx are Flower's stock strategies.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
+from kta_flwr import protocol
+from kta_flwr.config import RunConfig
+from kta_flwr.market import MarketOutput, MarketParams, run_market
+
+MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
+NUM_EXAMPLES = "num-examples"
+
+
+def market_params(cfg: RunConfig) -> MarketParams | None:
+    """Market knobs for ``cfg.strategy`` (None for ``local``: no market)."""
+    if cfg.strategy == "local":
+        return None
+    return MarketParams(
+        temperature=cfg.temperature,
+        divergence=cfg.divergence,
+        tau=cfg.similarity_tau,
+        neighbours=cfg.neighbours,
+        self_weight=cfg.self_weight,
+        accuracy_exponent=cfg.accuracy_exponent,
+        target_space=cfg.target_space,
+        weighting="uniform" if cfg.strategy == "fedmd" else "market",
+        adaptive=cfg.market == "adaptive",
+    )
+
+
+class KnowledgeMarket(Strategy):  # pylint: disable=too-many-instance-attributes
+    """Prediction-space knowledge market: personalized soft targets per client.
+
+    Args:
+        params: market knobs, or None for local-only training (nothing exchanged).
+        reference_labels: ``[N_ref]`` labels of the public reference set.
+        num_classes: C.
+        fingerprint: hash of the reference set, sent so clients can check their copy.
+        fraction_train: fraction of connected nodes sampled per round.
+        min_nodes: wait for this many connected nodes before sampling.
+        evaluate_metrics_aggr_fn: aggregates the evaluation replies' metrics.
+        seed: seeds node sampling.
+    """
+
+    def __init__(  # pylint: disable=too-many-arguments
+        self,
+        *,
+        params: MarketParams | None,
+        reference_labels: np.ndarray,
+        num_classes: int,
+        fingerprint: str,
+        fraction_train: float = 1.0,
+        min_nodes: int = 2,
+        evaluate_metrics_aggr_fn: MetricsAggregator,
+        seed: int = 0,
+    ) -> None:
+        self.params = params
+        self.reference_labels = np.asarray(reference_labels)
+        self.num_classes = num_classes
+        self.fingerprint = fingerprint
+        self.fraction_train = fraction_train
+        self.min_nodes = min_nodes
+        self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn
+        self._rng = random.Random(seed)
+        #: Latest valid logits ``[N_ref, C]`` per node id.
+        self.bank: dict[int, np.ndarray] = {}
+        #: Targets ``[N_ref, C]`` each node receives with its next instruction.
+        self.targets: dict[int, np.ndarray] = {}
+        #: The last market computation (node ids in ``self.market_nodes`` order).
+        self.last_market: MarketOutput | None = None
+        self.market_nodes: list[int] = []
+
+    # --- Strategy interface -----------------------------------------------------------
+    def summary(self) -> None:
+        """Log the market configuration."""
+        log(INFO, "\t├──> Knowledge market: %s", self.params or "none (local-only)")
+        log(INFO, "\t├──> Reference set: %d samples, %d classes (fingerprint %s)",
+            len(self.reference_labels), self.num_classes, self.fingerprint)
+        log(INFO, "\t└──> Sampling: fraction %.2f, min nodes %d", self.fraction_train, self.min_nodes)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Instructions for the sampled nodes, each with its own targets (if any)."""
+        node_ids = self._sample(grid, self.fraction_train)
+        config = self._stamp(config, server_round)
+        messages = []
+        for node_id in node_ids:
+            content = RecordDict({protocol.CONFIG: config})
+            if node_id in self.targets:
+                content[protocol.TARGETS] = protocol.pack(self.targets[node_id])
+            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        with_targets = sum(n in self.targets for n in node_ids)
+        log(INFO, "configure_train: %d nodes sampled, %d with personalized targets",
+            len(node_ids), with_targets)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Bank valid logits, drop bad replies, run the market for the next round."""
+        received, dropped = 0, 0
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            if msg.has_error():
+                dropped += 1
+                log(WARNING, "round %d: node %d failed: %s", server_round, node_id, msg.error.reason)
+                continue
+            if self.params is None:
+                received += 1
+                continue
+            try:
+                logits = protocol.unpack(
+                    msg.content, protocol.LOGITS, len(self.reference_labels), self.num_classes
+                )
+            except protocol.InvalidPayload as err:
+                dropped += 1
+                log(WARNING, "round %d: dropping reply of node %d: %s", server_round, node_id, err)
+                continue
+            self.bank[node_id] = logits
+            received += 1
+        metrics = MetricRecord({"replies": received, "dropped": dropped})
+        if self.params is not None and self.bank:
+            metrics.update(self._price())
+        return None, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask every node to evaluate its own personalized model (no arrays sent)."""
+        node_ids = self._sample(grid, 1.0)
+        config = self._stamp(config, server_round)
+        return [
+            Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n,
+                    message_type=MessageType.EVALUATE)
+            for n in node_ids
+        ]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate evaluation metrics of the nodes that answered."""
+        valid = []
+        for msg in replies:
+            if msg.has_error():
+                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round,
+                    msg.metadata.src_node_id, msg.error.reason)
+            else:
+                valid.append(msg.content)
+        return self.evaluate_metrics_aggr_fn(valid, NUM_EXAMPLES) if valid else None
+
+    # --- helpers ------------------------------------------------------------------
+    def _sample(self, grid: Grid, fraction: float) -> list[int]:
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_nodes:
+            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), self.min_nodes)
+            time.sleep(1.0)
+        size = max(1, int(round(len(nodes) * fraction)))
+        return sorted(self._rng.sample(nodes, size))
+
+    def _stamp(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
+        stamped = ConfigRecord(dict(config))
+        stamped["server-round"] = server_round
+        stamped[protocol.FINGERPRINT] = self.fingerprint
+        return stamped
+
+    def _price(self) -> dict[str, float]:
+        """Run the market on the banked logits; store every node's next targets."""
+        assert self.params is not None
+        self.market_nodes = sorted(self.bank)
+        stacked = np.stack([self.bank[n] for n in self.market_nodes])
+        out = run_market(stacked, self.reference_labels, self.params)
+        self.last_market = out
+        self.targets = dict(zip(self.market_nodes, out.targets))
+        weights = out.weights
+        entropy = -(weights * np.log(np.clip(weights, 1e-12, 1.0))).sum(axis=1)
+        return {
+            "market-clients": len(self.market_nodes),
+            "reference-accuracy": float(out.accuracy.mean()),
+            "self-weight": float(np.diag(weights).mean()),
+            "teacher-entropy": float(entropy.mean()),
+            "effective-teachers": float(np.exp(entropy).mean()),
+        }
+
+
+def build_strategy(
+    cfg: RunConfig,
+    *,
+    reference_labels: np.ndarray,
+    num_classes: int,
+    fingerprint: str,
+    evaluate_metrics_aggr_fn: MetricsAggregator,
+) -> Strategy:
+    """The Strategy for ``cfg.strategy``: the market (kta, fedmd, local) or stock FedAvg/FedProx."""
+    if cfg.is_market:
+        return KnowledgeMarket(
+            params=market_params(cfg),
+            reference_labels=reference_labels,
+            num_classes=num_classes,
+            fingerprint=fingerprint,
+            fraction_train=cfg.fraction_train,
+            min_nodes=cfg.min_nodes,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            seed=cfg.seed,
+        )
+    common = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": cfg.min_nodes,
+        "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
+    }
+    if cfg.strategy == "fedprox":
+        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+    return FedAvg(**common)

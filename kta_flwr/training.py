@@ -1,0 +1,190 @@
+"""Client-side torch routines: supervised training, distillation, prediction, evaluation.
+
+Data lives in memory as tensors on the training device; mini-batches are index slices
+drawn from a seeded generator, so a (seed, round, partition) triple fixes a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run-config 'device' = 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Optim:
+    """SGD settings shared by both stages."""
+
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def build(self, model: nn.Module) -> torch.optim.Optimizer:
+        """A fresh SGD optimizer over ``model``'s parameters."""
+        return torch.optim.SGD(
+            model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+
+def _batches(size: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(size, generator=generator)
+    for start in range(0, size, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(array).to(device, non_blocking=True)
+
+
+def train_supervised(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    optim: Optim,
+    device: torch.device,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> float:
+    """Stage 1: cross-entropy on private data, plus ``mu/2 * ||w - w0||^2`` if ``mu > 0``.
+
+    ``w0`` is the model's weights on entry (the global model under FedProx).
+
+    Returns:
+        Mean training loss over all batches (0.0 if there is no data).
+    """
+    if len(y) == 0 or epochs == 0:
+        return 0.0
+    model.to(device).train()
+    xs, ys = _as_tensor(x, device), _as_tensor(y, device)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    optimizer = optim.build(model)
+    generator = torch.Generator().manual_seed(seed)
+    total, steps = torch.zeros((), device=device), 0
+    for _ in range(epochs):
+        for idx in _batches(len(ys), batch_size, generator):
+            idx = idx.to(device)
+            loss = F.cross_entropy(model(xs[idx]), ys[idx])
+            if anchor:
+                drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+                loss = loss + 0.5 * proximal_mu * drift
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            steps += 1
+    return float(total) / steps
+
+
+def distill(
+    model: nn.Module,
+    x_ref: np.ndarray,
+    targets: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    optim: Optim,
+    device: torch.device,
+    seed: int,
+    temperature: float,
+    kl_weight: float,
+    y_ref: np.ndarray | None = None,
+    ce_weight: float = 0.0,
+) -> float:
+    """Stage 2: distill toward personalized soft targets on the reference set.
+
+    Loss per batch: ``kl_weight * T^2 * KL(q || softmax(f(x) / T))``
+    ``+ ce_weight * CE(f(x), y_ref)``.
+
+    Args:
+        x_ref: ``[N, *input_shape]`` reference inputs.
+        targets: ``[N, C]`` soft targets ``q`` (rows sum to 1).
+        y_ref: ``[N]`` reference labels, used only when ``ce_weight > 0``.
+
+    Returns:
+        Mean loss over all batches.
+    """
+    if epochs == 0:
+        return 0.0
+    model.to(device).train()
+    xs, qs = _as_tensor(x_ref, device), _as_tensor(targets, device).float()
+    ys = _as_tensor(y_ref, device) if (y_ref is not None and ce_weight > 0) else None
+    optimizer = optim.build(model)
+    generator = torch.Generator().manual_seed(seed)
+    total, steps = torch.zeros((), device=device), 0
+    for _ in range(epochs):
+        for idx in _batches(len(qs), batch_size, generator):
+            idx = idx.to(device)
+            out = model(xs[idx])
+            log_p = F.log_softmax(out / temperature, dim=-1)
+            loss = kl_weight * temperature**2 * F.kl_div(log_p, qs[idx], reduction="batchmean")
+            if ys is not None:
+                loss = loss + ce_weight * F.cross_entropy(out, ys[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            steps += 1
+    return float(total) / steps
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 1024
+) -> np.ndarray:
+    """Logits ``[M, C]`` (float32, on the host) of ``model`` in eval mode."""
+    model.to(device).eval()
+    xs = _as_tensor(x, device)
+    out = torch.cat([model(xs[s : s + batch_size]) for s in range(0, len(xs), batch_size)])
+    return out.float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Accuracy of one model on a labeled set."""
+
+    accuracy: float  # plain top-1 accuracy on the set
+    personalized_accuracy: float  # sum_c pi_c * acc_c with pi the client's label mix
+    per_class: np.ndarray  # [C] accuracy per class (nan where the set has none)
+    loss: float  # mean cross-entropy
+
+
+def evaluate(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    label_distribution: np.ndarray,
+    device: torch.device,
+) -> Evaluation:
+    """Global and personalized accuracy of ``model`` on ``(x, y)``.
+
+    The personalized accuracy re-weights the per-class accuracy by the client's own label
+    distribution ``pi`` (``[C]``, sums to 1): the expected accuracy on a test set drawn
+    with the client's label mix, estimated from every test sample.
+    """
+    logits = torch.from_numpy(predict_logits(model, x, device))
+    labels = torch.from_numpy(np.asarray(y))
+    loss = float(F.cross_entropy(logits, labels))
+    correct = (logits.argmax(-1) == labels).numpy()
+    num_classes = len(label_distribution)
+    hits = np.bincount(y, weights=correct, minlength=num_classes)
+    counts = np.bincount(y, minlength=num_classes)
+    per_class = np.divide(hits, counts, out=np.full(num_classes, np.nan), where=counts > 0)
+    mix = np.where(counts > 0, label_distribution, 0.0)
+    personalized = float(np.nansum(per_class * mix) / max(mix.sum(), 1e-12))
+    return Evaluation(float(correct.mean()), personalized, per_class, loss)

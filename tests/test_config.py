@@ -1,0 +1,71 @@
+"""Run-config validation: bad values are rejected before training, naming the key."""
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kta_flwr.config import ConfigError, RunConfig, parse_run_config
+from kta_flwr.data import load_splits, partition_indices
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_config_matches_runconfig_defaults():
+    app_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config == RunConfig().to_flwr()
+    assert parse_run_config(app_config) == RunConfig()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("strategy", "fedsgd", "kta"),
+        ("num-server-rounds", 0, "positive"),
+        ("local-epochs", -1, "positive"),
+        ("learning-rate", 0.0, "positive"),
+        ("learning-rate", float("nan"), "positive"),
+        ("dirichlet-alpha", 0.0, "positive"),
+        ("dirichlet-alpha", -0.5, "positive"),
+        ("reference-size", 0, "positive"),
+        ("fraction-train", 1.5, "(0, 1]"),
+        ("self-weight", 2.0, "[0, 1]"),
+        ("models", "mlp,transformer9000", "mlp"),
+        ("partitioner", "shards", "dirichlet"),
+        ("num-server-rounds", "ten", "expected int"),
+        ("device", "tpu", "cuda"),
+    ],
+)
+def test_bad_values_name_the_key(key, value, needle):
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({key: value})
+    assert f"'{key}'" in str(err.value) and needle in str(err.value)
+
+
+def test_unknown_key_rejected():
+    with pytest.raises(ConfigError, match="learning_rate"):
+        parse_run_config({"learning_rate": 0.1})
+
+
+def test_mixed_models_need_a_market_strategy():
+    assert parse_run_config({"models": "mlp,cnn"}).model_for_partition(3) == "cnn"
+    with pytest.raises(ConfigError, match="'models'.*fedavg"):
+        parse_run_config({"models": "mlp,cnn", "strategy": "fedavg"})
+
+
+def test_reference_larger_than_data_rejected():
+    cfg = parse_run_config({"reference-size": 1700})
+    with pytest.raises(ConfigError, match="'reference-size' = 1700"):
+        load_splits(cfg)
+
+
+def test_more_clients_than_samples_rejected():
+    cfg = RunConfig()
+    with pytest.raises(ConfigError, match="clients"):
+        partition_indices(np.zeros(5, dtype=np.int64), 6, cfg)
+
+
+def test_output_dir_relative_to_home():
+    assert RunConfig(output_dir="runs").resolved_output_dir() == Path.home() / "runs"
+    assert RunConfig(output_dir="/tmp/x").resolved_output_dir() == Path("/tmp/x")

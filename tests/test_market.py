@@ -1,0 +1,161 @@
+"""Unit tests of the pure market, on cases that can be checked by hand."""
+
+import numpy as np
+import pytest
+
+from kta_flwr.market import (
+    MarketParams,
+    adaptive_weights,
+    label_likelihood,
+    pairwise_divergence,
+    reference_accuracy,
+    run_market,
+    similarity_graph,
+    softmax,
+    soft_targets,
+    teacher_weights,
+)
+
+FIXED = MarketParams(adaptive=False, tau=0.1, self_weight=-1.0)
+
+
+def skewed_logits(rng, labels, favoured, num_classes=4, strength=4.0, noise=0.5):
+    """Logits of a client that predicts the true label, but is biased to ``favoured``."""
+    logits = rng.normal(0, noise, (len(labels), num_classes))
+    logits[np.arange(len(labels)), labels] += 2.0
+    logits[:, favoured] += strength
+    return logits
+
+
+def test_reference_accuracy_by_hand():
+    labels = np.array([0, 1, 2, 0])
+    logits = np.zeros((2, 4, 3))
+    logits[0, np.arange(4), labels] = 1.0  # all right
+    logits[1, :, 1] = 1.0  # always predicts class 1: right once
+    np.testing.assert_allclose(reference_accuracy(logits, labels), [1.0, 0.25])
+
+
+def test_js_divergence_by_hand():
+    probs = np.array([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.0]]])
+    div = pairwise_divergence(probs, "js")
+    assert div[0, 1] == pytest.approx(np.log(2), rel=1e-6)  # disjoint supports: ln 2
+    assert div[0, 2] == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(div, div.T)
+    np.testing.assert_allclose(np.diag(div), 0.0)
+
+
+@pytest.mark.parametrize("kind", ["js", "skl", "cosine"])
+def test_divergences_symmetric_non_negative(kind):
+    probs = softmax(np.random.default_rng(0).normal(size=(5, 20, 4)))
+    div = pairwise_divergence(probs, kind)
+    assert (div >= 0).all() and np.allclose(div, div.T) and np.allclose(np.diag(div), 0)
+
+
+def test_identical_clients_get_uniform_weights():
+    logits = np.repeat(np.random.default_rng(1).normal(size=(1, 30, 5)), 4, axis=0)
+    labels = np.random.default_rng(2).integers(0, 5, 30)
+    for params in (FIXED, MarketParams(), MarketParams(self_weight=0.0, adaptive=False)):
+        out = run_market(logits, labels, params)
+        off_diag = out.weights[~np.eye(4, dtype=bool)]
+        if params.self_weight == 0.0:
+            np.testing.assert_allclose(off_diag, 1 / 3)
+        else:
+            np.testing.assert_allclose(out.weights, 0.25)
+
+
+def test_random_client_gets_less_weight_than_accurate_ones():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 200)
+    accurate = np.eye(4)[labels] * 3.0 + rng.normal(0, 0.3, (200, 4))
+    logits = np.stack([accurate, accurate + rng.normal(0, 0.3, (200, 4)), rng.normal(0, 3.0, (200, 4))])
+    out = run_market(logits, labels, MarketParams(adaptive=False, tau=10.0, self_weight=-1.0))
+    assert out.accuracy[2] < 0.5 < out.accuracy[0]
+    assert out.weights[0, 2] < out.weights[0, 1]
+    assert out.weights[1, 2] < out.weights[1, 0]
+
+
+def test_similar_label_skew_weighs_more():
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, 300)
+    logits = np.stack(
+        [skewed_logits(rng, labels, f) for f in ([0, 1], [0, 1], [2, 3], [2, 3])]
+    )
+    out = run_market(logits, labels, FIXED)
+    assert out.weights[0, 1] > out.weights[0, 2] and out.weights[0, 1] > out.weights[0, 3]
+    assert out.weights[2, 3] > out.weights[2, 0] and out.weights[2, 3] > out.weights[2, 1]
+
+
+@pytest.mark.parametrize("space", ["prob", "logit"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_targets_are_distributions(space, adaptive):
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 5, (6, 40, 7))
+    out = run_market(logits, rng.integers(0, 7, 40), MarketParams(target_space=space, adaptive=adaptive))
+    assert out.targets.shape == (6, 40, 7) and out.targets.dtype == np.float32
+    assert (out.targets >= 0).all()
+    np.testing.assert_allclose(out.targets.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out.weights.sum(1), 1.0)
+
+
+def test_fedmd_is_uniform_mean_of_predictions():
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(3, 10, 4))
+    out = run_market(logits, rng.integers(0, 4, 10), MarketParams(weighting="uniform", target_space="prob"))
+    mean = softmax(logits).mean(axis=0)
+    for k in range(3):
+        np.testing.assert_allclose(out.targets[k], mean, atol=1e-6)
+
+
+def test_fixed_self_weight_and_neighbours():
+    sim = similarity_graph(np.array([[0, 0.1, 0.5, 0.9], [0.1, 0, 0.4, 0.8],
+                                     [0.5, 0.4, 0, 0.2], [0.9, 0.8, 0.2, 0]]), tau=0.1)
+    w = teacher_weights(sim, np.ones(4), self_weight=0.25, neighbours=1)
+    np.testing.assert_allclose(np.diag(w), 0.25)
+    np.testing.assert_allclose(w.sum(1), 1.0)
+    assert w[0, 1] == pytest.approx(0.75) and w[0, 2] == 0 and w[0, 3] == 0  # nearest only
+    assert w[3, 2] == pytest.approx(0.75)
+
+
+def test_single_client_teaches_itself():
+    w = teacher_weights(np.ones((1, 1)), np.array([0.5]), self_weight=0.0)
+    np.testing.assert_allclose(w, [[1.0]])
+
+
+def test_label_likelihood_by_hand():
+    targets = np.array([[[0.5, 0.5], [0.25, 0.75]]])
+    value = label_likelihood(targets, np.array([0, 1]), np.array([[1.0, 1.0]]))
+    assert value[0] == pytest.approx((np.log(0.5) + np.log(0.75)) / 2)
+
+
+def test_adaptive_picks_sharp_mix_when_label_mixes_differ():
+    """Two groups with disjoint classes: each client must learn from its own group."""
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 4, 400)
+    groups = ([0, 1], [0, 1], [2, 3], [2, 3])
+    logits = np.stack([skewed_logits(rng, labels, g, strength=6.0) for g in groups])
+    params = MarketParams(self_weight=0.0)
+    probs = softmax(logits, params.temperature)
+    taus, weights = adaptive_weights(
+        logits, labels, probs, pairwise_divergence(probs), reference_accuracy(logits, labels), params
+    )
+    assert taus.max() < 1.0  # sharp
+    assert weights[0, 1] > 0.9 and weights[2, 3] > 0.9
+
+
+def test_adaptive_picks_broad_mix_when_label_mixes_agree():
+    """IID clients with independent noise: averaging everyone is best."""
+    rng = np.random.default_rng(8)
+    labels = rng.integers(0, 4, 400)
+    logits = np.stack([np.eye(4)[labels] * 1.0 + rng.normal(0, 1.0, (400, 4)) for _ in range(5)])
+    params = MarketParams(self_weight=0.0)
+    out = run_market(logits, labels, params)
+    assert np.median(out.tau) >= 1.0  # broad for most clients
+    off_diag = out.weights[~np.eye(5, dtype=bool)].reshape(5, 4)
+    assert off_diag.min() > 0.15  # every other client contributes
+
+
+def test_soft_targets_logit_space_by_hand():
+    logits = np.array([[[2.0, 0.0]], [[0.0, 2.0]]])
+    targets = soft_targets(logits, np.array([[0.5, 0.5], [1.0, 0.0]]), temperature=1.0, space="logit")
+    np.testing.assert_allclose(targets[0, 0], [0.5, 0.5], atol=1e-6)
+    np.testing.assert_allclose(targets[1, 0], softmax(np.array([2.0, 0.0])), atol=1e-6)

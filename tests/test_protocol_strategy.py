@@ -1,0 +1,125 @@
+"""What crosses the wire and how the market strategy treats good and bad replies."""
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from kta_flwr import protocol
+from kta_flwr.config import RunConfig
+from kta_flwr.metering import payload_bytes
+from kta_flwr.strategy import KnowledgeMarket, market_params
+
+N, C = 20, 4
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Messages are created inside a ServerApp run; give this process that identity."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def reply(node_id: int, content: RecordDict | None = None, error: str | None = None) -> Message:
+    """A real Flower reply message, as the SuperLink delivers it from ``node_id``."""
+    metadata = Metadata(
+        run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
+        reply_to_message_id=f"m{node_id}", group_id="", created_at=0.0, ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+    if error is not None:
+        return Message(error=Error(code=0, reason=error), metadata=metadata)
+    return Message(content=content, metadata=metadata)
+
+
+def logits_reply(node_id, values):
+    return reply(node_id, RecordDict({protocol.LOGITS: ArrayRecord({protocol.VALUES: Array(values)}),
+                                      protocol.METRICS: MetricRecord({"num-examples": 5})}))
+
+
+class FixedGrid:
+    """The two Grid calls the market strategy makes, over a fixed set of node ids."""
+
+    def __init__(self, node_ids):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+def make_strategy(strategy="kta"):
+    rng = np.random.default_rng(0)
+    return KnowledgeMarket(
+        params=market_params(RunConfig(strategy=strategy)),
+        reference_labels=rng.integers(0, C, N), num_classes=C, fingerprint="abc",
+        evaluate_metrics_aggr_fn=lambda recs, key: MetricRecord({"n": len(recs)}),
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        (np.full((N, C), np.nan, np.float32), "NaN"),
+        (np.zeros((N + 1, C), np.float32), "shape"),
+        (np.zeros((N, C), np.int32), "dtype"),
+        (np.zeros((N,), np.float32), "shape"),
+    ],
+)
+def test_unpack_rejects_bad_logits(values, reason):
+    content = RecordDict({protocol.LOGITS: ArrayRecord({protocol.VALUES: Array(values)})})
+    with pytest.raises(protocol.InvalidPayload, match=reason):
+        protocol.unpack(content, protocol.LOGITS, N, C)
+
+
+def test_unpack_rejects_missing_and_extra_arrays():
+    with pytest.raises(protocol.InvalidPayload, match="no 'logits'"):
+        protocol.unpack(RecordDict(), protocol.LOGITS, N, C)
+    two = ArrayRecord({"values": Array(np.zeros((N, C), np.float32)), "w": Array(np.zeros(3))})
+    with pytest.raises(protocol.InvalidPayload, match="one array"):
+        protocol.unpack(RecordDict({protocol.LOGITS: two}), protocol.LOGITS, N, C)
+
+
+def test_bad_clients_are_dropped_and_the_round_goes_on():
+    strategy = make_strategy()
+    rng = np.random.default_rng(1)
+    good = [logits_reply(i, rng.normal(size=(N, C)).astype(np.float32)) for i in (1, 2, 3)]
+    bad = [
+        logits_reply(4, np.full((N, C), np.inf, np.float32)),
+        logits_reply(5, np.zeros((N, C + 1), np.float32)),
+        reply(6, RecordDict({protocol.METRICS: MetricRecord({"x": 1})})),
+        reply(7, error="ClientApp crashed"),
+    ]
+    _, metrics = strategy.aggregate_train(1, good + bad)
+    assert metrics["replies"] == 3 and metrics["dropped"] == 4
+    assert sorted(strategy.bank) == [1, 2, 3] == sorted(strategy.targets)
+    for targets in strategy.targets.values():
+        assert targets.shape == (N, C)
+        np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-5)
+
+
+def test_instructions_carry_only_personal_targets():
+    strategy = make_strategy()
+    rng = np.random.default_rng(2)
+    strategy.aggregate_train(1, [logits_reply(i, rng.normal(size=(N, C)).astype(np.float32)) for i in (1, 2)])
+    messages = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 2, 9])))
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    assert sorted(by_node) == [1, 2, 9]
+    for node in (1, 2):
+        content = by_node[node].content
+        sent = protocol.unpack(content, protocol.TARGETS, N, C)
+        np.testing.assert_array_equal(sent, strategy.targets[node])
+        assert payload_bytes(content) == N * C * 4  # exactly one [N, C] float32 array
+        assert content[protocol.CONFIG]["server-round"] == 2
+    assert payload_bytes(by_node[9].content) == 0  # a node the market has not priced yet
+    assert not np.array_equal(strategy.targets[1], strategy.targets[2])
+
+
+def test_local_strategy_exchanges_nothing():
+    strategy = make_strategy("local")
+    _, metrics = strategy.aggregate_train(1, [reply(1, RecordDict({protocol.METRICS: MetricRecord({"a": 1})}))])
+    assert metrics["replies"] == 1 and not strategy.targets
+    messages = strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 2]))
+    assert all(payload_bytes(m.content) == 0 for m in messages)
