@@ -6,7 +6,7 @@ drawn from a seeded generator, so a (seed, round, partition) triple fixes a run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +49,36 @@ def _as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(array).to(device, non_blocking=True)
 
 
+def _fit(  # pylint: disable=too-many-arguments
+    model: nn.Module,
+    size: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    epochs: int,
+    batch_size: int,
+    optim: Optim,
+    device: torch.device,
+    seed: int,
+) -> float:
+    """SGD over ``epochs`` shuffled passes of ``size`` samples; returns the mean loss.
+
+    ``batch_loss(idx)`` computes the loss of the samples ``idx`` (a device tensor). The
+    running loss stays on the device: no host sync per batch.
+    """
+    model.to(device).train()
+    optimizer = optim.build(model)
+    generator = torch.Generator().manual_seed(seed)
+    total, steps = torch.zeros((), device=device), 0
+    for _ in range(epochs):
+        for idx in _batches(size, batch_size, generator):
+            loss = batch_loss(idx.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            steps += 1
+    return float(total) / steps
+
+
 def train_supervised(
     model: nn.Module,
     x: np.ndarray,
@@ -70,25 +100,17 @@ def train_supervised(
     """
     if len(y) == 0 or epochs == 0:
         return 0.0
-    model.to(device).train()
     xs, ys = _as_tensor(x, device), _as_tensor(y, device)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    optimizer = optim.build(model)
-    generator = torch.Generator().manual_seed(seed)
-    total, steps = torch.zeros((), device=device), 0
-    for _ in range(epochs):
-        for idx in _batches(len(ys), batch_size, generator):
-            idx = idx.to(device)
-            loss = F.cross_entropy(model(xs[idx]), ys[idx])
-            if anchor:
-                drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
-                loss = loss + 0.5 * proximal_mu * drift
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            steps += 1
-    return float(total) / steps
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(model(xs[idx]), ys[idx])
+        if anchor:
+            drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+            loss = loss + 0.5 * proximal_mu * drift
+        return loss
+
+    return _fit(model, len(ys), batch_loss, epochs, batch_size, optim, device, seed)
 
 
 def distill(
@@ -121,26 +143,18 @@ def distill(
     """
     if epochs == 0:
         return 0.0
-    model.to(device).train()
     xs, qs = _as_tensor(x_ref, device), _as_tensor(targets, device).float()
     ys = _as_tensor(y_ref, device) if (y_ref is not None and ce_weight > 0) else None
-    optimizer = optim.build(model)
-    generator = torch.Generator().manual_seed(seed)
-    total, steps = torch.zeros((), device=device), 0
-    for _ in range(epochs):
-        for idx in _batches(len(qs), batch_size, generator):
-            idx = idx.to(device)
-            out = model(xs[idx])
-            log_p = F.log_softmax(out / temperature, dim=-1)
-            loss = kl_weight * temperature**2 * F.kl_div(log_p, qs[idx], reduction="batchmean")
-            if ys is not None:
-                loss = loss + ce_weight * F.cross_entropy(out, ys[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            steps += 1
-    return float(total) / steps
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        out = model(xs[idx])
+        log_p = F.log_softmax(out / temperature, dim=-1)
+        loss = kl_weight * temperature**2 * F.kl_div(log_p, qs[idx], reduction="batchmean")
+        if ys is not None:
+            loss = loss + ce_weight * F.cross_entropy(out, ys[idx])
+        return loss
+
+    return _fit(model, len(qs), batch_loss, epochs, batch_size, optim, device, seed)
 
 
 @torch.no_grad()
