@@ -4,9 +4,12 @@ Order within round ``r`` of a market client (kta, fedmd):
 
 1. restore the client's own model from ``context.state`` (it never leaves the node);
 2. **stage 1**: ``local-epochs`` of cross-entropy on the private partition;
-3. **stage 2**: ``distill-epochs`` of KL toward the personalized targets carried by this
-   round's instruction (computed by the server from the logits of round ``r-1``; a client's
-   first round has none, so it skips stage 2);
+3. **stage 2**: ``distill-epochs`` over the reference set of KL toward the personalized
+   targets carried by this round's instruction (computed by the server from the logits of
+   round ``r-1``; a client's first round has none, so it skips stage 2), each reference
+   batch paired with an equally sized private batch whose cross-entropy is added with
+   weight ``private-ce-weight`` (the block-coordinate step on the whole market objective,
+   so distillation does not overwrite what the client learnt privately);
 4. save the model to ``context.state``; reply with its logits on the reference set.
 
 ``local`` runs step 2 only and replies with metrics. FedAvg/FedProx load the global
@@ -99,6 +102,7 @@ class _Node:
             optim=self.optim(self.cfg.distill_learning_rate), device=self.device, seed=self.seed + 1,
             temperature=self.cfg.temperature, kl_weight=self.cfg.distill_weight,
             y_ref=ref.y, ce_weight=self.cfg.reference_ce_weight,
+            private=(self.data.train.x, self.data.train.y), private_weight=self.cfg.private_ce_weight,
         )
 
 

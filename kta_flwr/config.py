@@ -56,7 +56,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     distill_epochs: int = 4
     batch_size: int = 32
     learning_rate: float = 0.05
-    distill_learning_rate: float = 0.01
+    distill_learning_rate: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     proximal_mu: float = 0.01
@@ -65,6 +65,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     temperature: float = 3.0
     distill_weight: float = 1.0
     reference_ce_weight: float = 0.0
+    private_ce_weight: float = 1.0
     divergence: str = "js"
     similarity_tau: float = 0.02
     neighbours: int = 0
@@ -200,6 +201,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("proximal-mu", cfg.proximal_mu),
         ("distill-weight", cfg.distill_weight),
         ("reference-ce-weight", cfg.reference_ce_weight),
+        ("private-ce-weight", cfg.private_ce_weight),
         ("neighbours", cfg.neighbours),
         ("accuracy-exponent", cfg.accuracy_exponent),
         ("seed", cfg.seed),

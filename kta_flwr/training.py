@@ -127,16 +127,22 @@ def distill(
     kl_weight: float,
     y_ref: np.ndarray | None = None,
     ce_weight: float = 0.0,
+    private: tuple[np.ndarray, np.ndarray] | None = None,
+    private_weight: float = 0.0,
 ) -> float:
     """Stage 2: distill toward personalized soft targets on the reference set.
 
     Loss per batch: ``kl_weight * T^2 * KL(q || softmax(f(x) / T))``
-    ``+ ce_weight * CE(f(x), y_ref)``.
+    ``+ ce_weight * CE(f(x), y_ref) + private_weight * CE(f(x_priv), y_priv)``, where the
+    last term takes an equally sized random batch of the client's private data, so the
+    distillation step minimises the market objective (local CE + KL) instead of
+    forgetting the private data.
 
     Args:
         x_ref: ``[N, *input_shape]`` reference inputs.
         targets: ``[N, C]`` soft targets ``q`` (rows sum to 1).
         y_ref: ``[N]`` reference labels, used only when ``ce_weight > 0``.
+        private: the client's private ``(x, y)``, used only when ``private_weight > 0``.
 
     Returns:
         Mean loss over all batches.
@@ -145,6 +151,10 @@ def distill(
         return 0.0
     xs, qs = _as_tensor(x_ref, device), _as_tensor(targets, device).float()
     ys = _as_tensor(y_ref, device) if (y_ref is not None and ce_weight > 0) else None
+    use_private = private is not None and private_weight > 0 and len(private[1]) > 0
+    if use_private:
+        xp, yp = _as_tensor(private[0], device), _as_tensor(private[1], device)
+        draw = torch.Generator(device=device).manual_seed(seed + 7)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         out = model(xs[idx])
@@ -152,6 +162,9 @@ def distill(
         loss = kl_weight * temperature**2 * F.kl_div(log_p, qs[idx], reduction="batchmean")
         if ys is not None:
             loss = loss + ce_weight * F.cross_entropy(out, ys[idx])
+        if use_private:
+            pick = torch.randint(len(yp), (len(idx),), generator=draw, device=device)
+            loss = loss + private_weight * F.cross_entropy(model(xp[pick]), yp[pick])
         return loss
 
     return _fit(model, len(qs), batch_loss, epochs, batch_size, optim, device, seed)
