@@ -75,7 +75,7 @@ class _Node:
         splits = self.data.splits
         name = self.cfg.model_for_partition(self.partition_id)
         # FedAvg/FedProx overwrite these weights with the global model.
-        return build_model(name, splits.input_shape, splits.num_classes, self.cfg.seed + self.partition_id)
+        return build_model(name, splits.spec, self.cfg.seed + self.partition_id)
 
     def personal_model(self) -> nn.Module:
         """The client's own model, restored from the node's state if it trained before."""
@@ -147,9 +147,13 @@ def evaluate_model(msg: Message, context: Context) -> Message:
         model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     test = node.data.splits.test
     result = evaluate(model, test.x, test.y, node.data.label_distribution, node.device)
+    personalized = result.personalized_accuracy
+    local = node.data.local_test
+    if local is not None:  # writer-partitioned data: the client's own writers' test rows
+        personalized = evaluate(model, local.x, local.y, node.data.label_distribution, node.device).accuracy
     metrics = MetricRecord(
         {
-            "personalized-accuracy": result.personalized_accuracy,
+            "personalized-accuracy": personalized,
             "global-accuracy": result.accuracy,
             "test-loss": result.loss,
             "num-examples": len(test.y),

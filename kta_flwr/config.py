@@ -21,11 +21,15 @@ MARKET_STRATEGIES = ("kta", "fedmd", "local")
 PARAMETER_STRATEGIES = ("fedavg", "fedprox")
 STRATEGIES = MARKET_STRATEGIES + PARAMETER_STRATEGIES
 
-PARTITIONERS = ("dirichlet", "iid")
+PARTITIONERS = ("dirichlet", "iid", "natural")
 DIVERGENCES = ("js", "skl", "cosine")
 TARGET_SPACES = ("prob", "logit")
 MARKETS = ("adaptive", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+#: Where relative ``data-path`` values point (e.g. a symlink to ``../shared/datasets``).
+DATA_ROOT = Path("~/kta-flwr/data")
 
 
 class ConfigError(ValueError):
@@ -50,6 +54,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     dirichlet_alpha: float = 0.5
     reference_size: int = 300
     test_size: int = 300
+    max_train_size: int = 0
+    vocab_size: int = 20000
+    text_length: int = 64
     # --- models and local training ----------------------------------------------
     models: str = "mlp"
     local_epochs: int = 2
@@ -100,6 +107,14 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         """
         path = Path(self.output_dir).expanduser()
         return path if path.is_absolute() else Path.home() / path
+
+    def resolved_data_path(self) -> str:
+        """``data-path`` as an absolute path ("" stays ""); relative paths are taken from
+        :data:`DATA_ROOT` (``~/kta-flwr/data``), for the same reason as ``output-dir``."""
+        if not self.data_path:
+            return ""
+        path = Path(self.data_path).expanduser()
+        return str(path if path.is_absolute() else DATA_ROOT.expanduser() / path)
 
     def to_flwr(self) -> dict[str, Any]:
         """The config as Flower run-config keys (kebab-case)."""
@@ -169,8 +184,8 @@ def _non_negative(key: str, value: float) -> None:
 def _validate(cfg: RunConfig) -> RunConfig:
     """Check value ranges that do not depend on the data; returns ``cfg``."""
     # Imported here: models/data import torch, which config users may not need.
-    from kta_flwr.data import DATASETS  # pylint: disable=import-outside-toplevel
-    from kta_flwr.models import MODELS  # pylint: disable=import-outside-toplevel
+    from kta_flwr.datasets import DATASETS, TEXT_DATASETS  # pylint: disable=import-outside-toplevel
+    from kta_flwr.models import MODELS, TEXT_MODELS  # pylint: disable=import-outside-toplevel
 
     _choice("strategy", cfg.strategy, STRATEGIES)
     _choice("dataset", cfg.dataset, tuple(DATASETS))
@@ -189,7 +204,8 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("round-timeout", cfg.round_timeout),
         ("dirichlet-alpha", cfg.dirichlet_alpha),
         ("reference-size", cfg.reference_size),
-        ("test-size", cfg.test_size),
+        ("vocab-size", cfg.vocab_size),
+        ("text-length", cfg.text_length),
         ("temperature", cfg.temperature),
         ("similarity-tau", cfg.similarity_tau),
     ):
@@ -205,6 +221,8 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("neighbours", cfg.neighbours),
         ("accuracy-exponent", cfg.accuracy_exponent),
         ("seed", cfg.seed),
+        ("test-size", cfg.test_size),
+        ("max-train-size", cfg.max_train_size),
     ):
         _non_negative(key, value)
     if not 0.0 < cfg.fraction_train <= 1.0:
@@ -223,6 +241,13 @@ def _validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("run-config 'models' is empty; name at least one model")
     for name in names:
         _choice("models", name, tuple(MODELS))
+        if (name in TEXT_MODELS) != (cfg.dataset in TEXT_DATASETS):
+            kind = "text" if cfg.dataset in TEXT_DATASETS else "image"
+            fits = sorted(TEXT_MODELS) if kind == "text" else sorted(set(MODELS) - TEXT_MODELS)
+            raise ConfigError(
+                f"run-config 'models' names {name!r}, which cannot read the {kind} inputs "
+                f"of dataset {cfg.dataset!r}; use one of {fits}"
+            )
     if cfg.strategy in PARAMETER_STRATEGIES and len(set(names)) > 1:
         raise ConfigError(
             f"run-config 'models' = {cfg.models!r} mixes architectures, but strategy "

@@ -1,16 +1,27 @@
-"""Datasets, the public reference split, and client partitions.
+"""The public reference split, the test split, and client partitions.
 
 Every node (server and clients) derives the same three disjoint splits from the dataset
-and the seed: a labeled **test** set, a labeled public **reference** set, and the
-**training pool**. Only the training pool is partitioned across clients, with
-flwr-datasets' partitioners (Dirichlet over labels, or IID). Clients read the reference
-inputs locally; only predictions on them ever cross the wire.
+(:mod:`kta_flwr.datasets`) and the seed:
+
+- a labeled **test** set: a stratified ``test-size`` sample of the dataset's official test
+  split, or carved out of the training data when there is none (``test-size = 0`` takes
+  the whole official test split);
+- a labeled public **reference** set of ``reference-size`` samples, held out of the
+  training data (stratified by label; for datasets with writer ids it comes from
+  writers that no client uses, and their test rows are dropped);
+- the **training pool** (capped at ``max-train-size`` samples when that is > 0), the only
+  data partitioned across clients, with flwr-datasets' partitioners (``dirichlet`` over
+  labels, ``iid``) or by writer (``natural``: writers dealt round-robin to clients in a
+  seeded order, so each writer belongs to exactly one client).
+
+Text is tokenized after splitting, with a vocabulary built from the training split
+(pool + reference) only. Clients read the reference inputs locally; only predictions on
+them ever cross the wire.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,32 +31,11 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 from sklearn.model_selection import train_test_split
 
 from kta_flwr.config import ConfigError, RunConfig
+from kta_flwr.datasets import DATASETS, ArrayDataset, Source
+from kta_flwr.models import ModelSpec
+from kta_flwr.text import build_vocab, encode
 
-
-@dataclass(frozen=True)
-class ArrayDataset:
-    """Inputs ``x`` (float32, ``[M, *input_shape]``) and integer labels ``y`` (``[M]``)."""
-
-    x: np.ndarray
-    y: np.ndarray
-    num_classes: int
-
-
-def load_digits(data_path: str) -> ArrayDataset:
-    """scikit-learn's bundled handwritten digits: 1,797 images, 1x8x8 in [0, 1], 10 classes.
-
-    Ships with scikit-learn, so it works offline; ``data_path`` is ignored.
-    """
-    del data_path
-    from sklearn.datasets import load_digits as sk_digits  # pylint: disable=import-outside-toplevel
-
-    bunch = sk_digits()
-    x = (bunch.data.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
-    return ArrayDataset(x=x, y=bunch.target.astype(np.int64), num_classes=10)
-
-
-#: Dataset name -> loader taking the run config's ``data-path``.
-DATASETS: dict[str, Callable[[str], ArrayDataset]] = {"digits": load_digits}
+__all__ = ["ArrayDataset", "CentralSplits", "ClientData", "load_client_data", "load_splits"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +45,9 @@ class CentralSplits:
     train: ArrayDataset  # training pool, partitioned across clients
     reference: ArrayDataset  # public, labeled reference set
     test: ArrayDataset  # global test set
+    train_groups: np.ndarray | None = None  # [len(train)] writer ids, if the data has them
+    test_groups: np.ndarray | None = None  # [len(test)] writer ids
+    vocab_size: int = 0  # text: ids in [0, vocab_size); 0 for images
 
     @property
     def num_classes(self) -> int:
@@ -65,6 +58,11 @@ class CentralSplits:
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input sample."""
         return tuple(self.train.x.shape[1:])
+
+    @property
+    def spec(self) -> ModelSpec:
+        """What a model needs to know about the inputs and classes."""
+        return ModelSpec(self.input_shape, self.num_classes, self.vocab_size)
 
     @property
     def reference_fingerprint(self) -> str:
@@ -80,59 +78,140 @@ class CentralSplits:
 
 
 def load_splits(cfg: RunConfig) -> CentralSplits:
-    """Load ``cfg.dataset`` and split it into train pool / reference / test.
-
-    The reference and test sets are stratified by label and drawn with ``cfg.seed``.
+    """Load ``cfg.dataset`` and split it into training pool / reference / test.
 
     Raises:
-        ConfigError: if ``reference-size + test-size`` leaves no training data.
+        ConfigError: missing data, or sizes that do not fit the dataset.
     """
-    return _load_splits(cfg.dataset, cfg.data_path, cfg.reference_size, cfg.test_size, cfg.seed)
+    return _load_splits(
+        cfg.dataset, cfg.resolved_data_path(), cfg.reference_size, cfg.test_size, cfg.max_train_size,
+        cfg.vocab_size, cfg.text_length, cfg.seed,
+    )
+
+
+def _stratified(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``arange(len(labels))`` into (rest, sample of ``size``), stratified if possible."""
+    idx = np.arange(len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 and size >= len(counts[counts > 0]) else None
+    rest, sample = train_test_split(idx, test_size=size, stratify=stratify, random_state=seed)
+    return np.sort(rest), np.sort(sample)
 
 
 @lru_cache(maxsize=4)
-def _load_splits(
-    dataset: str, data_path: str, reference_size: int, test_size: int, seed: int
+def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
+    dataset: str,
+    data_path: str,
+    reference_size: int,
+    test_size: int,
+    max_train_size: int,
+    vocab_size: int,
+    text_length: int,
+    seed: int,
 ) -> CentralSplits:
-    full = DATASETS[dataset](data_path)
-    total = len(full.y)
-    if reference_size + test_size >= total or reference_size < full.num_classes:
+    src: Source = DATASETS[dataset](data_path)
+    train, groups = src.train, src.train_groups
+    # --- test ---------------------------------------------------------------------
+    if src.test is not None:
+        test, test_groups = src.test, src.test_groups
+        if test_size > len(test.y):
+            raise ConfigError(
+                f"run-config 'test-size' = {test_size} exceeds the {len(test.y)} test "
+                f"samples of dataset {dataset!r} (0 takes them all)"
+            )
+        if 0 < test_size < len(test.y):
+            _, rows = _stratified(test.y, test_size, seed)
+            test = test.take(rows)
+            test_groups = None if test_groups is None else test_groups[rows]
+    else:
+        if not 0 < test_size < len(train.y):
+            raise ConfigError(
+                f"run-config 'test-size' = {test_size} must be in [1, {len(train.y)}) for "
+                f"dataset {dataset!r}, which has no separate test split"
+            )
+        rest, rows = _stratified(train.y, test_size, seed)
+        test, test_groups, train = train.take(rows), None, train.take(rest)
+    # --- reference ------------------------------------------------------------------
+    if reference_size < train.num_classes or reference_size >= len(train.y):
         raise ConfigError(
-            f"run-config 'reference-size' = {reference_size} with 'test-size' = "
-            f"{test_size} does not fit dataset {dataset!r} of {total} samples: need "
-            f"reference-size >= {full.num_classes} (one per class) and "
-            f"reference-size + test-size < {total}"
+            f"run-config 'reference-size' = {reference_size} does not fit dataset "
+            f"{dataset!r}: need at least {train.num_classes} (one per class) and fewer "
+            f"than the {len(train.y)} training samples left after the test split"
         )
-    idx = np.arange(total)
-    rest, test_idx = train_test_split(
-        idx, test_size=test_size, stratify=full.y, random_state=seed
-    )
-    train_idx, ref_idx = train_test_split(
-        rest, test_size=reference_size, stratify=full.y[rest], random_state=seed + 1
-    )
+    if groups is not None:
+        ref_rows, pool_rows = _reference_writers(groups, reference_size, seed)
+        keep = np.isin(test_groups, groups[pool_rows])
+        test, test_groups = test.take(np.flatnonzero(keep)), test_groups[keep]
+    else:
+        pool_rows, ref_rows = _stratified(train.y, reference_size, seed + 1)
+    reference = train.take(ref_rows)
+    pool, pool_groups = train.take(pool_rows), None if groups is None else groups[pool_rows]
+    # --- cap ------------------------------------------------------------------------
+    if 0 < max_train_size < len(pool.y):
+        _, rows = _stratified(pool.y, max_train_size, seed + 2)
+        pool, pool_groups = pool.take(rows), None if pool_groups is None else pool_groups[rows]
+    # --- text -----------------------------------------------------------------------
+    vocab = 0
+    if src.is_text:
+        words = build_vocab(list(pool.x) + list(reference.x), vocab_size)
+        vocab = len(words) + 2
 
-    def take(rows: np.ndarray) -> ArrayDataset:
-        rows = np.sort(rows)
-        return ArrayDataset(full.x[rows], full.y[rows], full.num_classes)
+        def tok(part: ArrayDataset) -> ArrayDataset:
+            return ArrayDataset(encode(part.x, words, text_length), part.y, part.num_classes)
 
-    return CentralSplits(take(train_idx), take(ref_idx), take(test_idx))
+        pool, reference, test = tok(pool), tok(reference), tok(test)
+    return CentralSplits(pool, reference, test, pool_groups, test_groups, vocab)
+
+
+def _reference_writers(
+    groups: np.ndarray, reference_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(reference rows, pool rows): whole writers, in a seeded order, until their rows
+    cover ``reference_size``; the reference is a random ``reference_size`` of their rows."""
+    rng = np.random.default_rng(seed + 1)
+    writers = rng.permutation(np.unique(groups))
+    sizes = np.array([np.count_nonzero(groups == w) for w in writers])
+    count = int(np.searchsorted(np.cumsum(sizes), reference_size) + 1)
+    chosen = np.isin(groups, writers[:count])
+    ref_rows = np.sort(rng.choice(np.flatnonzero(chosen), reference_size, replace=False))
+    return ref_rows, np.flatnonzero(~chosen)
 
 
 def partition_indices(
-    labels: np.ndarray, num_partitions: int, cfg: RunConfig
+    labels: np.ndarray, num_partitions: int, cfg: RunConfig, groups: np.ndarray | None = None
 ) -> tuple[np.ndarray, ...]:
     """Indices into the training pool for each of ``num_partitions`` clients.
 
-    Uses flwr-datasets' ``DirichletPartitioner`` (label skew with ``dirichlet-alpha``) or
-    ``IidPartitioner``, seeded with ``cfg.seed``. Partitions are disjoint.
+    ``dirichlet`` (label skew with ``dirichlet-alpha``) and ``iid`` use flwr-datasets'
+    partitioners, seeded with ``cfg.seed``; ``natural`` deals whole writers (``groups``)
+    to clients. Partitions are disjoint.
 
     Raises:
-        ConfigError: if there are more partitions than samples, or the Dirichlet draw
+        ConfigError: more partitions than samples (or writers), or a Dirichlet draw that
             cannot give every client a minimum number of samples.
     """
+    if cfg.partitioner == "natural":
+        if groups is None:
+            raise ConfigError(
+                f"run-config 'partitioner' = 'natural' needs writer ids, which dataset "
+                f"{cfg.dataset!r} does not have; use 'dirichlet' or 'iid'"
+            )
+        return _natural_partitions(groups, num_partitions, cfg.seed)
     return _partition_indices(
         labels.tobytes(), len(labels), num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed
     )
+
+
+def _natural_partitions(groups: np.ndarray, num_partitions: int, seed: int) -> tuple[np.ndarray, ...]:
+    writers = np.random.default_rng(seed + 3).permutation(np.unique(groups))
+    if num_partitions > len(writers):
+        raise ConfigError(
+            f"{num_partitions} clients (num-partitions) but the training pool has only "
+            f"{len(writers)} writers for 'partitioner' = 'natural'"
+        )
+    owner = dict(zip(writers.tolist(), np.arange(len(writers)) % num_partitions))
+    client = np.array([owner[w] for w in groups.tolist()])
+    return tuple(np.flatnonzero(client == pid) for pid in range(num_partitions))
 
 
 @lru_cache(maxsize=8)
@@ -172,10 +251,12 @@ def _partition_indices(
 
 @dataclass(frozen=True)
 class ClientData:
-    """What one client sees: its private training rows plus the public sets."""
+    """What one client sees: its private training rows, the public sets, and (with
+    writer ids) its own writers' rows of the test set."""
 
     train: ArrayDataset
     splits: CentralSplits
+    local_test: ArrayDataset | None = None
 
     @property
     def label_distribution(self) -> np.ndarray:
@@ -191,6 +272,10 @@ def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> 
             f"node-config 'partition-id' = {partition_id} must be in [0, {num_partitions})"
         )
     splits = load_splits(cfg)
-    rows = partition_indices(splits.train.y, num_partitions, cfg)[partition_id]
-    train = ArrayDataset(splits.train.x[rows], splits.train.y[rows], splits.num_classes)
-    return ClientData(train=train, splits=splits)
+    rows = partition_indices(splits.train.y, num_partitions, cfg, splits.train_groups)[partition_id]
+    local_test = None
+    if splits.train_groups is not None and splits.test_groups is not None:
+        mine = np.isin(splits.test_groups, np.unique(splits.train_groups[rows]))
+        if mine.any():
+            local_test = splits.test.take(np.flatnonzero(mine))
+    return ClientData(train=splits.train.take(rows), splits=splits, local_test=local_test)

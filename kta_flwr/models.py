@@ -1,34 +1,62 @@
-"""Model registry: name -> builder ``(input_shape, num_classes) -> nn.Module``.
+"""Model registry: name -> builder ``(ModelSpec) -> nn.Module``.
 
 Under the market strategies each client may run a different architecture (run-config
-``models = "mlp,cnn"`` assigns them round-robin by partition id): only predictions on
-the reference set are exchanged, never weights.
+``models = "simplecnn,resnet18"`` assigns them round-robin by partition id): only
+predictions on the reference set are exchanged, never weights.
+
+=============== ======== ================================================================
+name            inputs   what
+=============== ======== ================================================================
+``mlp``         images   2 hidden layers of 512 (301,066 parameters on 8x8 digits)
+``cnn``         images   two 3x3 convs + max-pool (for 8x8 digits)
+``simplecnn``   images   the classic LeNet-style CIFAR net: conv5-6, pool, conv5-16, pool,
+                         FC 120-84-C (62,006 parameters on CIFAR-10)
+``resnet18``    images   torchvision ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no
+                         max-pool (11,173,962 parameters; the stock 7x7 stem has 11,181,642)
+``femnist_cnn`` images   conv5-32, pool, conv5-64, pool, FC 256, C (LEAF-style, 28x28)
+``textbag``     text     mean of word embeddings (dim 64) + linear; ``vocab-size`` x 64
+                         parameters (~1.3 M at 20,000 words)
+=============== ======== ================================================================
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchvision.models import resnet18 as tv_resnet18
+
+from kta_flwr.text import PAD
 
 
-def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 512) -> nn.Module:
-    """Perceptron with two hidden layers on flattened inputs (~300k parameters on 8x8)."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """Inputs and classes of a task: ``input_shape`` of one sample, ``C``, and for text
+    the vocabulary size (0 for images)."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    vocab_size: int = 0
+
+
+def mlp(spec: ModelSpec, hidden: int = 512) -> nn.Module:
+    """Perceptron with two hidden layers on flattened inputs."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(math.prod(input_shape), hidden),
+        nn.Linear(math.prod(spec.input_shape), hidden),
         nn.ReLU(),
         nn.Linear(hidden, hidden),
         nn.ReLU(),
-        nn.Linear(hidden, num_classes),
+        nn.Linear(hidden, spec.num_classes),
     )
 
 
-def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def small_cnn(spec: ModelSpec) -> nn.Module:
     """Two 3x3 conv layers and one 2x2 max-pool; for small images such as 8x8 digits."""
-    channels, height, width = input_shape
+    channels, height, width = spec.input_shape
     return nn.Sequential(
         nn.Conv2d(channels, 16, 3, padding=1),
         nn.ReLU(),
@@ -36,24 +64,83 @@ def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * (height // 2) * (width // 2), num_classes),
+        nn.Linear(32 * (height // 2) * (width // 2), spec.num_classes),
     )
 
 
+def simple_cnn(spec: ModelSpec) -> nn.Module:
+    """The PyTorch-tutorial CIFAR net (two 5x5 convs, three FC layers)."""
+    channels, height, width = spec.input_shape
+    side = lambda n: ((n - 4) // 2 - 4) // 2  # noqa: E731  (conv5, pool, conv5, pool)
+    flat = 16 * side(height) * side(width)
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, spec.num_classes),
+    )
+
+
+def resnet18(spec: ModelSpec) -> nn.Module:
+    """torchvision's ResNet-18 adapted to 32x32 inputs (3x3 stride-1 stem, no max-pool)."""
+    model = tv_resnet18(weights=None, num_classes=spec.num_classes)
+    model.conv1 = nn.Conv2d(spec.input_shape[0], 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def femnist_cnn(spec: ModelSpec, hidden: int = 256) -> nn.Module:
+    """Two 5x5 conv layers (32, 64 channels) with max-pools, FC ``hidden``, FC C."""
+    channels, height, width = spec.input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * (height // 4) * (width // 4), hidden), nn.ReLU(),
+        nn.Linear(hidden, spec.num_classes),
+    )
+
+
+class TextBag(nn.Module):
+    """Mean of word embeddings (padding ignored) followed by a linear classifier.
+
+    Input: ``[B, L]`` int64 token ids; output ``[B, C]`` logits.
+    """
+
+    def __init__(self, spec: ModelSpec, dim: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(spec.vocab_size, dim, mode="mean", padding_idx=PAD)
+        self.head = nn.Linear(dim, spec.num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.head(self.embed(tokens))
+
+
 #: Model name -> builder.
-MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "mlp": mlp,
     "cnn": small_cnn,
+    "simplecnn": simple_cnn,
+    "resnet18": resnet18,
+    "femnist_cnn": femnist_cnn,
+    "textbag": TextBag,
 }
+#: Models that read token ids instead of images.
+TEXT_MODELS = frozenset({"textbag"})
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
-    """Build model ``name`` with weights initialised from ``seed`` (deterministic)."""
+def build_model(name: str, spec: ModelSpec, seed: int) -> nn.Module:
+    """Build model ``name`` for ``spec`` with weights initialised from ``seed``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    if (name in TEXT_MODELS) != (spec.vocab_size > 0):
+        kind = "text" if spec.vocab_size > 0 else "image"
+        raise ValueError(f"model {name!r} does not take {kind} inputs")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name](input_shape, num_classes)
+        return MODELS[name](spec)
 
 
 def num_parameters(model: nn.Module) -> int:

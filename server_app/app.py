@@ -11,7 +11,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from kta_flwr.config import ConfigError, RunConfig, parse_run_config
-from kta_flwr.data import CentralSplits, load_splits
+from kta_flwr.data import CentralSplits, load_splits, partition_indices
 from kta_flwr.metering import ByteMeter, MeteredGrid
 from kta_flwr.models import build_model
 from kta_flwr.results import RunRecorder
@@ -23,18 +23,15 @@ app = ServerApp()
 def _check_federation(cfg: RunConfig, splits: CentralSplits, grid: Grid) -> None:
     """Data-dependent checks that need the connected nodes."""
     nodes = len(list(grid.get_node_ids()))
-    if nodes > len(splits.train.y):
-        raise ConfigError(
-            f"{nodes} clients but only {len(splits.train.y)} training samples: use fewer "
-            "clients or a smaller 'reference-size'/'test-size'"
-        )
+    # Raises ConfigError for more clients than samples/writers or a failed Dirichlet draw.
+    partition_indices(splits.train.y, nodes, cfg, splits.train_groups)
 
 
 def _initial_arrays(cfg: RunConfig, splits: CentralSplits) -> ArrayRecord:
     """The global model for FedAvg/FedProx; nothing for the market strategies."""
     if cfg.is_market:
         return ArrayRecord()
-    model = build_model(cfg.model_names[0], splits.input_shape, splits.num_classes, cfg.seed)
+    model = build_model(cfg.model_names[0], splits.spec, cfg.seed)
     return ArrayRecord(model.state_dict())
 
 

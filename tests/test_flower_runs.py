@@ -12,6 +12,7 @@ from kta_flwr.config import RunConfig
 from kta_flwr.data import load_splits
 from kta_flwr.deploy import LocalFederation
 from kta_flwr.models import build_model
+from kta_flwr.presets import load_preset
 from tests.conftest import read_results
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     # FedAvg: the full model each way, every round, per client (+ evaluation broadcast).
     cfg = RunConfig()
     splits = load_splits(cfg.replace(reference_size=N_REF, test_size=200))
-    model = build_model("mlp", splits.input_shape, splits.num_classes, 0)
+    model = build_model("mlp", splits.spec, 0)
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert fedavg["summary"]["bytes_up"] == ROUNDS * CLIENTS * model_bytes
     assert fedavg["summary"]["bytes_down"] == ROUNDS * CLIENTS * model_bytes
@@ -82,3 +83,25 @@ def test_deployment_superlink_supernodes_mixed_models(tmp_path, app_dir):
     assert len(res["summary"]["bytes_per_node"]) == 2
     assert all(key.split(" ")[1].split(".")[0] in ("logits", "targets")
                for key in res["summary"]["wire_manifest"])
+
+
+@pytest.mark.parametrize("preset", ["cifar10_simplecnn", "cifar10_resnet18", "agnews", "femnist"])
+def test_presets_shortened_in_simulation(tmp_path, app_dir, shared_datasets, preset):
+    """Each paper preset, from the real data, shortened: 1 round, 2 clients, small splits."""
+    out = tmp_path / "out"
+    cfg = load_preset(preset, {
+        "num-server-rounds": 1, "min-nodes": 2, "max-train-size": 200, "reference-size": 100,
+        "test-size": 0 if preset == "femnist" else 100, "local-epochs": 1,
+        "data-path": str(shared_datasets / load_preset(preset).data_path),
+        "output-dir": str(out),
+    })
+    with LocalFederation(tmp_path, 2, simulation=True) as fed:
+        proc = fed.submit(app_dir, cfg.to_flwr())
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert "[kta] round 1/1" in proc.stdout
+    (res,) = read_results(out)
+    assert res["config"]["dataset"] == cfg.dataset and res["config"]["models"] == cfg.models
+    (row,) = res["rounds"]
+    assert row["clients_evaluated"] == 2 and row["failed"] == 0
+    classes = {"agnews": 4, "femnist": 62}.get(preset, 10)
+    assert res["summary"]["bytes_up"] == 2 * 100 * classes * 4

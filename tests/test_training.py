@@ -15,7 +15,7 @@ OPT = Optim(lr=0.05, momentum=0.9)
 def _trained_client():
     data = load_client_data(RunConfig(), partition_id=0, num_partitions=2)
     splits = data.splits
-    model = build_model("cnn", splits.input_shape, splits.num_classes, seed=0)
+    model = build_model("cnn", splits.spec, seed=0)
     train_supervised(
         model, data.train.x, data.train.y, epochs=3, batch_size=32, optim=OPT, device=CPU, seed=0
     )
@@ -37,7 +37,7 @@ def test_private_term_keeps_what_the_client_learnt():
     wrong[:, 0] = 1.0
     results = {}
     for weight in (0.0, 1.0):
-        copy = build_model("cnn", data.splits.input_shape, data.splits.num_classes, seed=0)
+        copy = build_model("cnn", data.splits.spec, seed=0)
         copy.load_state_dict(model.state_dict())
         distill(
             copy, ref.x, wrong, epochs=3, batch_size=32, optim=OPT, device=CPU, seed=1,
@@ -56,7 +56,7 @@ def test_distill_is_deterministic_for_a_seed():
     targets = np.full((len(ref.y), data.splits.num_classes), 0.1, np.float32)
     losses = []
     for _ in range(2):
-        copy = build_model("cnn", data.splits.input_shape, data.splits.num_classes, seed=0)
+        copy = build_model("cnn", data.splits.spec, seed=0)
         copy.load_state_dict(model.state_dict())
         losses.append(
             distill(

@@ -1,0 +1,80 @@
+"""Run-config presets (``configs/<name>.toml``): load, override, validate, print.
+
+``flwr run`` accepts either one TOML file or ``key=value`` pairs, not both, so shortened
+or adjusted runs of a preset go through this module::
+
+    flwr run . --stream --federation-config "num-supernodes=4" \\
+        --run-config "$(python -m kta_flwr.presets cifar10_simplecnn num-server-rounds=1)"
+
+prints the preset with the overrides applied as one line of ``key=value`` pairs, after
+checking every value with :func:`kta_flwr.config.parse_run_config`.
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from kta_flwr.config import ConfigError, RunConfig, parse_run_config
+from kta_flwr.deploy import config_arg
+
+#: Where the presets live: ``configs/`` next to ``pyproject.toml``.
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset_path(name: str) -> Path:
+    """``name`` as a path if it is a file, else ``configs/<name>.toml``."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+        raise ConfigError(f"unknown preset {name!r}; available: {known}")
+    return path
+
+
+def load_preset(name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The preset ``name`` with ``overrides`` (kebab-case keys) on top of the defaults."""
+    with preset_path(name).open("rb") as fh:
+        values = tomllib.load(fh)
+    values.update(overrides or {})
+    return parse_run_config({**RunConfig().to_flwr(), **values})
+
+
+def to_flwr_args(cfg: RunConfig) -> str:
+    """``cfg`` as the ``key=value ...`` string ``flwr run --run-config`` parses."""
+    return config_arg(cfg.to_flwr())
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override {item!r} is not key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    return key.strip(), value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``python -m kta_flwr.presets NAME [key=value ...]``."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        print("presets:", ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml"))))
+        return 0 if args else 2
+    try:
+        cfg = load_preset(args[0], dict(_parse_override(a) for a in args[1:]))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(to_flwr_args(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
