@@ -75,7 +75,7 @@ class _Node:
         splits = self.data.splits
         name = self.cfg.model_for_partition(self.partition_id)
         # FedAvg/FedProx overwrite these weights with the global model.
-        return build_model(name, splits.spec, self.cfg.seed + self.partition_id)
+        return build_model(name, splits.spec_for(self.cfg), self.cfg.seed + self.partition_id)
 
     def personal_model(self) -> nn.Module:
         """The client's own model, restored from the node's state if it trained before."""
@@ -96,7 +96,7 @@ class _Node:
         )
 
     def train_stage2(self, model: nn.Module, targets: np.ndarray) -> float:
-        ref = self.data.splits.reference
+        ref = self.data.reference
         return distill(
             model, ref.x, targets, epochs=self.cfg.distill_epochs, batch_size=self.cfg.batch_size,
             optim=self.optim(self.cfg.distill_learning_rate), device=self.device, seed=self.seed + 1,
@@ -124,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state[MODEL_STATE] = ArrayRecord(model.state_dict())
         if node.cfg.strategy != "local":
             content[protocol.LOGITS] = protocol.pack(
-                predict_logits(model, node.data.splits.reference.x, node.device)
+                predict_logits(model, node.data.reference.x, node.device)
             )
     else:
         model = node.fresh_model()
@@ -145,7 +145,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     else:
         model = node.fresh_model()
         model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    test = node.data.splits.test
+    test = node.data.test
     result = evaluate(model, test.x, test.y, node.data.label_distribution, node.device)
     personalized = result.personalized_accuracy
     local = node.data.local_test

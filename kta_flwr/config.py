@@ -57,6 +57,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     max_train_size: int = 0
     vocab_size: int = 20000
     text_length: int = 64
+    finetune_layers: int = 1
     # --- models and local training ----------------------------------------------
     models: str = "mlp"
     local_epochs: int = 2
@@ -223,6 +224,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("seed", cfg.seed),
         ("test-size", cfg.test_size),
         ("max-train-size", cfg.max_train_size),
+        ("finetune-layers", cfg.finetune_layers),
     ):
         _non_negative(key, value)
     if not 0.0 < cfg.fraction_train <= 1.0:

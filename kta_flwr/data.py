@@ -14,13 +14,15 @@ Every node (server and clients) derives the same three disjoint splits from the 
   labels, ``iid``) or by writer (``natural``: writers dealt round-robin to clients in a
   seeded order, so each writer belongs to exactly one client).
 
-Text is tokenized after splitting, with a vocabulary built from the training split
-(pool + reference) only. Clients read the reference inputs locally; only predictions on
+Text stays raw in the splits; each client tokenizes it for its own model (see
+:func:`kta_flwr.text.encoder_for`), with a word vocabulary built from the training split
+(pool + reference) only, or the pretrained MiniLM tokenizer. Clients read the reference inputs locally; only predictions on
 them ever cross the wire.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,12 +35,12 @@ from sklearn.model_selection import train_test_split
 from kta_flwr.config import ConfigError, RunConfig
 from kta_flwr.datasets import DATASETS, ArrayDataset, Source
 from kta_flwr.models import ModelSpec
-from kta_flwr.text import build_vocab, encode
+from kta_flwr.text import build_vocab, encoder_for
 
 __all__ = ["ArrayDataset", "CentralSplits", "ClientData", "load_client_data", "load_splits"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: used as a cache key
 class CentralSplits:
     """The three disjoint splits every node derives identically from (dataset, seed)."""
 
@@ -47,7 +49,8 @@ class CentralSplits:
     test: ArrayDataset  # global test set
     train_groups: np.ndarray | None = None  # [len(train)] writer ids, if the data has them
     test_groups: np.ndarray | None = None  # [len(test)] writer ids
-    vocab_size: int = 0  # text: ids in [0, vocab_size); 0 for images
+    vocab: tuple[str, ...] = ()  # text: the word vocabulary (ids 2.., see kta_flwr.text)
+    text_length: int = 0  # text: tokens per sample after encoding
 
     @property
     def num_classes(self) -> int:
@@ -55,14 +58,24 @@ class CentralSplits:
         return self.train.num_classes
 
     @property
+    def is_text(self) -> bool:
+        """True when the inputs are raw strings (tokenized per model)."""
+        return self.train.x.dtype == object
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one input sample."""
-        return tuple(self.train.x.shape[1:])
+        """Shape of one model input: ``[C, H, W]`` images or ``[text-length]`` token ids."""
+        return (self.text_length,) if self.is_text else tuple(self.train.x.shape[1:])
 
     @property
     def spec(self) -> ModelSpec:
         """What a model needs to know about the inputs and classes."""
-        return ModelSpec(self.input_shape, self.num_classes, self.vocab_size)
+        vocab_size = len(self.vocab) + 2 if self.is_text else 0
+        return ModelSpec(self.input_shape, self.num_classes, vocab_size)
+
+    def spec_for(self, cfg: RunConfig) -> ModelSpec:
+        """:attr:`spec` with the run's model options (``finetune-layers``)."""
+        return dataclasses.replace(self.spec, finetune_layers=cfg.finetune_layers)
 
     @property
     def reference_fingerprint(self) -> str:
@@ -72,7 +85,10 @@ class CentralSplits:
         differs refuses to answer instead of returning logits in the wrong order.
         """
         digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(self.reference.x).tobytes())
+        if self.is_text:
+            digest.update("\x00".join(self.reference.x.tolist()).encode())
+        else:
+            digest.update(np.ascontiguousarray(self.reference.x).tobytes())
         digest.update(np.ascontiguousarray(self.reference.y).tobytes())
         return digest.hexdigest()[:16]
 
@@ -150,17 +166,13 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
     if 0 < max_train_size < len(pool.y):
         _, rows = _stratified(pool.y, max_train_size, seed + 2)
         pool, pool_groups = pool.take(rows), None if pool_groups is None else pool_groups[rows]
-    # --- text -----------------------------------------------------------------------
-    vocab = 0
+    # --- text: the word vocabulary comes from the training split only -----------------
+    vocab: tuple[str, ...] = ()
     if src.is_text:
-        words = build_vocab(list(pool.x) + list(reference.x), vocab_size)
-        vocab = len(words) + 2
-
-        def tok(part: ArrayDataset) -> ArrayDataset:
-            return ArrayDataset(encode(part.x, words, text_length), part.y, part.num_classes)
-
-        pool, reference, test = tok(pool), tok(reference), tok(test)
-    return CentralSplits(pool, reference, test, pool_groups, test_groups, vocab)
+        vocab = build_vocab(list(pool.x) + list(reference.x), vocab_size)
+    return CentralSplits(
+        pool, reference, test, pool_groups, test_groups, vocab, text_length if src.is_text else 0
+    )
 
 
 def _reference_writers(
@@ -251,10 +263,13 @@ def _partition_indices(
 
 @dataclass(frozen=True)
 class ClientData:
-    """What one client sees: its private training rows, the public sets, and (with
-    writer ids) its own writers' rows of the test set."""
+    """What one client sees, ready for its model: its private training rows, the
+    reference and test sets, and (with writer ids) its own writers' test rows. Text is
+    tokenized for the client's model; ``splits`` keeps the raw shared splits."""
 
     train: ArrayDataset
+    reference: ArrayDataset
+    test: ArrayDataset
     splits: CentralSplits
     local_test: ArrayDataset | None = None
 
@@ -278,4 +293,27 @@ def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> 
         mine = np.isin(splits.test_groups, np.unique(splits.train_groups[rows]))
         if mine.any():
             local_test = splits.test.take(np.flatnonzero(mine))
-    return ClientData(train=splits.train.take(rows), splits=splits, local_test=local_test)
+    model = cfg.model_for_partition(partition_id)
+    prep = encoder_for(model, splits.vocab, splits.text_length) if splits.is_text else None
+
+    def ready(part: ArrayDataset | None) -> ArrayDataset | None:
+        if prep is None or part is None:
+            return part
+        return ArrayDataset(prep(part.x), part.y, part.num_classes)
+
+    return ClientData(
+        train=ready(splits.train.take(rows)), reference=_encoded(splits, "reference", model),
+        test=_encoded(splits, "test", model), splits=splits, local_test=ready(local_test),
+    )
+
+
+@lru_cache(maxsize=8)
+def _encoded_cached(splits: CentralSplits, part: str, model: str) -> ArrayDataset:
+    data: ArrayDataset = getattr(splits, part)
+    prep = encoder_for(model, splits.vocab, splits.text_length)
+    return ArrayDataset(prep(data.x), data.y, data.num_classes)
+
+
+def _encoded(splits: CentralSplits, part: str, model: str) -> ArrayDataset:
+    """``splits.<part>`` tokenized for ``model`` (once per process), or as is for images."""
+    return _encoded_cached(splits, part, model) if splits.is_text else getattr(splits, part)

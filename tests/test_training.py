@@ -23,7 +23,7 @@ def _trained_client():
 
 
 def _personal_acc(data, model) -> float:
-    test = data.splits.test
+    test = data.test
     return evaluate(model, test.x, test.y, data.label_distribution, CPU).personalized_accuracy
 
 
@@ -32,7 +32,7 @@ def test_private_term_keeps_what_the_client_learnt():
     pairing each reference batch with a private CE batch keeps most of it."""
     data, model = _trained_client()
     before = _personal_acc(data, model)
-    ref = data.splits.reference
+    ref = data.reference
     wrong = np.zeros((len(ref.y), data.splits.num_classes), np.float32)
     wrong[:, 0] = 1.0
     results = {}
@@ -52,7 +52,7 @@ def test_private_term_keeps_what_the_client_learnt():
 
 def test_distill_is_deterministic_for_a_seed():
     data, model = _trained_client()
-    ref = data.splits.reference
+    ref = data.reference
     targets = np.full((len(ref.y), data.splits.num_classes), 0.1, np.float32)
     losses = []
     for _ in range(2):
@@ -66,3 +66,14 @@ def test_distill_is_deterministic_for_a_seed():
             )
         )
     assert losses[0] == losses[1]
+
+
+def test_private_schedule_one_pass_per_epoch():
+    from kta_flwr.training import _private_schedule  # pylint: disable=import-outside-toplevel
+
+    chunks = _private_schedule(num_private=50, num_reference=300, batch_size=32, epochs=2, seed=0)
+    assert len(chunks) == 2 * 10  # ceil(300 / 32) reference batches per epoch
+    for epoch in (chunks[:10], chunks[10:]):
+        assert sorted(torch.cat(epoch).tolist()) == list(range(50))
+    few = _private_schedule(num_private=3, num_reference=300, batch_size=32, epochs=1, seed=0)
+    assert len(few) == 10 and all(len(c) == 1 for c in few)  # cycles through 3 samples
