@@ -112,8 +112,8 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     def resolved_data_path(self) -> str:
         """``data-path`` as an absolute path ("" stays ""); relative paths are taken from
         :data:`DATA_ROOT` (``~/kta-flwr/data``), for the same reason as ``output-dir``."""
-        if not self.data_path:
-            return ""
+        if not self.data_path or self.data_path == "hub" or self.data_path.startswith("hub:"):
+            return self.data_path
         path = Path(self.data_path).expanduser()
         return str(path if path.is_absolute() else DATA_ROOT.expanduser() / path)
 

@@ -33,7 +33,7 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 from sklearn.model_selection import train_test_split
 
 from kta_flwr.config import ConfigError, RunConfig
-from kta_flwr.datasets import DATASETS, ArrayDataset, Source
+from kta_flwr.datasets import DATASETS, ArrayDataset, Source, is_hub, load_from_hub
 from kta_flwr.models import ModelSpec
 from kta_flwr.text import build_vocab, encoder_for
 
@@ -125,7 +125,7 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
     text_length: int,
     seed: int,
 ) -> CentralSplits:
-    src: Source = DATASETS[dataset](data_path)
+    src: Source = load_from_hub(dataset, data_path) if is_hub(data_path) else DATASETS[dataset](data_path)
     train, groups = src.train, src.train_groups
     # --- test ---------------------------------------------------------------------
     if src.test is not None:
@@ -146,7 +146,9 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
                 f"dataset {dataset!r}, which has no separate test split"
             )
         rest, rows = _stratified(train.y, test_size, seed)
-        test, test_groups, train = train.take(rows), None, train.take(rest)
+        test, train = train.take(rows), train.take(rest)
+        test_groups = None if groups is None else groups[rows]
+        groups = None if groups is None else groups[rest]
     # --- reference ------------------------------------------------------------------
     if reference_size < train.num_classes or reference_size >= len(train.y):
         raise ConfigError(

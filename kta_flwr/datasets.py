@@ -18,6 +18,10 @@ agnews     a folder with ``test.csv[.xz]`` and optionally ``train.csv[.xz]``
            (``ag_news_csv``); without ``train.csv`` the test rows are the only data
 emnist     ``emnist_letters.npz`` (or a folder holding it)
 ========== =====================================================================
+
+Online users may instead write ``data-path = "hub"`` (or ``"hub:<owner>/<name>"``) to load
+the public Hugging Face copy through flwr-datasets (:data:`HUB_NAMES`); that is the only
+code path that touches the network, and only when asked to.
 """
 
 from __future__ import annotations
@@ -103,6 +107,59 @@ def _images(x: np.ndarray, mean: np.ndarray | None = None, std: np.ndarray | Non
     if mean is not None and std is not None:
         x = (x - mean[None, :, None, None]) / std[None, :, None, None]
     return np.ascontiguousarray(x)
+
+
+#: Public hub copies (flwr-datasets / Hugging Face) and their column names:
+#: (name, input column, label column, writer column or None).
+HUB_NAMES: dict[str, tuple[str, str, str, str | None]] = {
+    "cifar10": ("uoft-cs/cifar10", "img", "label", None),
+    "agnews": ("fancyzhx/ag_news", "text", "label", None),
+    "femnist": ("flwrlabs/femnist", "image", "character", "writer_id"),
+}
+
+
+def is_hub(data_path: str) -> bool:
+    """True for ``"hub"`` and ``"hub:<owner>/<name>"``."""
+    return data_path == "hub" or data_path.startswith("hub:")
+
+
+def load_from_hub(dataset: str, data_path: str) -> Source:
+    """The public copy of ``dataset`` through flwr-datasets (needs internet or a warm
+    Hugging Face cache). Splits the hub provides are used as they are; without a test
+    split the test set is carved out of ``train``."""
+    if dataset not in HUB_NAMES:
+        raise ConfigError(f"run-config 'data-path' = 'hub': no hub copy known for {dataset!r}")
+    default, x_col, y_col, group_col = HUB_NAMES[dataset]
+    name = data_path.partition(":")[2] or default
+    from flwr_datasets import FederatedDataset  # pylint: disable=import-outside-toplevel
+
+    try:
+        fds = FederatedDataset(dataset=name, partitioners={"train": 1}, shuffle=False)
+        parts = {"train": fds.load_split("train")}
+        try:
+            parts["test"] = fds.load_split("test")
+        except ValueError:
+            pass
+    except Exception as err:  # pylint: disable=broad-except  # offline, unknown name, ...
+        raise ConfigError(
+            f"run-config 'data-path' = {data_path!r}: could not load {name!r} from the "
+            f"hub ({type(err).__name__}: {str(err)[:200]}); offline, pass a local path"
+        ) from None
+    num_classes = {"cifar10": 10, "agnews": 4, "femnist": 62}[dataset]
+
+    def convert(table) -> tuple[ArrayDataset, np.ndarray | None]:
+        y = np.asarray(table[y_col], np.int64)
+        if dataset == "agnews":
+            x = np.asarray(table[x_col], dtype=object)
+        else:
+            raw = np.stack([np.asarray(img, np.uint8) for img in table[x_col]])
+            x = _images(raw, CIFAR10_MEAN, CIFAR10_STD) if dataset == "cifar10" else _images(raw)
+        groups = np.asarray(table[group_col]).astype(str) if group_col else None
+        return ArrayDataset(x, y, num_classes), groups
+
+    train, train_groups = convert(parts["train"])
+    test, test_groups = convert(parts["test"]) if "test" in parts else (None, None)
+    return Source(train, test, train_groups, test_groups, is_text=dataset in TEXT_DATASETS)
 
 
 def load_digits(data_path: str) -> Source:
