@@ -7,9 +7,9 @@ Order within round ``r`` of a market client (kta, fedmd):
 3. **stage 2**: ``distill-epochs`` over the reference set of KL toward the personalized
    targets carried by this round's instruction (computed by the server from the logits of
    round ``r-1``; a client's first round has none, so it skips stage 2), each reference
-   batch paired with an equally sized private batch whose cross-entropy is added with
-   weight ``private-ce-weight`` (the block-coordinate step on the whole market objective,
-   so distillation does not overwrite what the client learnt privately);
+   batch paired with a slice of the private data (one pass per epoch) whose cross-entropy
+   is added with weight ``private-ce-weight`` (the block-coordinate step on the whole
+   market objective, so distillation does not overwrite what the client learnt privately);
 4. save the model to ``context.state``; reply with its logits on the reference set.
 
 ``local`` runs step 2 only and replies with metrics. FedAvg/FedProx load the global
