@@ -283,7 +283,13 @@ class ClientData:
 
 
 def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
-    """The private training partition of client ``partition_id`` and the shared splits."""
+    """The private training partition of client ``partition_id`` and the shared splits,
+    ready for the client's model (tokenized once per process for text, then cached)."""
+    return _load_client_data(cfg, partition_id, num_partitions)
+
+
+@lru_cache(maxsize=4)
+def _load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(
             f"node-config 'partition-id' = {partition_id} must be in [0, {num_partitions})"
