@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 #: Strategies whose clients exchange only reference-set predictions (or nothing).
-MARKET_STRATEGIES = ("kta", "fedmd", "local")
+MARKET_STRATEGIES = ("kta", "fedmd", "ktpfl", "local")
 #: Flower's stock parameter-averaging strategies.
 PARAMETER_STRATEGIES = ("fedavg", "fedprox")
 STRATEGIES = MARKET_STRATEGIES + PARAMETER_STRATEGIES

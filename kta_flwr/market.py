@@ -29,6 +29,15 @@ computation per grid value, ``O(|grid| * K^2 * N * C)``.
 
 A FedMD-style global teacher is the same code path with uniform weights
 (``weighting="uniform"``): every client gets the plain mean of all predictions.
+
+A **KT-pFL-style** market (``weighting="learned"``) replaces step 5 by coefficients
+learned on the server (:func:`learned_weights`): for each client, the row ``W[k]`` (over
+the other clients) maximises the weighted log-likelihood of the reference labels under
+the probability mix ``sum_j W[k, j] p[j]`` (at T = 1, with the same class-marginal sample
+weights as the adaptive rule) plus a symmetric Dirichlet prior that pulls it toward
+uniform with the strength of ``learn_prior`` (a fraction of the data's weight), fitted
+by ``learn_steps`` EM iterations from uniform (monotone, no step size). Similarity and
+accuracy play no part; targets are then formed exactly as in step 6.
 """
 
 from __future__ import annotations
@@ -51,10 +60,12 @@ class MarketParams:
     self_weight: float = -1.0
     accuracy_exponent: float = 1.0
     target_space: str = "prob"
-    weighting: str = "market"  # "market" (similarity x accuracy) or "uniform" (FedMD)
+    weighting: str = "market"  # "market" (similarity x accuracy), "uniform" (FedMD), "learned" (KT-pFL)
     adaptive: bool = True  # pick tau per client from tau_grid (else use the fixed tau)
     tau_grid: tuple[float, ...] = tuple(np.geomspace(0.003, 10.0, 13).round(6))  # ascending
     tie_tolerance: float = 1e-3  # nats of weighted log-likelihood
+    learn_steps: int = 100  # "learned": EM iterations per round
+    learn_prior: float = 0.1  # "learned": pull toward uniform coefficients (pseudo-weight)
 
 
 @dataclass(frozen=True)
@@ -226,8 +237,13 @@ def run_market(logits: np.ndarray, labels: np.ndarray, params: MarketParams) -> 
     if params.weighting == "uniform":
         weights = np.full((num_clients, num_clients), 1.0 / num_clients)
         taus[:] = np.inf
+    elif params.weighting == "learned":
+        weights = learned_weights(logits, labels, probs, params)
+        taus[:] = np.nan
     elif params.weighting != "market":
-        raise ValueError(f"unknown weighting {params.weighting!r}; use market or uniform")
+        raise ValueError(
+            f"unknown weighting {params.weighting!r}; use market, uniform or learned"
+        )
     elif params.adaptive:
         taus, weights = adaptive_weights(logits, labels, probs, divergence, accuracy, params)
         similarity = np.exp(-divergence / taus[:, None])
@@ -301,3 +317,43 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
     best = len(grid) - 1 - np.argmax(good[::-1], axis=0)
     rows = np.arange(logits.shape[0])
     return grid[best], np.stack(candidates)[best, rows]
+
+
+def learned_weights(
+    logits: np.ndarray, labels: np.ndarray, probs: np.ndarray, params: MarketParams
+) -> np.ndarray:
+    """KT-pFL-style coefficients learned on the server (see the module docstring).
+
+    Args:
+        logits: ``[K, N, C]``; labels: ``[N]``; probs: ``[K, N, C]`` softened at ``T``
+        (only their class marginal is used, as sample weights).
+
+    Returns:
+        ``[K, K]`` teacher weights, rows sum to 1; the client's own entry is
+        ``params.self_weight`` when that is in [0, 1] (the rest is learned over the
+        others), or learned like the others when it is -1.
+    """
+    num_clients = logits.shape[0]
+    if num_clients == 1:
+        return np.ones((1, 1))
+    marginal = probs.mean(axis=1)
+    sample_weights = marginal[:, np.asarray(labels)]  # [K, N]
+    sample_weights /= sample_weights.sum(axis=1, keepdims=True)
+    # Probability each client's T=1 prediction gives the true label: [K, N]
+    picked = np.take_along_axis(softmax(logits, 1.0), np.asarray(labels)[None, :, None], -1)[..., 0]
+    learn_self = params.self_weight < 0
+    weights = np.zeros((num_clients, num_clients))
+    for k in range(num_clients):
+        teachers = np.arange(num_clients) if learn_self else np.delete(np.arange(num_clients), k)
+        p_true = picked[teachers]  # [J, N]
+        w = np.full(len(teachers), 1.0 / len(teachers))
+        for _ in range(params.learn_steps):
+            q_true = np.maximum(w @ p_true, _EPS)  # [N]
+            responsibility = (w[:, None] * p_true / q_true) @ sample_weights[k]  # sums to 1
+            w = (responsibility + params.learn_prior / len(teachers)) / (1.0 + params.learn_prior)
+        if learn_self:
+            weights[k, teachers] = w
+        else:
+            weights[k, teachers] = (1.0 - params.self_weight) * w
+            weights[k, k] = params.self_weight
+    return weights

@@ -53,7 +53,7 @@ def to_flwr_args(cfg: RunConfig) -> str:
     return config_arg(cfg.to_flwr())
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep:
         raise ConfigError(f"override {item!r} is not key=value")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print("presets:", ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml"))))
         return 0 if args else 2
     try:
-        cfg = load_preset(args[0], dict(_parse_override(a) for a in args[1:]))
+        cfg = load_preset(args[0], dict(parse_override(a) for a in args[1:]))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

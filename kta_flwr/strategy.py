@@ -49,7 +49,7 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
         self_weight=cfg.self_weight,
         accuracy_exponent=cfg.accuracy_exponent,
         target_space=cfg.target_space,
-        weighting="uniform" if cfg.strategy == "fedmd" else "market",
+        weighting={"fedmd": "uniform", "ktpfl": "learned"}.get(cfg.strategy, "market"),
         adaptive=cfg.market == "adaptive",
     )
 

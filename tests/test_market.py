@@ -159,3 +159,36 @@ def test_soft_targets_logit_space_by_hand():
     targets = soft_targets(logits, np.array([[0.5, 0.5], [1.0, 0.0]]), temperature=1.0, space="logit")
     np.testing.assert_allclose(targets[0, 0], [0.5, 0.5], atol=1e-6)
     np.testing.assert_allclose(targets[1, 0], softmax(np.array([2.0, 0.0])), atol=1e-6)
+
+
+LEARNED = MarketParams(weighting="learned", self_weight=0.0)
+
+
+def _one_hot_logits(pred, num_classes=4, scale=6.0):
+    out = np.zeros((len(pred), num_classes))
+    out[np.arange(len(pred)), pred] = scale
+    return out
+
+
+def test_learned_weights_favour_the_teacher_that_knows_the_labels():
+    """Client 0 is learnt; client 1 always predicts the true label, client 2 always a
+    wrong one: KT-pFL-style coefficients put (almost) all of client 0's weight on 1."""
+    labels = np.arange(40) % 4
+    logits = np.stack([
+        _one_hot_logits(np.zeros(40, int)),  # the student: always class 0
+        _one_hot_logits(labels),  # knows the labels
+        _one_hot_logits((labels + 1) % 4),  # always wrong
+    ])
+    out = run_market(logits, labels, LEARNED)
+    np.testing.assert_allclose(out.weights.sum(axis=1), 1.0)
+    assert out.weights[0, 0] == 0.0 and out.weights[0, 1] > 0.8 > 0.1 > out.weights[0, 2]
+    np.testing.assert_allclose(out.targets.sum(axis=-1), 1.0, atol=1e-5)
+
+
+def test_learned_weights_prior_pulls_to_uniform():
+    labels = np.arange(40) % 4
+    logits = np.stack([_one_hot_logits(labels), _one_hot_logits(labels), _one_hot_logits((labels + 1) % 4)])
+    strong = run_market(logits, labels, MarketParams(weighting="learned", self_weight=0.0, learn_prior=1e4))
+    np.testing.assert_allclose(strong.weights[0, 1:], [0.5, 0.5], atol=0.02)
+    with_self = run_market(logits, labels, MarketParams(weighting="learned", self_weight=0.3))
+    np.testing.assert_allclose(np.diag(with_self.weights), 0.3)

@@ -1,0 +1,34 @@
+"""The benchmark harness end to end on the embedded digits data (real Flower runs)."""
+
+import json
+import math
+
+import pytest
+
+from kta_flwr.bench import run_bench
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_two_methods_one_seed(tmp_path):
+    summary = run_bench(
+        "digits", ["kta", "local"], [0], clients=2, out_dir=tmp_path,
+        overrides={"num-server-rounds": 2, "reference-size": 100, "local-epochs": 1,
+                   "distill-epochs": 1},
+    )
+    out = tmp_path / "digits"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["methods"].keys() == summary["methods"].keys() == {"kta", "local"}
+    assert (out / "accuracy_vs_mib.png").stat().st_size > 10_000
+    table = (out / "summary.md").read_text()
+    assert table.startswith("| method |") and "| kta |" in table and "| local |" in table
+    for run in on_disk["runs"]:
+        (results,) = (out / "runs" / f"{run['method']}-seed0").glob("*/results.json")
+        res = json.loads(results.read_text())
+        assert run["mib_total"] == res["summary"]["bytes_total"] / 2**20
+        assert len(run["curve"]) == 2
+    kta = on_disk["methods"]["kta"]
+    # 2 rounds x 2 clients x 100 x 10 x 4 B up + 1 round of targets down
+    assert kta["mib_total"][0] == pytest.approx((2 + 1) * 2 * 100 * 10 * 4 / 2**20)
+    assert on_disk["methods"]["local"]["mib_total"] == [0.0, 0.0]
+    assert not math.isnan(kta["personalized"][0]) and kta["seeds"] == [0]
