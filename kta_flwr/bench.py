@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: $KTA_DATASETS or ~/kta-flwr/data)")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
+    # SIGTERM -> SystemExit, so the federation's processes are cleaned up on `kill`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data_root = args.data_root or (Path(os.environ["KTA_DATASETS"]) if "KTA_DATASETS" in os.environ else None)
     try:
         run_bench(

@@ -156,7 +156,13 @@ class LocalFederation:
         return proc
 
     def stop(self) -> None:
-        """Terminate every process (SIGTERM, then SIGKILL after 10 s), newest first."""
+        """Terminate every process (SIGTERM, then SIGKILL after 10 s), newest first.
+
+        Also kills their descendants: the SuperExec starts each run's
+        ``flwr-simulation``/``flwr-clientapp`` (and Ray) in new sessions, which a signal
+        to the SuperLink's process group would not reach after an interrupted run.
+        """
+        orphans = [pid for proc in self.processes for pid in _descendants(proc.pid)]
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
@@ -168,6 +174,11 @@ class LocalFederation:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait()
         self.processes.clear()
+        for pid in orphans:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     # --- runs -------------------------------------------------------------------
     def _write_connection(self) -> None:
@@ -198,3 +209,20 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """All descendant process ids of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
