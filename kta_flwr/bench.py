@@ -178,12 +178,6 @@ def plot(runs: list[RunResult], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _absolute_data_path(cfg: RunConfig, data_root: Path | None) -> str:
-    if not cfg.data_path or Path(cfg.data_path).expanduser().is_absolute() or cfg.data_path.startswith("hub"):
-        return cfg.data_path
-    return str((data_root or DATA_ROOT.expanduser()) / cfg.data_path)
-
-
 def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     preset: str,
     methods: list[str],
@@ -198,7 +192,7 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
 ) -> dict[str, Any]:
     """Run every (method, seed), write summary.json/summary.md/plot; returns the summary."""
     base = load_preset(preset, {"min-nodes": clients, **(overrides or {})})
-    base = base.replace(data_path=_absolute_data_path(base, data_root))
+    base = base.replace(data_path=base.resolved_data_path(data_root or DATA_ROOT))
     for method in methods:  # reject a bad method name before anything runs
         base.replace(strategy=method)
     results_dir = out_dir / preset

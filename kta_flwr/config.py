@@ -32,6 +32,11 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_ROOT = Path("~/kta-flwr/data")
 
 
+def is_hub_path(data_path: str) -> bool:
+    """True for ``"hub"`` and ``"hub:<owner>/<name>"`` (load the public hub copy)."""
+    return data_path == "hub" or data_path.startswith("hub:")
+
+
 class ConfigError(ValueError):
     """A run-config value is invalid; the message names the key and what is allowed."""
 
@@ -109,13 +114,14 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         path = Path(self.output_dir).expanduser()
         return path if path.is_absolute() else Path.home() / path
 
-    def resolved_data_path(self) -> str:
-        """``data-path`` as an absolute path ("" stays ""); relative paths are taken from
-        :data:`DATA_ROOT` (``~/kta-flwr/data``), for the same reason as ``output-dir``."""
-        if not self.data_path or self.data_path == "hub" or self.data_path.startswith("hub:"):
+    def resolved_data_path(self, root: Path = DATA_ROOT) -> str:
+        """``data-path`` as an absolute path ("" and hub names stay as they are); relative
+        paths are taken from ``root`` (default :data:`DATA_ROOT`, ``~/kta-flwr/data``), for
+        the same reason as ``output-dir``."""
+        if not self.data_path or is_hub_path(self.data_path):
             return self.data_path
         path = Path(self.data_path).expanduser()
-        return str(path if path.is_absolute() else DATA_ROOT.expanduser() / path)
+        return str(path if path.is_absolute() else root.expanduser() / path)
 
     def to_flwr(self) -> dict[str, Any]:
         """The config as Flower run-config keys (kebab-case)."""

@@ -25,15 +25,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 from sklearn.model_selection import train_test_split
 
-from kta_flwr.config import ConfigError, RunConfig
-from kta_flwr.datasets import DATASETS, ArrayDataset, Source, is_hub, load_from_hub
+from kta_flwr.config import ConfigError, RunConfig, is_hub_path
+from kta_flwr.datasets import DATASETS, ArrayDataset, Source, load_from_hub
 from kta_flwr.models import ModelSpec
 from kta_flwr.text import build_vocab, encoder_for
 
@@ -77,7 +77,7 @@ class CentralSplits:
         """:attr:`spec` with the run's model options (``finetune-layers``)."""
         return dataclasses.replace(self.spec, finetune_layers=cfg.finetune_layers)
 
-    @property
+    @cached_property
     def reference_fingerprint(self) -> str:
         """Short hash of the reference inputs and labels.
 
@@ -125,7 +125,7 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
     text_length: int,
     seed: int,
 ) -> CentralSplits:
-    src: Source = load_from_hub(dataset, data_path) if is_hub(data_path) else DATASETS[dataset](data_path)
+    src: Source = load_from_hub(dataset, data_path) if is_hub_path(data_path) else DATASETS[dataset](data_path)
     train, groups = src.train, src.train_groups
     # --- test ---------------------------------------------------------------------
     if src.test is not None:
@@ -302,26 +302,25 @@ def _load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) ->
         if mine.any():
             local_test = splits.test.take(np.flatnonzero(mine))
     model = cfg.model_for_partition(partition_id)
-    prep = encoder_for(model, splits.vocab, splits.text_length) if splits.is_text else None
-
-    def ready(part: ArrayDataset | None) -> ArrayDataset | None:
-        if prep is None or part is None:
-            return part
-        return ArrayDataset(prep(part.x), part.y, part.num_classes)
-
     return ClientData(
-        train=ready(splits.train.take(rows)), reference=_encoded(splits, "reference", model),
-        test=_encoded(splits, "test", model), splits=splits, local_test=ready(local_test),
+        train=_for_model(splits.train.take(rows), splits, model),
+        reference=_shared_for_model(splits, "reference", model),
+        test=_shared_for_model(splits, "test", model),
+        splits=splits,
+        local_test=None if local_test is None else _for_model(local_test, splits, model),
     )
 
 
+def _for_model(data: ArrayDataset, splits: CentralSplits, model: str) -> ArrayDataset:
+    """``data`` as ``model`` reads it: tokenized for text, as is for images."""
+    if not splits.is_text:
+        return data
+    encode = encoder_for(model, splits.vocab, splits.text_length)
+    return ArrayDataset(encode(data.x), data.y, data.num_classes)
+
+
 @lru_cache(maxsize=8)
-def _encoded_cached(splits: CentralSplits, part: str, model: str) -> ArrayDataset:
-    data: ArrayDataset = getattr(splits, part)
-    prep = encoder_for(model, splits.vocab, splits.text_length)
-    return ArrayDataset(prep(data.x), data.y, data.num_classes)
-
-
-def _encoded(splits: CentralSplits, part: str, model: str) -> ArrayDataset:
-    """``splits.<part>`` tokenized for ``model`` (once per process), or as is for images."""
-    return _encoded_cached(splits, part, model) if splits.is_text else getattr(splits, part)
+def _shared_for_model(splits: CentralSplits, part: str, model: str) -> ArrayDataset:
+    """``splits.<part>`` (reference or test) for ``model``, once per process: every
+    client of that architecture in a simulation worker shares it."""
+    return _for_model(getattr(splits, part), splits, model)

