@@ -35,7 +35,9 @@ from kta_flwr.training import (
     predict_logits,
     resolve_device,
     train_supervised,
+    training_samples,
 )
+from kta_flwr.timing import PhaseTimer
 
 MODEL_STATE = "personal-model"
 
@@ -108,49 +110,75 @@ class _Node:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local work; replies with reference logits (market) or weights."""
-    node = _Node(msg, context)
-    metrics = {"num-examples": len(node.data.train.y), "partition-id": node.partition_id}
+    """One round of local work; replies with reference logits (market) or weights.
+
+    Besides the losses, the reply's metrics carry ``samples`` (samples trained on, see
+    :func:`kta_flwr.training.training_samples`) and the wall seconds of each phase
+    (``t-setup``, ``t-restore``, ``t-stage1``, ``t-stage2``, ``t-predict``, ``t-save``).
+    """
+    timer = PhaseTimer()
+    with timer("setup"):  # config, data (cached per process), device
+        node = _Node(msg, context)
+    cfg, data = node.cfg, node.data
+    metrics: dict[str, float] = {"num-examples": len(data.train.y), "partition-id": node.partition_id}
     content = RecordDict()
-    if node.cfg.is_market:
-        model = node.personal_model()
-        metrics["train-loss"] = node.train_stage1(model)
-        if protocol.TARGETS in msg.content.array_records:
-            splits = node.data.splits
-            targets = protocol.unpack(
-                msg.content, protocol.TARGETS, len(splits.reference.y), splits.num_classes
-            )
-            metrics["distill-loss"] = node.train_stage2(model, targets)
-        context.state[MODEL_STATE] = ArrayRecord(model.state_dict())
-        if node.cfg.strategy != "local":
-            content[protocol.LOGITS] = protocol.pack(
-                predict_logits(model, node.data.reference.x, node.device)
-            )
-    else:
-        model = node.fresh_model()
-        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-        mu = float(node.config.get("proximal-mu", 0.0))
+    targets = None
+    with timer("restore"):
+        if cfg.is_market:
+            model = node.personal_model()
+            if protocol.TARGETS in msg.content.array_records:
+                targets = protocol.unpack(
+                    msg.content, protocol.TARGETS, len(data.reference.y), data.splits.num_classes
+                )
+        else:
+            model = node.fresh_model()
+            model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    with timer("stage1"):
+        mu = 0.0 if cfg.is_market else float(node.config.get("proximal-mu", 0.0))
         metrics["train-loss"] = node.train_stage1(model, proximal_mu=mu)
-        content["arrays"] = ArrayRecord(model.state_dict())
-    content[protocol.METRICS] = MetricRecord(metrics)
+    if targets is not None:
+        with timer("stage2"):
+            metrics["distill-loss"] = node.train_stage2(model, targets)
+    if cfg.is_market and cfg.strategy != "local":
+        with timer("predict"):
+            content[protocol.LOGITS] = protocol.pack(
+                predict_logits(model, data.reference.x, node.device)
+            )
+    with timer("save"):
+        if cfg.is_market:
+            context.state[MODEL_STATE] = ArrayRecord(model.state_dict())
+        else:
+            content["arrays"] = ArrayRecord(model.state_dict())
+    metrics["samples"] = training_samples(
+        len(data.train.y), len(data.reference.y), local_epochs=cfg.local_epochs,
+        distill_epochs=cfg.distill_epochs, batch_size=cfg.batch_size,
+        private_weight=cfg.private_ce_weight, distilled=targets is not None,
+    )
+    content[protocol.METRICS] = MetricRecord({**metrics, **timer.metrics()})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_model(msg: Message, context: Context) -> Message:
     """Evaluate the personalized model (market) or the received global model."""
-    node = _Node(msg, context)
-    if node.cfg.is_market:
-        model = node.personal_model()
-    else:
-        model = node.fresh_model()
-        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    test = node.data.test
-    result = evaluate(model, test.x, test.y, node.data.label_distribution, node.device)
-    personalized = result.personalized_accuracy
-    local = node.data.local_test
-    if local is not None:  # writer-partitioned data: the client's own writers' test rows
-        personalized = evaluate(model, local.x, local.y, node.data.label_distribution, node.device).accuracy
+    timer = PhaseTimer()
+    with timer("setup"):
+        node = _Node(msg, context)
+    with timer("restore"):
+        if node.cfg.is_market:
+            model = node.personal_model()
+        else:
+            model = node.fresh_model()
+            model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    with timer("evaluate"):
+        test = node.data.test
+        result = evaluate(model, test.x, test.y, node.data.label_distribution, node.device)
+        personalized = result.personalized_accuracy
+        local = node.data.local_test
+        if local is not None:  # writer-partitioned data: the client's own writers' test rows
+            personalized = evaluate(
+                model, local.x, local.y, node.data.label_distribution, node.device
+            ).accuracy
     metrics = MetricRecord(
         {
             "personalized-accuracy": personalized,
@@ -158,6 +186,7 @@ def evaluate_model(msg: Message, context: Context) -> Message:
             "test-loss": result.loss,
             "num-examples": len(test.y),
             "partition-id": node.partition_id,
+            **timer.metrics(),
         }
     )
     return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)

@@ -87,6 +87,7 @@ def read_run(results_json: Path, method: str, seed: int, wall: float) -> RunResu
         ((row["cum_bytes_up"] + row["cum_bytes_down"]) / MIB, row["personalized-accuracy"],
          row["global-accuracy"])
         for row in res["rounds"]
+        if not math.isnan(row["personalized-accuracy"])  # rounds without evaluation
     ]
     summary = res["summary"]
     return RunResult(

@@ -51,6 +51,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     fraction_train: float = 1.0
     min_nodes: int = 2
     round_timeout: float = 600.0
+    evaluate_every: int = 1
     seed: int = 0
     # --- data -------------------------------------------------------------------
     dataset: str = "digits"
@@ -209,6 +210,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("distill-learning-rate", cfg.distill_learning_rate),
         ("min-nodes", cfg.min_nodes),
         ("round-timeout", cfg.round_timeout),
+        ("evaluate-every", cfg.evaluate_every),
         ("dirichlet-alpha", cfg.dirichlet_alpha),
         ("reference-size", cfg.reference_size),
         ("vocab-size", cfg.vocab_size),

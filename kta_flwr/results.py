@@ -20,13 +20,16 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from kta_flwr.config import RunConfig
 from kta_flwr.metering import DOWN, UP, ByteMeter, Traffic
+from kta_flwr.timing import EVALUATE_PHASES, PREFIX, TRAIN_PHASES
 
 MIB = 1024 * 1024
 PERSONALIZED = "personalized-accuracy"
 GLOBAL = "global-accuracy"
+SAMPLES = "samples"
 
 
 def _mib(num_bytes: int) -> float:
@@ -44,8 +47,26 @@ def _traffic_row(traffic: Traffic, prefix: str) -> dict[str, float]:
     }
 
 
+def _client_metrics(records: list[RecordDict]) -> list[dict[str, float]]:
+    """The numeric metrics of each reply (its first MetricRecord)."""
+    return [
+        {k: float(v) for k, v in rec.metric_records[next(iter(rec.metric_records))].items()
+         if isinstance(v, (int, float))}
+        for rec in records
+    ]
+
+
+def _sums(clients: list[dict[str, float]], keys: list[str]) -> dict[str, float]:
+    return {key: float(sum(c.get(key, 0.0) for c in clients)) for key in keys}
+
+
 class RunRecorder:
-    """Collects per-round metrics and byte counts; prints a line per round."""
+    """Collects per-round metrics, byte counts and client time; prints a line per round.
+
+    Each row also carries ``samples`` (samples trained on, summed over clients) and the
+    client seconds per phase summed over clients (``train_s_<phase>``, ``eval_s_<phase>``,
+    see :mod:`kta_flwr.timing`).
+    """
 
     def __init__(self, cfg: RunConfig, meter: ByteMeter, run_id: int | None = None) -> None:
         self.cfg = cfg
@@ -54,17 +75,25 @@ class RunRecorder:
         self.rows: list[dict[str, Any]] = []
         self.clients_last_round: list[dict[str, float]] = []
         self._clients: list[dict[str, float]] = []
+        self._trained: list[dict[str, float]] = []
         self._started = time.monotonic()
+        #: Unix time at which the recorder (the ServerApp's main) started.
+        self.started_at = time.time()
+
+    # Hook: train_metrics_aggr_fn ----------------------------------------------------
+    def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
+        """Flower's weighted mean of the train metrics, but sums of samples and seconds."""
+        self._trained = _client_metrics(records)
+        out = aggregate_metricrecords(records, weighting_key)
+        keys = [SAMPLES] + [PREFIX + phase for phase in TRAIN_PHASES]
+        out.update({k: v for k, v in _sums(self._trained, keys).items() if k in out})
+        return out
 
     # Hook: evaluate_metrics_aggr_fn -------------------------------------------------
     def aggregate_evaluate(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
         """Unweighted mean over clients of each client's evaluation metrics."""
         del weighting_key  # every client counts once: mean personalized accuracy
-        self._clients = [
-            {k: float(v) for k, v in rec.metric_records[next(iter(rec.metric_records))].items()
-             if isinstance(v, (int, float))}
-            for rec in records
-        ]
+        self._clients = _client_metrics(records)
         keys = sorted(set.intersection(*(set(c) for c in self._clients)))
         return MetricRecord({k: float(np.mean([c[k] for c in self._clients])) for k in keys})
 
@@ -76,6 +105,13 @@ class RunRecorder:
             return None
         traffic = self.meter.close_round()
         clients, self._clients = self._clients, []
+        trained, self._trained = self._trained, []
+        seconds = {
+            **{f"train_s_{p}": v for p, v in
+               zip(TRAIN_PHASES, _sums(trained, [PREFIX + p for p in TRAIN_PHASES]).values())},
+            **{f"eval_s_{p}": v for p, v in
+               zip(EVALUATE_PHASES, _sums(clients, [PREFIX + p for p in EVALUATE_PHASES]).values())},
+        }
         row: dict[str, Any] = {
             "strategy": self.cfg.strategy,
             "round": server_round,
@@ -86,6 +122,8 @@ class RunRecorder:
             "failed": traffic.failed,
             **_traffic_row(traffic, ""),
             **_traffic_row(self.meter.cumulative, "cum_"),
+            SAMPLES: int(sum(c.get(SAMPLES, 0.0) for c in trained)),
+            **{k: round(v, 4) for k, v in seconds.items()},
             "seconds": round(time.monotonic() - self._started, 3),
         }
         self.rows.append(row)
@@ -127,7 +165,10 @@ class RunRecorder:
             "wire_bytes_total": cum.total(UP, unit="wire") + cum.total(DOWN, unit="wire"),
             "bytes_per_node": {str(k): v for k, v in sorted(cum.per_node.items())},
             "wire_manifest": dict(sorted(cum.manifest.items())),
+            "samples": int(sum(row[SAMPLES] for row in self.rows)),
             "seconds": round(time.monotonic() - self._started, 3),
+            "started_at": self.started_at,
+            "finished_at": time.time(),
         }
 
     def write(self, extra: dict[str, Any] | None = None) -> Path:

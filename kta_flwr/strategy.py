@@ -37,6 +37,34 @@ MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 NUM_EXAMPLES = "num-examples"
 
 
+class EvaluateEvery:  # pylint: disable=too-few-public-methods
+    """Strategy mixin: client-side evaluation only every ``evaluate_every`` rounds and in
+    round ``last_round`` (the others send no evaluate messages; their rows have no accuracy)."""
+
+    evaluate_every: int = 1
+    last_round: int = 0
+
+    def evaluates_in(self, server_round: int) -> bool:
+        """True if clients evaluate in ``server_round``."""
+        return server_round % self.evaluate_every == 0 or server_round == self.last_round
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The parent's evaluate messages in evaluation rounds, none otherwise."""
+        if not self.evaluates_in(server_round):
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+
+
+class FedAvgEvery(EvaluateEvery, FedAvg):
+    """Flower's FedAvg with :class:`EvaluateEvery`."""
+
+
+class FedProxEvery(EvaluateEvery, FedProx):
+    """Flower's FedProx with :class:`EvaluateEvery`."""
+
+
 def market_params(cfg: RunConfig) -> MarketParams | None:
     """Market knobs for ``cfg.strategy`` (None for ``local``: no market)."""
     if cfg.strategy == "local":
@@ -54,7 +82,7 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
     )
 
 
-class KnowledgeMarket(Strategy):  # pylint: disable=too-many-instance-attributes
+class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-instance-attributes
     """Prediction-space knowledge market: personalized soft targets per client.
 
     Args:
@@ -65,6 +93,7 @@ class KnowledgeMarket(Strategy):  # pylint: disable=too-many-instance-attributes
         fraction_train: fraction of connected nodes sampled per round.
         min_nodes: wait for this many connected nodes before sampling.
         evaluate_metrics_aggr_fn: aggregates the evaluation replies' metrics.
+        train_metrics_aggr_fn: aggregates the train replies' metrics (None: not at all).
         seed: seeds node sampling.
     """
 
@@ -78,6 +107,7 @@ class KnowledgeMarket(Strategy):  # pylint: disable=too-many-instance-attributes
         fraction_train: float = 1.0,
         min_nodes: int = 2,
         evaluate_metrics_aggr_fn: MetricsAggregator,
+        train_metrics_aggr_fn: MetricsAggregator | None = None,
         seed: int = 0,
     ) -> None:
         self.params = params
@@ -87,6 +117,7 @@ class KnowledgeMarket(Strategy):  # pylint: disable=too-many-instance-attributes
         self.fraction_train = fraction_train
         self.min_nodes = min_nodes
         self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn
         self._rng = random.Random(seed)
         #: Latest valid logits ``[N_ref, C]`` per node id.
         self.bank: dict[int, np.ndarray] = {}
@@ -125,13 +156,15 @@ class KnowledgeMarket(Strategy):  # pylint: disable=too-many-instance-attributes
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Bank valid logits, drop bad replies, run the market for the next round."""
-        received, dropped = 0, 0
+        received, dropped, contents = 0, 0, []
         for msg in replies:
             node_id = msg.metadata.src_node_id
             if msg.has_error():
                 dropped += 1
                 log(WARNING, "round %d: node %d failed: %s", server_round, node_id, msg.error.reason)
                 continue
+            if protocol.METRICS in msg.content.metric_records:
+                contents.append(msg.content)
             if self.params is None:
                 received += 1
                 continue
@@ -146,14 +179,21 @@ class KnowledgeMarket(Strategy):  # pylint: disable=too-many-instance-attributes
             self.bank[node_id] = logits
             received += 1
         metrics = MetricRecord({"replies": received, "dropped": dropped})
+        if self.train_metrics_aggr_fn is not None and contents:
+            metrics.update(self.train_metrics_aggr_fn(contents, NUM_EXAMPLES))
         if self.params is not None and self.bank:
+            started = time.perf_counter()
             metrics.update(self._price())
+            metrics["market-seconds"] = time.perf_counter() - started
         return None, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Ask every node to evaluate its own personalized model (no arrays sent)."""
+        """Ask every node to evaluate its own personalized model (no arrays sent), in the
+        rounds :meth:`evaluates_in` names."""
+        if not self.evaluates_in(server_round):
+            return []
         node_ids = self._sample(grid, 1.0)
         config = self._stamp(config, server_round)
         return [
@@ -215,10 +255,13 @@ def build_strategy(
     num_classes: int,
     fingerprint: str,
     evaluate_metrics_aggr_fn: MetricsAggregator,
+    train_metrics_aggr_fn: MetricsAggregator | None = None,
 ) -> Strategy:
-    """The Strategy for ``cfg.strategy``: the market (kta, fedmd, local) or stock FedAvg/FedProx."""
+    """The Strategy for ``cfg.strategy``: the market (kta, fedmd, ktpfl, local) or Flower's
+    stock FedAvg/FedProx, each evaluating every ``cfg.evaluate_every`` rounds."""
+    strategy: EvaluateEvery
     if cfg.is_market:
-        return KnowledgeMarket(
+        strategy = KnowledgeMarket(
             params=market_params(cfg),
             reference_labels=reference_labels,
             num_classes=num_classes,
@@ -226,16 +269,24 @@ def build_strategy(
             fraction_train=cfg.fraction_train,
             min_nodes=cfg.min_nodes,
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
             seed=cfg.seed,
         )
-    common = {
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": 1.0,
-        "min_train_nodes": 1,
-        "min_evaluate_nodes": 1,
-        "min_available_nodes": cfg.min_nodes,
-        "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
-    }
-    if cfg.strategy == "fedprox":
-        return FedProx(proximal_mu=cfg.proximal_mu, **common)
-    return FedAvg(**common)
+    else:
+        common = {
+            "fraction_train": cfg.fraction_train,
+            "fraction_evaluate": 1.0,
+            "min_train_nodes": 1,
+            "min_evaluate_nodes": 1,
+            "min_available_nodes": cfg.min_nodes,
+            "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
+        }
+        if train_metrics_aggr_fn is not None:
+            common["train_metrics_aggr_fn"] = train_metrics_aggr_fn
+        if cfg.strategy == "fedprox":
+            strategy = FedProxEvery(proximal_mu=cfg.proximal_mu, **common)
+        else:
+            strategy = FedAvgEvery(**common)
+    strategy.evaluate_every = cfg.evaluate_every
+    strategy.last_round = cfg.num_server_rounds
+    return strategy  # type: ignore[return-value]

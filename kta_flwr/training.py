@@ -212,11 +212,35 @@ def _private_schedule(
     return tuple(chunks)
 
 
+def training_samples(
+    num_private: int, num_reference: int, *, local_epochs: int, distill_epochs: int,
+    batch_size: int, private_weight: float, distilled: bool,
+) -> int:
+    """Samples passed forward and backward by one client round (stage 1, plus stage 2 when
+    ``distilled``), counted exactly as :func:`train_supervised` and :func:`distill` draw them."""
+    total = local_epochs * num_private if num_private else 0
+    if distilled and distill_epochs:
+        total += distill_epochs * num_reference
+        if private_weight > 0 and num_private:
+            steps = -(-num_reference // batch_size)
+            total += distill_epochs * max(num_private, steps)
+    return total
+
+
+def inference_batch_size(device: torch.device) -> int:
+    """Batch size for forward-only passes: large on a GPU; 256 on a CPU, where bigger
+    batches fall out of cache (a FEMNIST CNN ran 1.5x faster at 256 than at 1,024 on
+    2 cores)."""
+    return 1024 if device.type == "cuda" else 256
+
+
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 1024
+    model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int | None = None
 ) -> np.ndarray:
-    """Logits ``[M, C]`` (float32, on the host) of ``model`` in eval mode."""
+    """Logits ``[M, C]`` (float32, on the host) of ``model`` in eval mode, computed in
+    batches of ``batch_size`` (default :func:`inference_batch_size`)."""
+    batch_size = batch_size or inference_batch_size(device)
     _prepare(model, device).eval()
     xs = _as_tensor(x, device)
     with _autocast(device):

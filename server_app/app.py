@@ -59,6 +59,7 @@ def main(grid: Grid, context: Context) -> None:
         num_classes=splits.num_classes,
         fingerprint=splits.reference_fingerprint,
         evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
+        train_metrics_aggr_fn=recorder.aggregate_train,
     )
     log(INFO, "kta-flwr: strategy=%s dataset=%s reference=%d test=%d train-pool=%d",
         cfg.strategy, cfg.dataset, len(splits.reference.y), len(splits.test.y),

@@ -123,3 +123,12 @@ def test_local_strategy_exchanges_nothing():
     assert metrics["replies"] == 1 and not strategy.targets
     messages = strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 2]))
     assert all(payload_bytes(m.content) == 0 for m in messages)
+
+
+def test_evaluation_only_every_k_rounds_and_in_the_last():
+    strategy = make_strategy()
+    strategy.evaluate_every, strategy.last_round = 3, 7
+    grid = FixedGrid([11, 12])
+    asked = [r for r in range(1, 8)
+             if list(strategy.configure_evaluate(r, ArrayRecord(), ConfigRecord(), grid))]
+    assert asked == [3, 6, 7]
