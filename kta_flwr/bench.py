@@ -150,15 +150,52 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[RunResult], path: Path, title: str) -> None:
-    """Mean personalized accuracy against cumulative MiB (log x), one curve per method;
-    methods that send nothing (local) are a dashed horizontal line at their final mean."""
+def figure(size: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib figure and axes, headless (Agg)."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt.subplots(figsize=size)
+
+
+def save_figure(fig: Any, ax: Any, path: Path) -> None:
+    """Grid, legend, tight layout; write ``path`` (PNG, 120 dpi) and close."""
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--engine``, ``--data-root`` and ``--out``, shared by the benchmark CLIs."""
+    parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="folder that relative data-path values are taken from "
+                        "(default: $KTA_DATASETS or ~/kta-flwr/data)")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+
+
+def data_root_from(args: argparse.Namespace) -> Path | None:
+    """``--data-root``, else ``$KTA_DATASETS``, else None (the config's default root)."""
+    if args.data_root:
+        return Path(args.data_root)
+    return Path(os.environ["KTA_DATASETS"]) if "KTA_DATASETS" in os.environ else None
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM -> SystemExit, so a federation's processes are cleaned up on ``kill``."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def plot(runs: list[RunResult], path: Path, title: str) -> None:
+    """Mean personalized accuracy against cumulative MiB (log x), one curve per method;
+    methods that send nothing (local) are a dashed horizontal line at their final mean."""
+    fig, ax = figure((7, 4.5))
     for method in dict.fromkeys(r.method for r in runs):
         mine = [r for r in runs if r.method == method]
         rounds = min(len(r.curve) for r in mine)
@@ -172,11 +209,7 @@ def plot(runs: list[RunResult], path: Path, title: str) -> None:
     ax.set_xlabel("cumulative traffic, up + down (MiB, log scale)")
     ax.set_ylabel("mean personalized test accuracy")
     ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
@@ -250,15 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="run-config overrides on top of the preset")
     parser.add_argument("--target", type=float, default=None,
                         help="personalized accuracy for 'MiB to target' (default: 90%% of the best)")
-    parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="folder that relative data-path values are taken from "
-                        "(default: $KTA_DATASETS or ~/kta-flwr/data)")
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    add_federation_arguments(parser)
     args = parser.parse_args(argv)
-    # SIGTERM -> SystemExit, so the federation's processes are cleaned up on `kill`.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    data_root = args.data_root or (Path(os.environ["KTA_DATASETS"]) if "KTA_DATASETS" in os.environ else None)
+    exit_on_sigterm()
+    data_root = data_root_from(args)
     try:
         run_bench(
             args.preset, [m.strip() for m in args.methods.split(",") if m.strip()],

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kta_flwr.bench import (
+    add_federation_arguments,
+    data_root_from,
+    exit_on_sigterm,
+    figure,
+    save_figure,
+)
 from kta_flwr.config import DATA_ROOT, ConfigError, RunConfig, parse_run_config
 from kta_flwr.deploy import LocalFederation
 from kta_flwr.presets import load_preset, parse_override
@@ -290,13 +296,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot_scaling(points: list[dict[str, Any]], path: Path, title: str) -> None:
     """Seconds per round against clients: total, client compute, and the rest."""
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
     clients = [p["clients"] for p in points]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure((6, 4))
     ax.plot(clients, [p["round_seconds"] for p in points], marker="o", label="round (wall)")
     ax.plot(clients, [p["client_seconds_per_round"] for p in points], marker="s",
             label="client phases (sum over clients)")
@@ -306,11 +307,7 @@ def plot_scaling(points: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("seconds per round")
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def run_efficiency(  # pylint: disable=too-many-arguments,too-many-locals
@@ -395,18 +392,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="run-config overrides for the ratio run")
-    parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation")
     parser.add_argument("--scaling", default="", help="client counts, e.g. 10,50,100")
     parser.add_argument("--scaling-set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="run-config overrides for the scaling runs (on the preset, not --set)")
     parser.add_argument("--skip-ratio", action="store_true",
                         help="only the scaling runs (the report keeps the last ratio measured)")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="folder for relative data-path values (default: $KTA_DATASETS or ~/kta-flwr/data)")
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    add_federation_arguments(parser)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    data_root = args.data_root or (Path(os.environ["KTA_DATASETS"]) if "KTA_DATASETS" in os.environ else None)
+    exit_on_sigterm()
+    data_root = data_root_from(args)
     try:
         run_efficiency(
             args.preset, args.clients, args.out, dict(parse_override(s) for s in args.set),
