@@ -6,6 +6,11 @@ of sleeping, writes a ``config.toml`` connection for ``flwr run`` under a privat
 ``FLWR_HOME``, and always stops every process on exit, also when a test fails. With
 ``simulation=True`` it starts a simulation-engine SuperLink instead of SuperNodes.
 
+With ``credentials`` (see :mod:`kta_flwr.certs`) the federation is secure: the SuperLink
+serves TLS with the given certificate and only admits SuperNodes whose public key was
+registered (``--enable-supernode-auth`` + ``flwr supernode register``); SuperNode ``i``
+signs with key ``supernode-<i>``. Without, everything runs ``--insecure``.
+
 Usage::
 
     with LocalFederation(workdir, num_supernodes=2) as fed:
@@ -18,9 +23,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from kta_flwr.certs import Credentials
 
 CONNECTION = "kta-local"
 
@@ -64,6 +72,41 @@ def config_arg(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
+def superlink_args(
+    port: int, database: str | None, credentials: Credentials | None, *,
+    simulation: bool = False, host: str = "127.0.0.1",
+) -> list[str]:
+    """``flower-superlink`` command line: TLS + SuperNode authentication with
+    ``credentials``, ``--insecure`` without; subprocess isolation (the ServerApp runs in a
+    child process of the SuperLink's SuperExec); state in ``database`` (None: in memory,
+    so no stale nodes or key registrations survive a restart)."""
+    args = ["flower-superlink", "--host", host, "--port", str(port), "--isolation", "subprocess"]
+    if database is not None:
+        args += ["--database", database]
+    if credentials is None:
+        return args + ["--insecure"] + (["--simulation"] if simulation else [])
+    args += ["--ssl-ca-certfile", str(credentials.ca_cert),
+             "--ssl-certfile", str(credentials.server_cert),
+             "--ssl-keyfile", str(credentials.server_key)]
+    return args + (["--simulation"] if simulation else ["--enable-supernode-auth"])
+
+
+def supernode_args(  # pylint: disable=too-many-arguments
+    superlink_port: int, port: int, partition_id: int, num_partitions: int,
+    credentials: Credentials | None, key_index: int, *, host: str = "127.0.0.1",
+) -> list[str]:
+    """``flower-supernode`` command line for one partition: TLS with the CA's certificate
+    and key ``supernode-<key_index>`` with ``credentials``, ``--insecure`` without."""
+    node_config = config_arg({"partition-id": partition_id, "num-partitions": num_partitions})
+    args = ["flower-supernode", "--superlink", f"{host}:{superlink_port}",
+            "--node-config", node_config, "--host", host, "--port", str(port),
+            "--isolation", "subprocess"]
+    if credentials is None:
+        return args + ["--insecure"]
+    return args + ["--root-certificates", str(credentials.ca_cert),
+                   "--auth-supernode-private-key", str(credentials.supernode_keys[key_index])]
+
+
 class LocalFederation:
     """A SuperLink (+ SuperNodes) on loopback, owned by this object."""
 
@@ -75,16 +118,24 @@ class LocalFederation:
         simulation: bool = False,
         partition_ids: list[int] | None = None,
         startup_timeout: float = 60.0,
+        credentials: Credentials | None = None,
+        port: int | None = None,
+        supernode_ports: list[int] | None = None,
+        num_partitions: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.num_supernodes = num_supernodes
+        #: ``num-partitions`` in every SuperNode's node config.
+        self.num_partitions = num_partitions or num_supernodes
         self.simulation = simulation
         self.partition_ids = partition_ids or list(range(num_supernodes))
         self.startup_timeout = startup_timeout
+        self.credentials = credentials
         self.flwr_home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
         #: flwr 1.41 serves the Runtime, Control and Fleet APIs on one HTTP port.
-        self.port = free_port()
+        self.port = port or free_port()
+        self.supernode_ports = supernode_ports
         self.processes: list[subprocess.Popen] = []
 
     # --- lifecycle ------------------------------------------------------------
@@ -121,37 +172,52 @@ class LocalFederation:
             link = self._spawn("superlink", self._superlink_args())
             wait_for_port(self.port, self.startup_timeout, link)
             if not self.simulation:
-                for pid in self.partition_ids:
-                    self.start_supernode(pid)
+                ports = self.supernode_ports or [None] * len(self.partition_ids)
+                for pid, port in zip(self.partition_ids, ports):
+                    if self.credentials is not None:
+                        self.register_supernode(pid)
+                    self.start_supernode(pid, port=port)
         except BaseException:
             self.stop()
             raise
 
     def _superlink_args(self) -> list[str]:
-        args = [
-            "flower-superlink", "--insecure",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--isolation", "subprocess",
-            "--database", str(self.workdir / "state.db"),
-        ]
-        return args + (["--simulation"] if self.simulation else [])
+        return superlink_args(self.port, str(self.workdir / "state.db"), self.credentials,
+                              simulation=self.simulation)
 
-    def start_supernode(self, partition_id: int) -> subprocess.Popen:
-        """Start one SuperNode for ``partition_id`` (waits until its runtime API listens)."""
-        port = free_port()
-        node_config = config_arg(
-            {"partition-id": partition_id, "num-partitions": self.num_supernodes}
+    def register_supernode(self, key_index: int) -> None:
+        """``flwr supernode register`` the public key ``supernode-<key_index>.pub``.
+
+        Raises:
+            RuntimeError: with the CLI's output if registration fails.
+        """
+        assert self.credentials is not None, "registration needs credentials"
+        proc = subprocess.run(
+            ["flwr", "supernode", "register", str(self.credentials.public_key(key_index)), CONNECTION],
+            env=self.env(), capture_output=True, text=True, check=False, timeout=60,
         )
-        proc = self._spawn(
-            f"supernode-{partition_id}",
-            [
-                "flower-supernode", "--insecure",
-                "--superlink", f"127.0.0.1:{self.port}",
-                "--node-config", node_config,
-                "--host", "127.0.0.1", "--port", str(port),
-                "--isolation", "subprocess",
-            ],
+        if proc.returncode != 0:
+            raise RuntimeError(f"registering supernode-{key_index} failed:\n{proc.stdout}{proc.stderr}")
+
+    def start_supernode(
+        self, partition_id: int, key_index: int | None = None, *, insecure: bool = False,
+        port: int | None = None,
+    ) -> subprocess.Popen:
+        """Start one SuperNode for ``partition_id`` (waits until its runtime API listens).
+
+        With credentials it uses TLS and signs with key ``supernode-<key_index>`` (default:
+        ``partition_id``; :meth:`start` registers the keys of the partitions it starts, other
+        keys are refused unless :meth:`register_supernode` ran); ``insecure=True`` starts it
+        without TLS or key (a secure SuperLink refuses it). ``port``: its own API port
+        (default: a free one).
+        """
+        port = port or free_port()
+        creds = None if insecure else self.credentials
+        args = supernode_args(
+            self.port, port, partition_id, self.num_partitions, creds,
+            partition_id if key_index is None else key_index,
         )
+        proc = self._spawn(f"supernode-{partition_id}" + ("-insecure" if insecure else ""), args)
         wait_for_port(port, self.startup_timeout, proc)
         return proc
 
@@ -185,22 +251,27 @@ class LocalFederation:
         options = ""
         if self.simulation:
             options = f"options.num-supernodes = {self.num_supernodes}\n"
+        security = "insecure = true\n"
+        if self.credentials is not None:
+            security = f"root-certificates = {toml_value(str(self.credentials.ca_cert))}\n"
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
             f"[superlink.{CONNECTION}]\n"
             f'address = "127.0.0.1:{self.port}"\n'
-            f"insecure = true\n{options}"
+            f"{security}{options}"
         )
 
     def submit(
-        self, app_dir: Path, run_config: dict[str, Any], timeout: float = 600.0
+        self, app_dir: Path, run_config: dict[str, Any], timeout: float = 600.0,
+        *, echo: bool = False,
     ) -> subprocess.CompletedProcess:
-        """``flwr run <app_dir> <connection> --stream`` with ``run_config``; waits for the end."""
+        """``flwr run <app_dir> <connection> --stream`` with ``run_config``; waits for the
+        end. Output is captured, or with ``echo`` goes to this process's terminal."""
         args = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
         if run_config:
             args += ["--run-config", config_arg(run_config)]
         return subprocess.run(
-            args, env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
+            args, env=self.env(), capture_output=not echo, text=True, timeout=timeout, check=False
         )
 
 
@@ -226,3 +297,95 @@ def _descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+# --- CLI ------------------------------------------------------------------------------
+def run_local(settings: Path, overrides: dict[str, Any], timeout: float) -> int:
+    """Start the topology of ``settings`` as processes (TLS + node authentication; missing
+    credentials are created), submit the app, wait for its results, stop everything.
+
+    Returns:
+        0 if the run finished and wrote its results, 1 otherwise.
+    """
+    # pylint: disable=import-outside-toplevel
+    from kta_flwr.certs import make_credentials
+    from kta_flwr.config import parse_run_config
+    from kta_flwr.topology import REPO, load_topology
+
+    topo = load_topology(settings)
+    creds = topo.credentials()
+    if creds.missing():
+        if any(topo.certs.glob("*")):
+            print(f"error: {topo.certs} lacks {[p.name for p in creds.missing()]}; "
+                  "create them with python -m kta_flwr.certs", file=sys.stderr)
+            return 1
+        make_credentials(topo.certs, len(topo.partition_ids))
+        print(f"[deploy] created a CA, the SuperLink certificate and SuperNode keys in {topo.certs}")
+    run_config = {**topo.run, **overrides, "min-nodes": len(topo.partition_ids),
+                  "output-dir": str(topo.results)}
+    run_config["data-path"] = parse_run_config(run_config).resolved_data_path(topo.data)
+    workdir = topo.results / "federation"
+    workdir.mkdir(parents=True, exist_ok=True)
+    before = set(topo.results.glob("*/results.json"))
+    with LocalFederation(
+        workdir, len(topo.partition_ids), partition_ids=list(topo.partition_ids),
+        credentials=creds, port=topo.superlink_port, supernode_ports=topo.supernode_ports(),
+        num_partitions=topo.num_partitions,
+    ) as fed:
+        print(f"[deploy] SuperLink https://127.0.0.1:{topo.superlink_port} (TLS, node "
+              f"authentication) + {len(topo.partition_ids)} SuperNodes up; logs in {fed.logs}",
+              flush=True)
+        proc = fed.submit(REPO, run_config, timeout=timeout, echo=True)
+    written = sorted(set(topo.results.glob("*/results.json")) - before)
+    if proc.returncode != 0 or not written:
+        print(f"[deploy] run failed (flwr run exit code {proc.returncode}); see {workdir / 'logs'}",
+              file=sys.stderr)
+        return 1
+    print(f"[deploy] results in {written[-1].parent}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kta_flwr.deploy {local,compose}``."""
+    # pylint: disable=import-outside-toplevel
+    import argparse
+
+    from kta_flwr.config import ConfigError
+    from kta_flwr.presets import parse_override
+    from kta_flwr.topology import SETTINGS, load_topology, render_compose, render_gpu_override
+
+    parser = argparse.ArgumentParser(prog="python -m kta_flwr.deploy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    local = sub.add_parser("local", help="run the docker/federation.toml topology as processes")
+    local.add_argument("--settings", type=Path, default=SETTINGS)
+    local.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="run-config overrides on top of the settings' [run] table")
+    local.add_argument("--timeout", type=float, default=3600.0, help="seconds for the run")
+    compose = sub.add_parser("compose", help="render docker/compose.yml (and compose.gpu.yml)")
+    compose.add_argument("--settings", type=Path, default=SETTINGS)
+    compose.add_argument("--write", action="store_true",
+                         help="write docker/compose.yml and docker/compose.gpu.yml instead of printing")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        if args.command == "local":
+            return run_local(args.settings, dict(parse_override(s) for s in args.set), args.timeout)
+        topo = load_topology(args.settings)
+        if not args.write:
+            print(render_compose(topo), end="")
+            return 0
+        docker = Path(__file__).resolve().parents[1] / "docker"
+        (docker / "compose.yml").write_text(render_compose(topo))
+        (docker / "compose.gpu.yml").write_text(render_gpu_override(topo))
+        print(f"wrote {docker / 'compose.yml'} and {docker / 'compose.gpu.yml'}")
+        return 0
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the federation was stopped on the way out
+        print("[deploy] interrupted; every process stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
