@@ -128,7 +128,8 @@ def train(msg: Message, context: Context) -> Message:
             model = node.personal_model()
             if protocol.TARGETS in msg.content.array_records:
                 targets = protocol.unpack(
-                    msg.content, protocol.TARGETS, len(data.reference.y), data.splits.num_classes
+                    msg.content, protocol.TARGETS, len(data.reference.y), data.splits.num_classes,
+                    cfg.knowledge_codec(),
                 )
         else:
             model = node.fresh_model()
@@ -142,7 +143,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.is_market and cfg.strategy != "local":
         with timer("predict"):
             content[protocol.LOGITS] = protocol.pack(
-                predict_logits(model, data.reference.x, node.device)
+                predict_logits(model, data.reference.x, node.device), cfg.knowledge_codec()
             )
     with timer("save"):
         if cfg.is_market:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kta_flwr.config import DATA_ROOT, ConfigError, RunConfig
+from kta_flwr.config import DATA_ROOT, ConfigError, RunConfig, parse_run_config
 from kta_flwr.deploy import LocalFederation
 from kta_flwr.presets import load_preset, parse_override
 
@@ -78,6 +78,19 @@ class RunResult:
     def mib_to_reach(self, target: float) -> float | None:
         """Cumulative MiB at the first round whose personalized accuracy >= ``target``."""
         return next((mib for mib, pers, _ in self.curve if pers >= target), None)
+
+
+def method_config(base: RunConfig, method: str) -> RunConfig:
+    """``base`` for one method of ``--methods``: a strategy name, optionally with run-config
+    changes after colons, e.g. ``kta:codec=int8`` or ``kta:market=fixed:similarity-tau=0.1``."""
+    name, *changes = method.split(":")
+    values = {**base.to_flwr(), "strategy": name, **dict(parse_override(c) for c in changes)}
+    return parse_run_config(values)
+
+
+def _slug(method: str) -> str:
+    """A folder name for ``method`` (``kta:codec=int8`` -> ``kta_codec-int8``)."""
+    return method.replace(":", "_").replace("=", "-").replace("/", "-")
 
 
 def read_run(results_json: Path, method: str, seed: int, wall: float) -> RunResult:
@@ -227,8 +240,8 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     """Run every (method, seed), write summary.json/summary.md/plot; returns the summary."""
     base = load_preset(preset, {"min-nodes": clients, **(overrides or {})})
     base = base.replace(data_path=base.resolved_data_path(data_root or DATA_ROOT))
-    for method in methods:  # reject a bad method name before anything runs
-        base.replace(strategy=method)
+    # Reject a bad method or variant before anything runs.
+    configs = {method: method_config(base, method) for method in methods}
     results_dir = out_dir / preset
     results_dir.mkdir(parents=True, exist_ok=True)
     runs: list[RunResult] = []
@@ -237,8 +250,8 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
         Path(work), clients, simulation=engine == "simulation"
     ) as fed:
         for i, (seed, method) in enumerate(((s, m) for s in seeds for m in methods), 1):
-            run_dir = results_dir / "runs" / f"{method}-seed{seed}"
-            cfg = base.replace(strategy=method, seed=seed, output_dir=str(run_dir.resolve()))
+            run_dir = results_dir / "runs" / f"{_slug(method)}-seed{seed}"
+            cfg = configs[method].replace(seed=seed, output_dir=str(run_dir.resolve()))
             print(f"[bench {i}/{total}] {preset}: {method}, seed {seed} ...", flush=True)
             start = time.monotonic()
             proc = fed.submit(APP_DIR, cfg.to_flwr(), timeout=run_timeout)
@@ -276,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kta_flwr.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, help="configs/<name>.toml or a TOML path")
-    parser.add_argument("--methods", default="kta,fedavg,fedprox,fedmd,ktpfl,local")
+    parser.add_argument("--methods", default="kta,fedavg,fedprox,fedmd,ktpfl,local",
+                        help="comma list of strategies, each optionally with run-config "
+                        "changes after colons: kta,kta:codec=int8,kta:codec=topk:codec-topk=2")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--clients", type=int, default=10, help="simulated SuperNodes")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

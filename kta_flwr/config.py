@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from kta_flwr.codec import CODECS, Codec
+
 #: Strategies whose clients exchange only reference-set predictions (or nothing).
 MARKET_STRATEGIES = ("kta", "fedmd", "ktpfl", "local")
 #: Flower's stock parameter-averaging strategies.
@@ -86,6 +88,8 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     self_weight: float = 0.0
     accuracy_exponent: float = 1.0
     target_space: str = "logit"
+    codec: str = "float32"
+    codec_topk: int = 3
     # --- runtime ----------------------------------------------------------------
     device: str = "auto"
     output_dir: str = "~/kta-flwr/outputs"
@@ -123,6 +127,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             return self.data_path
         path = Path(self.data_path).expanduser()
         return str(path if path.is_absolute() else root.expanduser() / path)
+
+    def knowledge_codec(self) -> Codec:
+        """The codec of the logits and targets on the wire (see :mod:`kta_flwr.codec`)."""
+        return Codec(self.codec, self.codec_topk)
 
     def to_flwr(self) -> dict[str, Any]:
         """The config as Flower run-config keys (kebab-case)."""
@@ -202,6 +210,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
     _choice("divergence", cfg.divergence, DIVERGENCES)
     _choice("target-space", cfg.target_space, TARGET_SPACES)
     _choice("device", cfg.device, DEVICES)
+    _choice("codec", cfg.codec, CODECS)
     for key, value in (
         ("num-server-rounds", cfg.num_server_rounds),
         ("local-epochs", cfg.local_epochs),
@@ -217,6 +226,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("text-length", cfg.text_length),
         ("temperature", cfg.temperature),
         ("similarity-tau", cfg.similarity_tau),
+        ("codec-topk", cfg.codec_topk),
     ):
         _positive(key, value)
     for key, value in (

@@ -1,9 +1,10 @@
 """What crosses the wire under the market strategies, and how it is checked.
 
-Server -> client (train): ``RecordDict{"config": ConfigRecord, "targets"?: ArrayRecord}``
-with ``targets["values"]`` a float32 ``[N_ref, C]`` array (absent in a client's first
-round). Client -> server: ``RecordDict{"logits": ArrayRecord, "metrics": MetricRecord}``
-with ``logits["values"]`` a float32 ``[N_ref, C]`` array. Nothing else is an array.
+Server -> client (train): ``RecordDict{"config": ConfigRecord, "targets"?: ArrayRecord}``,
+the client's soft targets ``[N_ref, C]`` (absent in its first round). Client -> server:
+``RecordDict{"logits": ArrayRecord, "metrics": MetricRecord}``, its logits ``[N_ref, C]``.
+Both ArrayRecords hold the arrays of the run's codec (:mod:`kta_flwr.codec`; float32:
+one ``"values"`` array). Nothing else is an array.
 """
 
 from __future__ import annotations
@@ -11,45 +12,57 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from kta_flwr.codec import Codec, CodecError, decode, encode
+
 LOGITS = "logits"
 TARGETS = "targets"
 CONFIG = "config"
 METRICS = "metrics"
-VALUES = "values"  # the single array inside a logits/targets ArrayRecord
+VALUES = "values"  # the single array of a float32 payload
 FINGERPRINT = "reference-fingerprint"
+#: What the rows under each key are, for the codecs.
+KIND = {LOGITS: "logits", TARGETS: "probs"}
 
 
 class InvalidPayload(ValueError):
     """A client's upload is missing, malformed, of the wrong shape or not finite."""
 
 
-def pack(values: np.ndarray) -> ArrayRecord:
-    """Wrap an ``[N_ref, C]`` array as a float32 ArrayRecord."""
-    return ArrayRecord({VALUES: Array(np.ascontiguousarray(values, dtype=np.float32))})
+def pack(values: np.ndarray, codec: Codec = Codec(), key: str = LOGITS) -> ArrayRecord:
+    """Encode ``[N_ref, C]`` rows (logits or targets, by ``key``) as an ArrayRecord."""
+    payload = encode(values, codec, KIND[key])
+    return ArrayRecord({name: Array(np.ascontiguousarray(arr)) for name, arr in payload.items()})
 
 
-def unpack(content: RecordDict, key: str, num_samples: int, num_classes: int) -> np.ndarray:
-    """Read and check the ``[N_ref, C]`` array stored under ``content[key]``.
+def unpack(
+    content: RecordDict, key: str, num_samples: int, num_classes: int, codec: Codec = Codec()
+) -> np.ndarray:
+    """Decode and check the ``[N_ref, C]`` rows stored under ``content[key]`` (float32).
 
     Raises:
-        InvalidPayload: naming what is wrong (missing record, shape, dtype, NaN/inf).
+        InvalidPayload: naming what is wrong (missing record, array names, shape, dtype,
+            NaN/inf).
     """
     if key not in content.array_records:
         raise InvalidPayload(f"no '{key}' ArrayRecord in the message")
     record = content.array_records[key]
-    if list(record.keys()) != [VALUES]:
-        raise InvalidPayload(f"'{key}' must hold one array named '{VALUES}', got {list(record)}")
     try:
-        values = record[VALUES].numpy()
+        payload = {name: array.numpy() for name, array in record.items()}
     except Exception as err:  # pylint: disable=broad-except
-        raise InvalidPayload(f"'{key}' array cannot be decoded: {err}") from err
-    if values.shape != (num_samples, num_classes):
-        raise InvalidPayload(
-            f"'{key}' has shape {tuple(values.shape)}, expected {(num_samples, num_classes)}"
-        )
-    if not np.issubdtype(values.dtype, np.floating):
-        raise InvalidPayload(f"'{key}' has dtype {values.dtype}, expected a float type")
-    if not np.isfinite(values).all():
-        bad = int((~np.isfinite(values)).sum())
-        raise InvalidPayload(f"'{key}' has {bad} NaN/inf values")
-    return values.astype(np.float32, copy=False)
+        raise InvalidPayload(f"'{key}' arrays cannot be decoded: {err}") from err
+    if codec.name in ("float32", "float16") and VALUES in payload:
+        values = payload[VALUES]
+        if not np.issubdtype(values.dtype, np.floating):
+            raise InvalidPayload(f"'{key}' has dtype {values.dtype}, expected a float type")
+        if values.shape == (num_samples, num_classes) and not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise InvalidPayload(f"'{key}' has {bad} NaN/inf values")
+        payload[VALUES] = values.astype(np.float32 if codec.name == "float32" else np.float16, copy=False)
+    try:
+        rows = decode(payload, num_samples, num_classes, codec, KIND[key])
+    except CodecError as err:
+        raise InvalidPayload(f"'{key}' ({codec.name}): {err}") from None
+    if KIND[key] == "probs" and codec.name != "float32":  # lossy: back onto the simplex
+        rows = np.clip(rows, 0.0, None)
+        rows /= np.maximum(rows.sum(axis=1, keepdims=True), 1e-12)
+    return rows

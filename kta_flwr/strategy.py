@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from kta_flwr import protocol
+from kta_flwr.codec import Codec
 from kta_flwr.config import RunConfig
 from kta_flwr.market import MarketOutput, MarketParams, run_market
 
@@ -95,6 +96,7 @@ class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-inst
         evaluate_metrics_aggr_fn: aggregates the evaluation replies' metrics.
         train_metrics_aggr_fn: aggregates the train replies' metrics (None: not at all).
         seed: seeds node sampling.
+        codec: how logits and targets are encoded on the wire.
     """
 
     def __init__(  # pylint: disable=too-many-arguments
@@ -109,6 +111,7 @@ class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-inst
         evaluate_metrics_aggr_fn: MetricsAggregator,
         train_metrics_aggr_fn: MetricsAggregator | None = None,
         seed: int = 0,
+        codec: Codec = Codec(),
     ) -> None:
         self.params = params
         self.reference_labels = np.asarray(reference_labels)
@@ -118,6 +121,7 @@ class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-inst
         self.min_nodes = min_nodes
         self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn
         self.train_metrics_aggr_fn = train_metrics_aggr_fn
+        self.codec = codec
         self._rng = random.Random(seed)
         #: Latest valid logits ``[N_ref, C]`` per node id.
         self.bank: dict[int, np.ndarray] = {}
@@ -145,7 +149,9 @@ class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-inst
         for node_id in node_ids:
             content = RecordDict({protocol.CONFIG: config})
             if node_id in self.targets:
-                content[protocol.TARGETS] = protocol.pack(self.targets[node_id])
+                content[protocol.TARGETS] = protocol.pack(
+                    self.targets[node_id], self.codec, protocol.TARGETS
+                )
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         with_targets = sum(n in self.targets for n in node_ids)
         log(INFO, "configure_train: %d nodes sampled, %d with personalized targets",
@@ -170,7 +176,8 @@ class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-inst
                 continue
             try:
                 logits = protocol.unpack(
-                    msg.content, protocol.LOGITS, len(self.reference_labels), self.num_classes
+                    msg.content, protocol.LOGITS, len(self.reference_labels), self.num_classes,
+                    self.codec,
                 )
             except protocol.InvalidPayload as err:
                 dropped += 1
@@ -271,6 +278,7 @@ def build_strategy(
             evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             seed=cfg.seed,
+            codec=cfg.knowledge_codec(),
         )
     else:
         common = {

@@ -32,3 +32,14 @@ def test_bench_two_methods_one_seed(tmp_path):
     assert kta["mib_total"][0] == pytest.approx((2 + 1) * 2 * 100 * 10 * 4 / 2**20)
     assert on_disk["methods"]["local"]["mib_total"] == [0.0, 0.0]
     assert not math.isnan(kta["personalized"][0]) and kta["seeds"] == [0]
+
+
+def test_method_variants_carry_their_run_config():
+    from kta_flwr.bench import method_config
+    from kta_flwr.config import ConfigError, RunConfig
+
+    cfg = method_config(RunConfig(), "kta:codec=topk:codec-topk=2")
+    assert (cfg.strategy, cfg.codec, cfg.codec_topk) == ("kta", "topk", 2)
+    assert method_config(RunConfig(), "fedavg").strategy == "fedavg"
+    with pytest.raises(ConfigError, match="codec"):
+        method_config(RunConfig(), "kta:codec=zip")

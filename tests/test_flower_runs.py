@@ -35,12 +35,23 @@ def _check_common(res: dict, strategy: str) -> None:
 
 def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     out = tmp_path / "out"
+    runs = [("kta", {}), ("fedavg", {}), ("kta", {"codec": "topk", "codec-topk": 2})]
     with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
-        for strategy in ("kta", "fedavg"):
-            proc = fed.submit(app_dir, {**SMALL, "strategy": strategy, "output-dir": str(out)})
+        for i, (strategy, extra) in enumerate(runs):
+            cfg = {**SMALL, **extra, "strategy": strategy, "output-dir": str(out / str(i))}
+            proc = fed.submit(app_dir, cfg)
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
-    kta, fedavg = read_results(out)
+    kta, fedavg, topk = (read_results(out / str(i))[0] for i in range(len(runs)))
+
+    # kta with the topk codec (k = 2): per row 2 uint8 class indices + 2 uint8 probabilities.
+    _check_common(topk, "kta")
+    assert topk["summary"]["bytes_up"] == ROUNDS * CLIENTS * N_REF * 4
+    assert topk["summary"]["bytes_down"] == (ROUNDS - 1) * CLIENTS * N_REF * 4
+    assert set(topk["summary"]["wire_manifest"]) == {
+        f"train/{d} {k}.{a} uint8[{N_REF}, 2]"
+        for d, k in (("up", "logits"), ("down", "targets")) for a in ("index", "prob")
+    }
     _check_common(kta, "kta")
     _check_common(fedavg, "fedavg")
 

@@ -8,6 +8,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from kta_flwr import protocol
+from kta_flwr.codec import Codec
 from kta_flwr.config import RunConfig
 from kta_flwr.metering import payload_bytes
 from kta_flwr.strategy import KnowledgeMarket, market_params
@@ -78,7 +79,7 @@ def test_unpack_rejects_missing_and_extra_arrays():
     with pytest.raises(protocol.InvalidPayload, match="no 'logits'"):
         protocol.unpack(RecordDict(), protocol.LOGITS, N, C)
     two = ArrayRecord({"values": Array(np.zeros((N, C), np.float32)), "w": Array(np.zeros(3))})
-    with pytest.raises(protocol.InvalidPayload, match="one array"):
+    with pytest.raises(protocol.InvalidPayload, match="expects arrays"):
         protocol.unpack(RecordDict({protocol.LOGITS: two}), protocol.LOGITS, N, C)
 
 
@@ -132,3 +133,26 @@ def test_evaluation_only_every_k_rounds_and_in_the_last():
     asked = [r for r in range(1, 8)
              if list(strategy.configure_evaluate(r, ArrayRecord(), ConfigRecord(), grid))]
     assert asked == [3, 6, 7]
+
+
+def test_compressed_knowledge_crosses_the_strategy():
+    """int8 targets down and topk logits up: exact payload sizes, faithful decoding."""
+    rng = np.random.default_rng(3)
+    strategy = KnowledgeMarket(
+        params=market_params(RunConfig()), reference_labels=rng.integers(0, C, N), num_classes=C,
+        fingerprint="abc", evaluate_metrics_aggr_fn=lambda recs, key: MetricRecord({}),
+        codec=Codec("int8"),
+    )
+    logits = {i: rng.normal(size=(N, C)).astype(np.float32) for i in (1, 2)}
+    replies = [reply(i, RecordDict({protocol.LOGITS: protocol.pack(x, Codec("int8")),
+                                    protocol.METRICS: MetricRecord({"num-examples": 5})}))
+               for i, x in logits.items()]
+    strategy.aggregate_train(1, replies)
+    assert sorted(strategy.bank) == [1, 2]
+    centred = logits[1] - logits[1].mean(axis=1, keepdims=True)
+    assert np.abs(strategy.bank[1] - centred).max() <= np.abs(centred).max() / 254 + 1e-6
+    messages = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), FixedGrid([1, 2])))
+    content = messages[0].content
+    assert payload_bytes(content) == N * (C + 4)
+    sent = protocol.unpack(content, protocol.TARGETS, N, C, Codec("int8"))
+    assert np.allclose(sent.sum(axis=1), 1) and np.abs(sent - strategy.targets[1]).max() < 0.01
