@@ -13,13 +13,9 @@ checking every value with :func:`kta_flwr.config.parse_run_config`.
 from __future__ import annotations
 
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 from kta_flwr.config import ConfigError, RunConfig, parse_run_config
 from kta_flwr.deploy import config_arg

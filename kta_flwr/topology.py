@@ -11,14 +11,10 @@ the same ``flower-superlink``/``flower-supernode`` command lines that
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 from kta_flwr.certs import Credentials
 from kta_flwr.config import ConfigError
