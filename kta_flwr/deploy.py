@@ -201,24 +201,25 @@ class LocalFederation:
 
     def start_supernode(
         self, partition_id: int, key_index: int | None = None, *, insecure: bool = False,
-        port: int | None = None,
+        port: int | None = None, wait: bool = True,
     ) -> subprocess.Popen:
-        """Start one SuperNode for ``partition_id`` (waits until its runtime API listens).
+        """Start one SuperNode for ``partition_id``; with ``wait``, block until its runtime
+        API listens (a node expected to be refused may exit before that: pass ``False``).
 
         With credentials it uses TLS and signs with key ``supernode-<key_index>`` (default:
         ``partition_id``; :meth:`start` registers the keys of the partitions it starts, other
         keys are refused unless :meth:`register_supernode` ran); ``insecure=True`` starts it
         without TLS or key (a secure SuperLink refuses it). ``port``: its own API port
-        (default: a free one).
+        (default: a free one). Its log is ``logs/supernode-<partition_id>[-key<i>][-insecure].log``.
         """
         port = port or free_port()
+        key = partition_id if key_index is None else key_index
         creds = None if insecure else self.credentials
-        args = supernode_args(
-            self.port, port, partition_id, self.num_partitions, creds,
-            partition_id if key_index is None else key_index,
-        )
-        proc = self._spawn(f"supernode-{partition_id}" + ("-insecure" if insecure else ""), args)
-        wait_for_port(port, self.startup_timeout, proc)
+        args = supernode_args(self.port, port, partition_id, self.num_partitions, creds, key)
+        name = f"supernode-{partition_id}" + (f"-key{key}" if key != partition_id else "")
+        proc = self._spawn(name + ("-insecure" if insecure else ""), args)
+        if wait:
+            wait_for_port(port, self.startup_timeout, proc)
         return proc
 
     def stop(self) -> None:

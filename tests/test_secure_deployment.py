@@ -36,11 +36,12 @@ def test_tls_and_node_auth_refuse_strangers_and_the_run_completes(tmp_path, app_
     creds = make_credentials(tmp_path / "certs", 4)
     out = tmp_path / "out"
     with LocalFederation(tmp_path / "fed", 3, credentials=creds) as fed:
-        stranger = fed.start_supernode(2, key_index=3)  # key 3 was never registered
+        stranger = fed.start_supernode(2, key_index=3, wait=False)  # key 3 was never registered
         plaintext = fed.start_supernode(1, insecure=True)  # no TLS, no key
         proc = fed.submit(app_dir, {**TINY, "min-nodes": 3, "output-dir": str(out)}, timeout=300)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         assert stranger.wait(timeout=60) != 0  # the SuperLink refused to activate it
+        assert "Failed to activate SuperNode" in (fed.logs / "supernode-2-key3.log").read_text()
         assert plaintext.poll() is None  # still knocking: never connected
         insecure_log = (fed.logs / "supernode-1-insecure.log").read_text()
         assert "Connection attempt failed" in insecure_log
