@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,17 @@ def data_root_from(args: argparse.Namespace) -> Path | None:
     return Path(os.environ["KTA_DATASETS"]) if "KTA_DATASETS" in os.environ else None
 
 
+def cli_exit_code(work: Callable[[], object]) -> int:
+    """Run a benchmark CLI's ``work``: 0 when it completes, 2 (with the message on stderr)
+    on a :class:`ConfigError`."""
+    try:
+        work()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM -> SystemExit, so a federation's processes are cleaned up on ``kill``."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -302,17 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()
     data_root = data_root_from(args)
-    try:
-        run_bench(
-            args.preset, [m.strip() for m in args.methods.split(",") if m.strip()],
-            [int(s) for s in args.seeds.split(",")], args.clients, args.out,
-            dict(parse_override(item) for item in args.set), args.target, args.engine,
-            data_root,
-        )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_exit_code(lambda: run_bench(
+        args.preset, [m.strip() for m in args.methods.split(",") if m.strip()],
+        [int(s) for s in args.seeds.split(",")], args.clients, args.out,
+        dict(parse_override(item) for item in args.set), args.target, args.engine,
+        data_root,
+    ))
 
 
 if __name__ == "__main__":

@@ -40,12 +40,13 @@ from typing import Any
 
 from kta_flwr.bench import (
     add_federation_arguments,
+    cli_exit_code,
     data_root_from,
     exit_on_sigterm,
     figure,
     save_figure,
 )
-from kta_flwr.config import DATA_ROOT, ConfigError, RunConfig, parse_run_config
+from kta_flwr.config import DATA_ROOT, RunConfig, parse_run_config
 from kta_flwr.deploy import LocalFederation
 from kta_flwr.presets import load_preset, parse_override
 from kta_flwr.timing import EVALUATE_PHASES, TRAIN_PHASES
@@ -342,11 +343,10 @@ def run_efficiency(  # pylint: disable=too-many-arguments,too-many-locals
         old = json.loads(previous.read_text())
         report.update({k: old[k] for k in ("ratio", "breakdown", "config", "clients", "date")})
     if not skip_ratio:
-        cfg = base.replace(min_nodes=clients)
         print(f"[efficiency] kta through Flower ({engine}), {clients} clients ...", flush=True)
-        flower = run_flower(cfg, clients, engine, results_dir)
+        flower = run_flower(base, clients, engine, results_dir)
         print(f"[efficiency] Flower run: {flower['wall_seconds']:.1f} s; plain PyTorch loop ...", flush=True)
-        plain = run_plain(cfg, clients)
+        plain = run_plain(base, clients)
         res = flower["results"]
         samples = res["summary"]["samples"]
         if samples != plain["samples"]:
@@ -401,16 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()
     data_root = data_root_from(args)
-    try:
-        run_efficiency(
-            args.preset, args.clients, args.out, dict(parse_override(s) for s in args.set),
-            args.engine, [int(n) for n in args.scaling.split(",") if n.strip()],
-            dict(parse_override(s) for s in args.scaling_set), data_root, args.skip_ratio,
-        )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_exit_code(lambda: run_efficiency(
+        args.preset, args.clients, args.out, dict(parse_override(s) for s in args.set),
+        args.engine, [int(n) for n in args.scaling.split(",") if n.strip()],
+        dict(parse_override(s) for s in args.scaling_set), data_root, args.skip_ratio,
+    ))
 
 
 if __name__ == "__main__":

@@ -50,14 +50,6 @@ def unpack(
         payload = {name: array.numpy() for name, array in record.items()}
     except Exception as err:  # pylint: disable=broad-except
         raise InvalidPayload(f"'{key}' arrays cannot be decoded: {err}") from err
-    if codec.name in ("float32", "float16") and VALUES in payload:
-        values = payload[VALUES]
-        if not np.issubdtype(values.dtype, np.floating):
-            raise InvalidPayload(f"'{key}' has dtype {values.dtype}, expected a float type")
-        if values.shape == (num_samples, num_classes) and not np.isfinite(values).all():
-            bad = int((~np.isfinite(values)).sum())
-            raise InvalidPayload(f"'{key}' has {bad} NaN/inf values")
-        payload[VALUES] = values.astype(np.float32 if codec.name == "float32" else np.float16, copy=False)
     try:
         rows = decode(payload, num_samples, num_classes, codec, KIND[key])
     except CodecError as err:

@@ -60,6 +60,11 @@ def _sums(clients: list[dict[str, float]], keys: list[str]) -> dict[str, float]:
     return {key: float(sum(c.get(key, 0.0) for c in clients)) for key in keys}
 
 
+def _phase_seconds(clients: list[dict[str, float]], phases: tuple[str, ...], column: str) -> dict[str, float]:
+    """``{"<column><phase>": seconds summed over clients}`` from their ``t-<phase>`` metrics."""
+    return {column + phase: sum(c.get(PREFIX + phase, 0.0) for c in clients) for phase in phases}
+
+
 class RunRecorder:
     """Collects per-round metrics, byte counts and client time; prints a line per round.
 
@@ -106,12 +111,8 @@ class RunRecorder:
         traffic = self.meter.close_round()
         clients, self._clients = self._clients, []
         trained, self._trained = self._trained, []
-        seconds = {
-            **{f"train_s_{p}": v for p, v in
-               zip(TRAIN_PHASES, _sums(trained, [PREFIX + p for p in TRAIN_PHASES]).values())},
-            **{f"eval_s_{p}": v for p, v in
-               zip(EVALUATE_PHASES, _sums(clients, [PREFIX + p for p in EVALUATE_PHASES]).values())},
-        }
+        seconds = {**_phase_seconds(trained, TRAIN_PHASES, "train_s_"),
+                   **_phase_seconds(clients, EVALUATE_PHASES, "eval_s_")}
         row: dict[str, Any] = {
             "strategy": self.cfg.strategy,
             "round": server_round,
