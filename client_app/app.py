@@ -14,17 +14,21 @@ Order within round ``r`` of a market client (kta, fedmd):
 
 ``local`` runs step 2 only and replies with metrics. FedAvg/FedProx load the global
 weights from the message, run step 2 (FedProx adds its proximal term) and reply with
-weights. Evaluation replies carry metrics only.
+weights. The compressed-update baselines (``fedavg-topk``, ``sapef``, ``fedkd``) bring
+their stored copy of the shared model up to date from the message (:mod:`kta_flwr.sync`),
+train, and reply with a compressed update (:func:`_train_compressed`). Evaluation replies
+carry metrics only.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from kta_flwr import protocol
+from kta_flwr import protocol, sync
+from kta_flwr.compression import ParamLayout, UpdateCodec, error_feedback, sapef_start, sapef_vector
 from kta_flwr.config import ConfigError, RunConfig, parse_run_config
 from kta_flwr.data import ClientData, load_client_data
 from kta_flwr.models import build_model
@@ -32,6 +36,9 @@ from kta_flwr.training import (
     Optim,
     distill,
     evaluate,
+    load_vector,
+    model_vector,
+    mutual_distill,
     predict_logits,
     resolve_device,
     train_supervised,
@@ -40,6 +47,9 @@ from kta_flwr.training import (
 from kta_flwr.timing import PhaseTimer
 
 MODEL_STATE = "personal-model"
+GLOBAL_STATE = "global-model"  # compressed strategies: this node's copy of the shared model
+VERSION_STATE = "global-version"
+RESIDUAL_STATE = "residual"  # error feedback
 
 app = ClientApp()
 
@@ -79,6 +89,27 @@ class _Node:
         # FedAvg/FedProx overwrite these weights with the global model.
         return build_model(name, splits.spec_for(self.cfg), self.cfg.seed + self.partition_id)
 
+    def shared(self) -> tuple[nn.Module, ParamLayout, UpdateCodec]:
+        """The shared model (global model, or FedKD's student) at version 0, built from
+        the run's seed alike on every node and the server, with its layout and codec."""
+        model = build_model(self.cfg.shared_model, self.data.splits.spec_for(self.cfg), self.cfg.seed)
+        layout = ParamLayout.of(model.state_dict())
+        return model, layout, self.cfg.update_codec(layout)
+
+    def synced(
+        self, msg: Message, model: nn.Module, layout: ParamLayout, codec: UpdateCodec
+    ) -> tuple[np.ndarray, int]:
+        """The shared model's ``[P]`` vector and version after the message's catch-up."""
+        state = self.context.state
+        held = None
+        if GLOBAL_STATE in state.array_records and VERSION_STATE in state.config_records:
+            held = (_state_vector(self.context, GLOBAL_STATE, layout.size),
+                    int(state.config_records[VERSION_STATE]["version"]))
+        try:
+            return sync.catch_up(msg.content, held, lambda: model_vector(model, layout), codec)
+        except sync.SyncError as err:
+            raise ConfigError(f"node {self.partition_id}: {err}") from None
+
     def personal_model(self) -> nn.Module:
         """The client's own model, restored from the node's state if it trained before."""
         model = self.fresh_model()
@@ -110,7 +141,8 @@ class _Node:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local work; replies with reference logits (market) or weights.
+    """One round of local work; replies with reference logits (market), weights
+    (FedAvg/FedProx) or a compressed update (fedavg-topk, sapef, fedkd).
 
     Besides the losses, the reply's metrics carry ``samples`` (samples trained on, see
     :func:`kta_flwr.training.training_samples`) and the wall seconds of each phase
@@ -121,6 +153,19 @@ def train(msg: Message, context: Context) -> Message:
         node = _Node(msg, context)
     cfg, data = node.cfg, node.data
     metrics: dict[str, float] = {"num-examples": len(data.train.y), "partition-id": node.partition_id}
+    if cfg.is_compressed:
+        content = _train_compressed(node, msg, timer, metrics)
+    else:
+        content = _train_market_or_stock(node, msg, timer, metrics)
+    content[protocol.METRICS] = MetricRecord({**metrics, **timer.metrics()})
+    return Message(content=content, reply_to=msg)
+
+
+def _train_market_or_stock(
+    node: _Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
+) -> RecordDict:
+    """Market (stage 1, stage 2 toward the targets, logits) or FedAvg/FedProx (weights)."""
+    cfg, data, context = node.cfg, node.data, node.context
     content = RecordDict()
     targets = None
     with timer("restore"):
@@ -155,8 +200,58 @@ def train(msg: Message, context: Context) -> Message:
         distill_epochs=cfg.distill_epochs, batch_size=cfg.batch_size,
         private_weight=cfg.private_ce_weight, distilled=targets is not None,
     )
-    content[protocol.METRICS] = MetricRecord({**metrics, **timer.metrics()})
-    return Message(content=content, reply_to=msg)
+    return content
+
+
+def _train_compressed(
+    node: _Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
+) -> RecordDict:
+    """Catch up with the global (or student) model, train, reply with the compressed
+    update: Top-k with error feedback / SA-PEF (the residual stays in the node's state),
+    or FedKD's SVD-compressed student update after mutual distillation with the private
+    teacher."""
+    cfg, data, context = node.cfg, node.data, node.context
+    with timer("restore"):
+        shared, layout, codec = node.shared()
+        vector, version = node.synced(msg, shared, layout, codec)
+        residual = _state_vector(context, RESIDUAL_STATE, layout.size)
+    with timer("stage1"):
+        if cfg.strategy == "fedkd":
+            teacher = node.personal_model()
+            load_vector(shared, layout, vector)
+            train = data.train
+            metrics["train-loss"] = mutual_distill(
+                teacher, shared, train.x, train.y, epochs=cfg.local_epochs,
+                batch_size=cfg.batch_size, optim=node.optim(cfg.learning_rate),
+                device=node.device, seed=node.seed,
+            )
+            payload = codec.compress(model_vector(shared, layout) - vector, node.server_round)
+        else:
+            alpha = cfg.step_ahead
+            load_vector(shared, layout, sapef_start(vector, residual, alpha))
+            metrics["train-loss"] = node.train_stage1(shared)
+            sent = sapef_vector(model_vector(shared, layout), vector, residual, alpha)
+            payload, residual = error_feedback(sent, codec.k)
+            metrics["residual-norm"] = float(np.linalg.norm(residual))
+    with timer("save"):
+        context.state[GLOBAL_STATE] = ArrayRecord({"values": Array(vector)})
+        context.state[VERSION_STATE] = ConfigRecord({"version": version})
+        if cfg.strategy == "fedkd":
+            context.state[MODEL_STATE] = ArrayRecord(teacher.state_dict())
+        else:
+            context.state[RESIDUAL_STATE] = ArrayRecord({"values": Array(residual)})
+    metrics["samples"] = training_samples(
+        len(data.train.y), 0, local_epochs=cfg.local_epochs, distill_epochs=0,
+        batch_size=cfg.batch_size, private_weight=0.0, distilled=False,
+    )
+    return RecordDict({sync.UPDATE: sync.to_record(payload)})
+
+
+def _state_vector(context: Context, key: str, size: int) -> np.ndarray:
+    """A float32 ``[size]`` vector kept in the node's state (zeros if absent)."""
+    if key in context.state.array_records:
+        return context.state.array_records[key]["values"].numpy()
+    return np.zeros(size, np.float32)
 
 
 @app.evaluate()
@@ -166,8 +261,11 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     with timer("setup"):
         node = _Node(msg, context)
     with timer("restore"):
-        if node.cfg.is_market:
+        if node.cfg.is_market or node.cfg.strategy == "fedkd":
             model = node.personal_model()
+        elif node.cfg.is_compressed:  # the current global model, not kept
+            model, layout, codec = node.shared()
+            load_vector(model, layout, node.synced(msg, model, layout, codec)[0])
         else:
             model = node.fresh_model()
             model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from kta_flwr.codec import CODECS, Codec
+from kta_flwr.compression import ParamLayout, UpdateCodec
 
 #: Strategies whose clients exchange only reference-set predictions (or nothing).
 MARKET_STRATEGIES = ("kta", "fedmd", "ktpfl", "local")
 #: Flower's stock parameter-averaging strategies.
 PARAMETER_STRATEGIES = ("fedavg", "fedprox")
-STRATEGIES = MARKET_STRATEGIES + PARAMETER_STRATEGIES
+#: Parameter baselines that send compressed updates (:mod:`kta_flwr.update_strategy`).
+COMPRESSED_STRATEGIES = ("fedavg-topk", "sapef", "fedkd")
+STRATEGIES = MARKET_STRATEGIES + PARAMETER_STRATEGIES + COMPRESSED_STRATEGIES
 
 PARTITIONERS = ("dirichlet", "iid", "natural")
 DIVERGENCES = ("js", "skl", "cosine")
@@ -90,6 +93,12 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     target_space: str = "logit"
     codec: str = "float32"
     codec_topk: int = 3
+    # --- compressed-update baselines ---------------------------------------------
+    topk_fraction: float = 0.01
+    sapef_alpha: float = 0.5
+    svd_energy: float = 0.95
+    svd_energy_end: float = 0.98
+    student_model: str = ""
     # --- runtime ----------------------------------------------------------------
     device: str = "auto"
     output_dir: str = "~/kta-flwr/outputs"
@@ -109,6 +118,31 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     def is_market(self) -> bool:
         """True for strategies whose clients keep their own models (no weights sent)."""
         return self.strategy in MARKET_STRATEGIES
+
+    @property
+    def is_compressed(self) -> bool:
+        """True for the baselines that send compressed model updates."""
+        return self.strategy in COMPRESSED_STRATEGIES
+
+    @property
+    def shared_model(self) -> str:
+        """The architecture whose weights the parameter strategies share: FedKD's student
+        (``student-model``, default: the first of ``models``), else the one model."""
+        if self.strategy == "fedkd" and self.student_model:
+            return self.student_model
+        return self.model_names[0]
+
+    @property
+    def step_ahead(self) -> float:
+        """SA-PEF's alpha: ``sapef-alpha`` under ``sapef``, 0 (plain EF) otherwise."""
+        return self.sapef_alpha if self.strategy == "sapef" else 0.0
+
+    def update_codec(self, layout: ParamLayout) -> UpdateCodec:
+        """The compressor of the shared model's updates under a compressed strategy."""
+        if self.strategy == "fedkd":
+            return UpdateCodec(layout, "svd", energy=self.svd_energy,
+                               energy_end=self.svd_energy_end, rounds=self.num_server_rounds)
+        return UpdateCodec(layout, "topk", fraction=self.topk_fraction)
 
     def resolved_output_dir(self) -> Path:
         """``output-dir`` as an absolute path; relative paths are taken from ``$HOME``.
@@ -230,6 +264,15 @@ def _validate(cfg: RunConfig) -> RunConfig:
     ):
         _positive(key, value)
     for key, value in (
+        ("topk-fraction", cfg.topk_fraction),
+        ("svd-energy", cfg.svd_energy),
+        ("svd-energy-end", cfg.svd_energy_end),
+    ):
+        if not (0.0 < value <= 1.0):
+            raise ConfigError(f"run-config '{key}' = {value!r} must be in (0, 1]")
+    if not 0.0 <= cfg.sapef_alpha <= 1.0:
+        raise ConfigError(f"run-config 'sapef-alpha' = {cfg.sapef_alpha!r} must be in [0, 1]")
+    for key, value in (
         ("distill-epochs", cfg.distill_epochs),
         ("momentum", cfg.momentum),
         ("weight-decay", cfg.weight_decay),
@@ -259,20 +302,24 @@ def _validate(cfg: RunConfig) -> RunConfig:
     names = cfg.model_names
     if not names:
         raise ConfigError("run-config 'models' is empty; name at least one model")
-    for name in names:
-        _choice("models", name, tuple(MODELS))
+    checked = [("models", name) for name in names]
+    if cfg.student_model:
+        checked.append(("student-model", cfg.student_model))
+    for key, name in checked:
+        _choice(key, name, tuple(MODELS))
         if (name in TEXT_MODELS) != (cfg.dataset in TEXT_DATASETS):
             kind = "text" if cfg.dataset in TEXT_DATASETS else "image"
             fits = sorted(TEXT_MODELS) if kind == "text" else sorted(set(MODELS) - TEXT_MODELS)
             raise ConfigError(
-                f"run-config 'models' names {name!r}, which cannot read the {kind} inputs "
+                f"run-config '{key}' names {name!r}, which cannot read the {kind} inputs "
                 f"of dataset {cfg.dataset!r}; use one of {fits}"
             )
-    if cfg.strategy in PARAMETER_STRATEGIES and len(set(names)) > 1:
+    shares_weights = cfg.strategy in PARAMETER_STRATEGIES + ("fedavg-topk", "sapef")
+    if shares_weights and len(set(names)) > 1:
         raise ConfigError(
             f"run-config 'models' = {cfg.models!r} mixes architectures, but strategy "
             f"{cfg.strategy!r} averages weights and needs one architecture; use a "
-            f"market strategy {list(MARKET_STRATEGIES)} for mixed models"
+            f"market strategy {list(MARKET_STRATEGIES)} or 'fedkd' for mixed models"
         )
     if cfg.strategy == "kta" and cfg.distill_epochs == 0:
         raise ConfigError(

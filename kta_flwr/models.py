@@ -11,6 +11,8 @@ name            inputs   what
 ``cnn``         images   two 3x3 convs + max-pool (for 8x8 digits)
 ``simplecnn``   images   the classic LeNet-style CIFAR net: conv5-6, pool, conv5-16, pool,
                          FC 120-84-C (62,006 parameters on CIFAR-10)
+``simplecnn_small`` images  the same at half width (conv 3, 8; FC 60-42-C; 15,888
+                         parameters): a FedKD student
 ``resnet18``    images   torchvision ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no
                          max-pool (11,173,962 parameters; the stock 7x7 stem has 11,181,642)
 ``femnist_cnn`` images   conv5-32, pool, conv5-64, pool, FC 256, C (LEAF-style, 28x28)
@@ -72,19 +74,27 @@ def small_cnn(spec: ModelSpec) -> nn.Module:
     )
 
 
-def simple_cnn(spec: ModelSpec) -> nn.Module:
-    """The PyTorch-tutorial CIFAR net (two 5x5 convs, three FC layers)."""
+def simple_cnn(spec: ModelSpec, widths: tuple[int, int, int, int] = (6, 16, 120, 84)) -> nn.Module:
+    """The PyTorch-tutorial CIFAR net (two 5x5 convs, three FC layers) with the given
+    conv channels and hidden FC widths."""
     channels, height, width = spec.input_shape
+    conv1, conv2, fc1, fc2 = widths
     side = lambda n: ((n - 4) // 2 - 4) // 2  # noqa: E731  (conv5, pool, conv5, pool)
-    flat = 16 * side(height) * side(width)
+    flat = conv2 * side(height) * side(width)
     return nn.Sequential(
-        nn.Conv2d(channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, conv1, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(conv1, conv2, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(flat, 120), nn.ReLU(),
-        nn.Linear(120, 84), nn.ReLU(),
-        nn.Linear(84, spec.num_classes),
+        nn.Linear(flat, fc1), nn.ReLU(),
+        nn.Linear(fc1, fc2), nn.ReLU(),
+        nn.Linear(fc2, spec.num_classes),
     )
+
+
+def simple_cnn_small(spec: ModelSpec) -> nn.Module:
+    """:func:`simple_cnn` at half width (3, 8, 60, 42): FedKD's student next to a
+    ``simplecnn`` teacher."""
+    return simple_cnn(spec, (3, 8, 60, 42))
 
 
 def resnet18(spec: ModelSpec) -> nn.Module:
@@ -157,6 +167,7 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "mlp": mlp,
     "cnn": small_cnn,
     "simplecnn": simple_cnn,
+    "simplecnn_small": simple_cnn_small,
     "resnet18": resnet18,
     "femnist_cnn": femnist_cnn,
     "textbag": TextBag,

@@ -18,9 +18,8 @@ with metrics. FedAvg and FedProx are Flower's stock strategies.
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -31,32 +30,11 @@ from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
 from kta_flwr import protocol
 from kta_flwr.codec import Codec
+from kta_flwr.compression import ParamLayout
 from kta_flwr.config import RunConfig
 from kta_flwr.market import MarketOutput, MarketParams, run_market
-
-MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
-NUM_EXAMPLES = "num-examples"
-
-
-class EvaluateEvery:  # pylint: disable=too-few-public-methods
-    """Strategy mixin: client-side evaluation only every ``evaluate_every`` rounds and in
-    round ``last_round`` (the others send no evaluate messages; their rows have no accuracy)."""
-
-    evaluate_every: int = 1
-    last_round: int = 0
-
-    def evaluates_in(self, server_round: int) -> bool:
-        """True if clients evaluate in ``server_round``."""
-        return server_round % self.evaluate_every == 0 or server_round == self.last_round
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The parent's evaluate messages in evaluation rounds, none otherwise."""
-        if not self.evaluates_in(server_round):
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
-
+from kta_flwr.node_strategy import EvaluateEvery, MetricsAggregator, NodeStrategy
+from kta_flwr.update_strategy import CompressedUpdates
 
 class FedAvgEvery(EvaluateEvery, FedAvg):
     """Flower's FedAvg with :class:`EvaluateEvery`."""
@@ -83,7 +61,7 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
     )
 
 
-class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-instance-attributes
+class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attributes
     """Prediction-space knowledge market: personalized soft targets per client.
 
     Args:
@@ -113,16 +91,16 @@ class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-inst
         seed: int = 0,
         codec: Codec = Codec(),
     ) -> None:
+        super().__init__(
+            fraction_train=fraction_train, min_nodes=min_nodes, seed=seed,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+        )
         self.params = params
         self.reference_labels = np.asarray(reference_labels)
         self.num_classes = num_classes
         self.fingerprint = fingerprint
-        self.fraction_train = fraction_train
-        self.min_nodes = min_nodes
-        self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn
-        self.train_metrics_aggr_fn = train_metrics_aggr_fn
         self.codec = codec
-        self._rng = random.Random(seed)
         #: Latest valid logits ``[N_ref, C]`` per node id.
         self.bank: dict[int, np.ndarray] = {}
         #: Targets ``[N_ref, C]`` each node receives with its next instruction.
@@ -143,8 +121,8 @@ class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-inst
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Instructions for the sampled nodes, each with its own targets (if any)."""
-        node_ids = self._sample(grid, self.fraction_train)
-        config = self._stamp(config, server_round)
+        node_ids = self.sample(grid, self.fraction_train)
+        config = self.stamp(config, server_round, **{protocol.FINGERPRINT: self.fingerprint})
         messages = []
         for node_id in node_ids:
             content = RecordDict({protocol.CONFIG: config})
@@ -185,9 +163,7 @@ class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-inst
                 continue
             self.bank[node_id] = logits
             received += 1
-        metrics = MetricRecord({"replies": received, "dropped": dropped})
-        if self.train_metrics_aggr_fn is not None and contents:
-            metrics.update(self.train_metrics_aggr_fn(contents, NUM_EXAMPLES))
+        metrics = self.train_metrics(contents, received, dropped)
         if self.params is not None and self.bank:
             started = time.perf_counter()
             metrics.update(self._price())
@@ -201,40 +177,13 @@ class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-inst
         rounds :meth:`evaluates_in` names."""
         if not self.evaluates_in(server_round):
             return []
-        node_ids = self._sample(grid, 1.0)
-        config = self._stamp(config, server_round)
+        node_ids = self.sample(grid, 1.0)
+        config = self.stamp(config, server_round, **{protocol.FINGERPRINT: self.fingerprint})
         return [
             Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n,
                     message_type=MessageType.EVALUATE)
             for n in node_ids
         ]
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Aggregate evaluation metrics of the nodes that answered."""
-        valid = []
-        for msg in replies:
-            if msg.has_error():
-                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round,
-                    msg.metadata.src_node_id, msg.error.reason)
-            else:
-                valid.append(msg.content)
-        return self.evaluate_metrics_aggr_fn(valid, NUM_EXAMPLES) if valid else None
-
-    # --- helpers ------------------------------------------------------------------
-    def _sample(self, grid: Grid, fraction: float) -> list[int]:
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_nodes:
-            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), self.min_nodes)
-            time.sleep(1.0)
-        size = max(1, int(round(len(nodes) * fraction)))
-        return sorted(self._rng.sample(nodes, size))
-
-    def _stamp(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
-        stamped = ConfigRecord(dict(config))
-        stamped["server-round"] = server_round
-        stamped[protocol.FINGERPRINT] = self.fingerprint
-        return stamped
 
     def _price(self) -> dict[str, float]:
         """Run the market on the banked logits; store every node's next targets."""
@@ -255,19 +204,36 @@ class KnowledgeMarket(EvaluateEvery, Strategy):  # pylint: disable=too-many-inst
         }
 
 
-def build_strategy(
+def build_strategy(  # pylint: disable=too-many-arguments
     cfg: RunConfig,
     *,
+    initial_arrays: ArrayRecord,
     reference_labels: np.ndarray,
     num_classes: int,
     fingerprint: str,
     evaluate_metrics_aggr_fn: MetricsAggregator,
     train_metrics_aggr_fn: MetricsAggregator | None = None,
 ) -> Strategy:
-    """The Strategy for ``cfg.strategy``: the market (kta, fedmd, ktpfl, local) or Flower's
-    stock FedAvg/FedProx, each evaluating every ``cfg.evaluate_every`` rounds."""
+    """The Strategy for ``cfg.strategy``: the market (kta, fedmd, ktpfl, local), Flower's
+    stock FedAvg/FedProx, or a compressed-update baseline (fedavg-topk, sapef, fedkd, on
+    the shared model ``initial_arrays``), each evaluating every ``cfg.evaluate_every``
+    rounds."""
     strategy: EvaluateEvery
-    if cfg.is_market:
+    if cfg.is_compressed:
+        state = initial_arrays.to_torch_state_dict()
+        layout = ParamLayout.of(state)
+        strategy = CompressedUpdates(
+            codec=cfg.update_codec(layout),
+            initial=layout.flatten(state),
+            evaluate_global=cfg.strategy != "fedkd",
+            label=cfg.strategy,
+            fraction_train=cfg.fraction_train,
+            min_nodes=cfg.min_nodes,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            seed=cfg.seed,
+        )
+    elif cfg.is_market:
         strategy = KnowledgeMarket(
             params=market_params(cfg),
             reference_labels=reference_labels,

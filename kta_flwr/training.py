@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kta_flwr.compression import ParamLayout
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
@@ -190,6 +192,56 @@ def distill(
         return loss
 
     return _fit(model, len(qs), batch_loss, epochs, batch_size, optim, device, seed)
+
+
+def mutual_distill(  # pylint: disable=too-many-arguments
+    teacher: nn.Module,
+    student: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    optim: Optim,
+    device: torch.device,
+    seed: int,
+) -> float:
+    """FedKD's adaptive mutual distillation (Wu et al. 2022) on private data.
+
+    Per batch: ``CE_t + CE_s + (KL(p_s || p_t) + KL(p_t || p_s)) / (CE_t + CE_s)``, each KL
+    term moving only the model it distils into (the other side detached): the better both
+    models fit the labels, the more they learn from each other. (FedKD's hidden-state
+    losses are left out: teacher and student may have unrelated architectures.)
+
+    Returns:
+        Mean loss over all batches (0.0 if there is no data).
+    """
+    if len(y) == 0 or epochs == 0:
+        return 0.0
+    xs, ys = _as_tensor(x, device), _as_tensor(y, device)
+    pair = nn.ModuleList([teacher, student])
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        out_t, out_s = teacher(xs[idx]), student(xs[idx])
+        ce_t, ce_s = F.cross_entropy(out_t, ys[idx]), F.cross_entropy(out_s, ys[idx])
+        log_t, log_s = F.log_softmax(out_t, -1), F.log_softmax(out_s, -1)
+        kd_t = F.kl_div(log_t, log_s.detach(), log_target=True, reduction="batchmean")
+        kd_s = F.kl_div(log_s, log_t.detach(), log_target=True, reduction="batchmean")
+        return ce_t + ce_s + (kd_t + kd_s) / (ce_t + ce_s).detach()
+
+    return _fit(pair, len(ys), batch_loss, epochs, batch_size, optim, device, seed)
+
+
+def model_vector(model: nn.Module, layout: ParamLayout) -> np.ndarray:
+    """``model``'s floating-point state in ``layout`` order: float32 ``[P]`` on the host."""
+    return layout.flatten(model.state_dict())
+
+
+def load_vector(model: nn.Module, layout: ParamLayout, vector: np.ndarray) -> nn.Module:
+    """Set ``model``'s floating-point state from a ``[P]`` vector (other entries kept)."""
+    values = {k: torch.from_numpy(np.array(v)) for k, v in layout.unflatten(vector).items()}
+    model.load_state_dict({**model.state_dict(), **values})
+    return model
 
 
 def _private_schedule(

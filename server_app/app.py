@@ -31,10 +31,11 @@ def _check_federation(cfg: RunConfig, splits: CentralSplits, grid: Grid) -> None
 
 
 def _initial_arrays(cfg: RunConfig, splits: CentralSplits) -> ArrayRecord:
-    """The global model for FedAvg/FedProx; nothing for the market strategies."""
+    """The shared model built from the run's seed (FedAvg/FedProx send it; the compressed
+    strategies keep it as version 0, which clients build alike); nothing for the market."""
     if cfg.is_market:
         return ArrayRecord()
-    model = build_model(cfg.model_names[0], splits.spec_for(cfg), cfg.seed)
+    model = build_model(cfg.shared_model, splits.spec_for(cfg), cfg.seed)
     return ArrayRecord(model.state_dict())
 
 
@@ -53,8 +54,10 @@ def main(grid: Grid, context: Context) -> None:
     np.random.seed(cfg.seed)
     meter = ByteMeter()
     recorder = RunRecorder(cfg, meter, run_id=grid.run.run_id)
+    initial_arrays = _initial_arrays(cfg, splits)
     strategy = build_strategy(
         cfg,
+        initial_arrays=initial_arrays,
         reference_labels=splits.reference.y,
         num_classes=splits.num_classes,
         fingerprint=splits.reference_fingerprint,
@@ -66,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
         len(splits.train.y))
     result = strategy.start(
         grid=MeteredGrid(grid, meter),
-        initial_arrays=_initial_arrays(cfg, splits),
+        initial_arrays=ArrayRecord() if cfg.is_compressed else initial_arrays,
         num_rounds=cfg.num_server_rounds,
         timeout=cfg.round_timeout,
         train_config=ConfigRecord({}),

@@ -1,10 +1,12 @@
-"""Shared fixtures: the app directory and a results reader."""
+"""Shared fixtures and helpers: the app directory, a results reader, Flower replies."""
 
 import json
 import os
 from pathlib import Path
 
 import pytest
+from flwr.app import Error, Message, MessageType, Metadata, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -33,3 +35,33 @@ def shared_datasets() -> Path:
             pytest.fail(reason + "; KTA_REQUIRE_DATASETS=1 makes them mandatory")
         pytest.skip(reason)
     return path.resolve()
+
+
+@pytest.fixture
+def server_identity():
+    """Messages are created inside a ServerApp run; give this process that identity."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def reply(node_id: int, content: RecordDict | None = None, error: str | None = None) -> Message:
+    """A real Flower reply message, as the SuperLink delivers it from ``node_id``."""
+    metadata = Metadata(
+        run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
+        reply_to_message_id=f"m{node_id}", group_id="", created_at=0.0, ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+    if error is not None:
+        return Message(error=Error(code=0, reason=error), metadata=metadata)
+    return Message(content=content, metadata=metadata)
+
+
+class FixedGrid:
+    """The Grid call our strategies make to sample, over a fixed set of node ids."""
+
+    def __init__(self, node_ids):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return self.node_ids

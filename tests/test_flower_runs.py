@@ -116,3 +116,36 @@ def test_presets_shortened_in_simulation(tmp_path, app_dir, shared_datasets, pre
     assert row["clients_evaluated"] == 2 and row["failed"] == 0
     classes = {"agnews": 4, "femnist": 62}.get(preset, 10)
     assert res["summary"]["bytes_up"] == 2 * 100 * classes * 4
+
+
+def test_simulation_compressed_update_baselines_bytes(tmp_path, app_dir):
+    """fedavg-topk, sapef and fedkd in the simulation engine: exact uplink bytes (k int32
+    indices + k float32 values), downlink = the per-round compressed aggregates, nothing
+    dense after version 0 (built from the seed on both sides)."""
+    out = tmp_path / "out"
+    runs = [("fedavg-topk", {"topk-fraction": 0.01}), ("sapef", {"sapef-alpha": 0.5}),
+            ("fedkd", {"models": "mlp", "student-model": "cnn"})]
+    with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
+        for i, (strategy, extra) in enumerate(runs):
+            cfg = {**SMALL, **extra, "strategy": strategy, "output-dir": str(out / str(i))}
+            proc = fed.submit(app_dir, cfg)
+            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+            assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
+    topk, sapef, fedkd = (read_results(out / str(i))[0] for i in range(len(runs)))
+    mlp_size = 64 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
+    k = round(0.01 * mlp_size)
+    for res, name in ((topk, "fedavg-topk"), (sapef, "sapef"), (fedkd, "fedkd")):
+        _check_common(res, name)
+        downlink = [res["train_metrics"][str(r)]["downlink-update-bytes"] for r in range(1, ROUNDS)]
+        assert res["summary"]["bytes_down"] == CLIENTS * sum(downlink)  # round 1: nothing
+        assert not any("global.values" in key for key in res["summary"]["wire_manifest"])
+    for res in (topk, sapef):
+        assert res["summary"]["bytes_up"] == ROUNDS * CLIENTS * k * 8
+        assert res["summary"]["wire_manifest"][f"train/up update.idx int32[{k}]"] == ROUNDS * CLIENTS
+        # A client's residual grows from zero: error feedback is on.
+        assert res["train_metrics"]["1"]["residual-norm"] > 0
+    # FedKD: SVD factors of the student's (cnn) updates; the teacher (mlp) never leaves.
+    manifest = fedkd["summary"]["wire_manifest"]
+    assert any(key.startswith("train/up update.") and key.split()[1].endswith(".u") for key in manifest)
+    assert fedkd["summary"]["eval_bytes_down"] == 0
+    assert fedkd["summary"]["bytes_up"] < ROUNDS * CLIENTS * 4 * (16 * 9 + 16 + 32 * 16 * 9 + 32 + 32 * 16 * 10 + 10)

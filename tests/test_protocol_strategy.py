@@ -2,53 +2,24 @@
 
 import numpy as np
 import pytest
-from flwr.app import (
-    Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict,
-)
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from kta_flwr import protocol
 from kta_flwr.codec import Codec
 from kta_flwr.config import RunConfig
 from kta_flwr.metering import payload_bytes
 from kta_flwr.strategy import KnowledgeMarket, market_params
+from tests.conftest import FixedGrid, reply
 
 N, C = 20, 4
 
 
-@pytest.fixture(autouse=True)
-def server_identity():
-    """Messages are created inside a ServerApp run; give this process that identity."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
-def reply(node_id: int, content: RecordDict | None = None, error: str | None = None) -> Message:
-    """A real Flower reply message, as the SuperLink delivers it from ``node_id``."""
-    metadata = Metadata(
-        run_id=1, message_id=f"r{node_id}", src_node_id=node_id, dst_node_id=0,
-        reply_to_message_id=f"m{node_id}", group_id="", created_at=0.0, ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-    if error is not None:
-        return Message(error=Error(code=0, reason=error), metadata=metadata)
-    return Message(content=content, metadata=metadata)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def logits_reply(node_id, values):
     return reply(node_id, RecordDict({protocol.LOGITS: ArrayRecord({protocol.VALUES: Array(values)}),
                                       protocol.METRICS: MetricRecord({"num-examples": 5})}))
-
-
-class FixedGrid:
-    """The two Grid calls the market strategy makes, over a fixed set of node ids."""
-
-    def __init__(self, node_ids):
-        self.node_ids = node_ids
-
-    def get_node_ids(self):
-        return self.node_ids
 
 
 def make_strategy(strategy="kta"):
