@@ -128,13 +128,22 @@ class _Node:
             optim=self.optim(self.cfg.learning_rate), device=self.device, seed=self.seed, proximal_mu=proximal_mu,
         )
 
+    def reference_rows(self, key: str) -> np.ndarray:
+        """Reference rows of the subset the instruction names under ``key`` (all rows when
+        the run exchanges the whole reference set)."""
+        subset = int(self.config.get(key, 0))
+        return protocol.reference_subset(
+            len(self.data.reference.y), self.cfg.reference_fraction, self.cfg.seed, subset
+        )
+
     def train_stage2(self, model: nn.Module, targets: np.ndarray) -> float:
         ref = self.data.reference
+        rows = self.reference_rows(protocol.TARGETS_SUBSET)
         return distill(
-            model, ref.x, targets, epochs=self.cfg.distill_epochs, batch_size=self.cfg.batch_size,
+            model, ref.x[rows], targets, epochs=self.cfg.distill_epochs, batch_size=self.cfg.batch_size,
             optim=self.optim(self.cfg.distill_learning_rate), device=self.device, seed=self.seed + 1,
             temperature=self.cfg.temperature, kl_weight=self.cfg.distill_weight,
-            y_ref=ref.y, ce_weight=self.cfg.reference_ce_weight,
+            y_ref=ref.y[rows], ce_weight=self.cfg.reference_ce_weight,
             private=(self.data.train.x, self.data.train.y), private_weight=self.cfg.private_ce_weight,
         )
 
@@ -173,7 +182,8 @@ def _train_market_or_stock(
             model = node.personal_model()
             if protocol.TARGETS in msg.content.array_records:
                 targets = protocol.unpack(
-                    msg.content, protocol.TARGETS, len(data.reference.y), data.splits.num_classes,
+                    msg.content, protocol.TARGETS,
+                    len(node.reference_rows(protocol.TARGETS_SUBSET)), data.splits.num_classes,
                     cfg.knowledge_codec(),
                 )
         else:
@@ -187,8 +197,9 @@ def _train_market_or_stock(
             metrics["distill-loss"] = node.train_stage2(model, targets)
     if cfg.is_market and cfg.strategy != "local":
         with timer("predict"):
+            rows = node.reference_rows(protocol.LOGITS_SUBSET)
             content[protocol.LOGITS] = protocol.pack(
-                predict_logits(model, data.reference.x, node.device), cfg.knowledge_codec()
+                predict_logits(model, data.reference.x[rows], node.device), cfg.knowledge_codec()
             )
     with timer("save"):
         if cfg.is_market:
@@ -196,7 +207,8 @@ def _train_market_or_stock(
         else:
             content["arrays"] = ArrayRecord(model.state_dict())
     metrics["samples"] = training_samples(
-        len(data.train.y), len(data.reference.y), local_epochs=cfg.local_epochs,
+        len(data.train.y), len(node.reference_rows(protocol.TARGETS_SUBSET)),
+        local_epochs=cfg.local_epochs,
         distill_epochs=cfg.distill_epochs, batch_size=cfg.batch_size,
         private_weight=cfg.private_ce_weight, distilled=targets is not None,
     )

@@ -110,6 +110,20 @@ def read_run(results_json: Path, method: str, seed: int, wall: float) -> RunResu
     )
 
 
+def reusable_run(run_dir: Path, cfg: RunConfig) -> Path | None:
+    """The ``results.json`` of an earlier run in ``run_dir`` made with ``cfg`` (``output-dir``
+    aside; keys the earlier run did not have must be at their defaults), else None."""
+    found = sorted(run_dir.glob("*/results.json"))
+    if not found:
+        return None
+    old = json.loads(found[-1].read_text())["config"]
+    defaults = RunConfig().to_flwr()
+    for key, value in cfg.to_flwr().items():
+        if key != "output-dir" and old.get(key, defaults[key]) != value:
+            return None
+    return found[-1]
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return math.nan, math.nan
@@ -248,8 +262,13 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     engine: str = "simulation",
     data_root: Path | None = None,
     run_timeout: float = 24 * 3600,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run every (method, seed), write summary.json/summary.md/plot; returns the summary."""
+    """Run every (method, seed), write summary.json/summary.md/plot; returns the summary.
+
+    With ``resume``, a (method, seed) whose run folder already holds a run of the same
+    config is read back instead of run again (its wall time is the ServerApp's).
+    """
     base = load_preset(preset, {"min-nodes": clients, **(overrides or {})})
     base = base.replace(data_path=base.resolved_data_path(data_root or DATA_ROOT))
     # Reject a bad method or variant before anything runs.
@@ -264,6 +283,12 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
         for i, (seed, method) in enumerate(((s, m) for s in seeds for m in methods), 1):
             run_dir = results_dir / "runs" / f"{_slug(method)}-seed{seed}"
             cfg = configs[method].replace(seed=seed, output_dir=str(run_dir.resolve()))
+            earlier = reusable_run(run_dir, cfg) if resume else None
+            if earlier is not None:
+                seconds = json.loads(earlier.read_text())["summary"]["seconds"]
+                runs.append(read_run(earlier, method, seed, seconds))
+                print(f"[bench {i}/{total}] {method} seed {seed}: reusing {earlier}", flush=True)
+                continue
             print(f"[bench {i}/{total}] {preset}: {method}, seed {seed} ...", flush=True)
             start = time.monotonic()
             proc = fed.submit(APP_DIR, cfg.to_flwr(), timeout=run_timeout)
@@ -310,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run-config overrides on top of the preset")
     parser.add_argument("--target", type=float, default=None,
                         help="personalized accuracy for 'MiB to target' (default: 90%% of the best)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse runs already in <out>/<preset>/runs made with the same config")
     add_federation_arguments(parser)
     args = parser.parse_args(argv)
     exit_on_sigterm()
@@ -318,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preset, [m.strip() for m in args.methods.split(",") if m.strip()],
         [int(s) for s in args.seeds.split(",")], args.clients, args.out,
         dict(parse_override(item) for item in args.set), args.target, args.engine,
-        data_root,
+        data_root, resume=args.resume,
     ))
 
 

@@ -93,6 +93,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     target_space: str = "logit"
     codec: str = "float32"
     codec_topk: int = 3
+    reference_fraction: float = 1.0
     # --- compressed-update baselines ---------------------------------------------
     topk_fraction: float = 0.01
     sapef_alpha: float = 0.5
@@ -265,6 +266,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         _positive(key, value)
     for key, value in (
         ("topk-fraction", cfg.topk_fraction),
+        ("reference-fraction", cfg.reference_fraction),
         ("svd-energy", cfg.svd_energy),
         ("svd-energy-end", cfg.svd_energy_end),
     ):

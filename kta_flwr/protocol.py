@@ -5,9 +5,17 @@ the client's soft targets ``[N_ref, C]`` (absent in its first round). Client -> 
 ``RecordDict{"logits": ArrayRecord, "metrics": MetricRecord}``, its logits ``[N_ref, C]``.
 Both ArrayRecords hold the arrays of the run's codec (:mod:`kta_flwr.codec`; float32:
 one ``"values"`` array). Nothing else is an array.
+
+With ``reference-fraction`` < 1 only a rotating subset of the reference rows crosses the
+wire each round (:func:`reference_subset`): the instruction's config names the subset the
+client uploads logits for (``logits-subset``, used by the next round's targets) and the
+subset its targets cover (``targets-subset``); both sides derive the rows from the run's
+seed, so no index is sent.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -20,6 +28,8 @@ CONFIG = "config"
 METRICS = "metrics"
 VALUES = "values"  # the single array of a float32 payload
 FINGERPRINT = "reference-fingerprint"
+LOGITS_SUBSET = "logits-subset"
+TARGETS_SUBSET = "targets-subset"
 #: What the rows under each key are, for the codecs.
 KIND = {LOGITS: "logits", TARGETS: "probs"}
 
@@ -58,3 +68,14 @@ def unpack(
         rows = np.clip(rows, 0.0, None)
         rows /= np.maximum(rows.sum(axis=1, keepdims=True), 1e-12)
     return rows
+
+
+def reference_subset(num_reference: int, fraction: float, seed: int, subset_id: int) -> np.ndarray:
+    """Sorted row indices of reference subset ``subset_id``: ``ceil(fraction * N_ref)``
+    consecutive entries (cyclically) of a seeded permutation, so consecutive subsets cover
+    the whole set before any row repeats. ``fraction >= 1``: every row, for every id."""
+    if fraction >= 1.0:
+        return np.arange(num_reference)
+    size = max(1, math.ceil(fraction * num_reference))
+    order = np.random.default_rng(seed).permutation(num_reference)
+    return np.sort(order[(subset_id * size + np.arange(size)) % num_reference])

@@ -73,8 +73,10 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         min_nodes: wait for this many connected nodes before sampling.
         evaluate_metrics_aggr_fn: aggregates the evaluation replies' metrics.
         train_metrics_aggr_fn: aggregates the train replies' metrics (None: not at all).
-        seed: seeds node sampling.
+        seed: seeds node sampling and the reference subsets.
         codec: how logits and targets are encoded on the wire.
+        reference_fraction: share of the reference rows exchanged per round (a rotating
+            subset, :func:`kta_flwr.protocol.reference_subset`); 1: all rows.
     """
 
     def __init__(  # pylint: disable=too-many-arguments
@@ -90,6 +92,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         train_metrics_aggr_fn: MetricsAggregator | None = None,
         seed: int = 0,
         codec: Codec = Codec(),
+        reference_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, min_nodes=min_nodes, seed=seed,
@@ -101,10 +104,15 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self.num_classes = num_classes
         self.fingerprint = fingerprint
         self.codec = codec
-        #: Latest valid logits ``[N_ref, C]`` per node id.
+        self.reference_fraction = reference_fraction
+        self.seed = seed
+        #: Latest valid logits ``[M, C]`` per node id, on the rows of reference subset
+        #: ``bank_subset[node]`` (M = N_ref without subsets).
         self.bank: dict[int, np.ndarray] = {}
-        #: Targets ``[N_ref, C]`` each node receives with its next instruction.
+        self.bank_subset: dict[int, int] = {}
+        #: Targets ``[M, C]`` each node receives with its next instruction, and their subset.
         self.targets: dict[int, np.ndarray] = {}
+        self.target_subset: dict[int, int] = {}
         #: The last market computation (node ids in ``self.market_nodes`` order).
         self.last_market: MarketOutput | None = None
         self.market_nodes: list[int] = []
@@ -122,13 +130,18 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
     ) -> Iterable[Message]:
         """Instructions for the sampled nodes, each with its own targets (if any)."""
         node_ids = self.sample(grid, self.fraction_train)
-        config = self.stamp(config, server_round, **{protocol.FINGERPRINT: self.fingerprint})
+        config = self.stamp(config, server_round, **{
+            protocol.FINGERPRINT: self.fingerprint, protocol.LOGITS_SUBSET: server_round + 1,
+        })
         messages = []
         for node_id in node_ids:
             content = RecordDict({protocol.CONFIG: config})
             if node_id in self.targets:
                 content[protocol.TARGETS] = protocol.pack(
                     self.targets[node_id], self.codec, protocol.TARGETS
+                )
+                content[protocol.CONFIG] = ConfigRecord(
+                    {**config, protocol.TARGETS_SUBSET: self.target_subset[node_id]}
                 )
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         with_targets = sum(n in self.targets for n in node_ids)
@@ -154,19 +167,20 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                 continue
             try:
                 logits = protocol.unpack(
-                    msg.content, protocol.LOGITS, len(self.reference_labels), self.num_classes,
-                    self.codec,
+                    msg.content, protocol.LOGITS, len(self.rows(server_round + 1)),
+                    self.num_classes, self.codec,
                 )
             except protocol.InvalidPayload as err:
                 dropped += 1
                 log(WARNING, "round %d: dropping reply of node %d: %s", server_round, node_id, err)
                 continue
             self.bank[node_id] = logits
+            self.bank_subset[node_id] = server_round + 1
             received += 1
         metrics = self.train_metrics(contents, received, dropped)
         if self.params is not None and self.bank:
             started = time.perf_counter()
-            metrics.update(self._price())
+            metrics.update(self._price(server_round + 1))
             metrics["market-seconds"] = time.perf_counter() - started
         return None, metrics
 
@@ -185,14 +199,26 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             for n in node_ids
         ]
 
-    def _price(self) -> dict[str, float]:
-        """Run the market on the banked logits; store every node's next targets."""
+    def rows(self, subset_id: int) -> np.ndarray:
+        """Reference rows of subset ``subset_id`` (all rows without subsets)."""
+        return protocol.reference_subset(
+            len(self.reference_labels), self.reference_fraction, self.seed, subset_id
+        )
+
+    def _price(self, subset_id: int) -> dict[str, float]:
+        """Run the market on the banked logits of subset ``subset_id`` (every banked node
+        when all rows are exchanged); store those nodes' next targets."""
         assert self.params is not None
-        self.market_nodes = sorted(self.bank)
+        whole = self.reference_fraction >= 1.0
+        self.market_nodes = sorted(n for n in self.bank if whole or self.bank_subset[n] == subset_id)
+        if not self.market_nodes:  # nobody uploaded this subset: no targets next round
+            self.targets, self.target_subset = {}, {}
+            return {"market-clients": 0}
         stacked = np.stack([self.bank[n] for n in self.market_nodes])
-        out = run_market(stacked, self.reference_labels, self.params)
+        out = run_market(stacked, self.reference_labels[self.rows(subset_id)], self.params)
         self.last_market = out
         self.targets = dict(zip(self.market_nodes, out.targets))
+        self.target_subset = dict.fromkeys(self.market_nodes, subset_id)
         weights = out.weights
         entropy = -(weights * np.log(np.clip(weights, 1e-12, 1.0))).sum(axis=1)
         return {
@@ -245,6 +271,7 @@ def build_strategy(  # pylint: disable=too-many-arguments
             train_metrics_aggr_fn=train_metrics_aggr_fn,
             seed=cfg.seed,
             codec=cfg.knowledge_codec(),
+            reference_fraction=cfg.reference_fraction,
         )
     else:
         common = {

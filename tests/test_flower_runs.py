@@ -35,14 +35,20 @@ def _check_common(res: dict, strategy: str) -> None:
 
 def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     out = tmp_path / "out"
-    runs = [("kta", {}), ("fedavg", {}), ("kta", {"codec": "topk", "codec-topk": 2})]
+    runs = [("kta", {}), ("fedavg", {}), ("kta", {"codec": "topk", "codec-topk": 2}),
+            ("kta", {"reference-fraction": 0.5})]
     with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
         for i, (strategy, extra) in enumerate(runs):
             cfg = {**SMALL, **extra, "strategy": strategy, "output-dir": str(out / str(i))}
             proc = fed.submit(app_dir, cfg)
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
-    kta, fedavg, topk = (read_results(out / str(i))[0] for i in range(len(runs)))
+    kta, fedavg, topk, half = (read_results(out / str(i))[0] for i in range(len(runs)))
+
+    # kta on a rotating half of the reference set: half the rows each way.
+    _check_common(half, "kta")
+    assert half["summary"]["bytes_up"] == ROUNDS * CLIENTS * (N_REF // 2) * C * 4
+    assert half["summary"]["bytes_down"] == (ROUNDS - 1) * CLIENTS * (N_REF // 2) * C * 4
 
     # kta with the topk codec (k = 2): per row 2 uint8 class indices + 2 uint8 probabilities.
     _check_common(topk, "kta")

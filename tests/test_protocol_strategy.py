@@ -127,3 +127,36 @@ def test_compressed_knowledge_crosses_the_strategy():
     assert payload_bytes(content) == N * (C + 4)
     sent = protocol.unpack(content, protocol.TARGETS, N, C, Codec("int8"))
     assert np.allclose(sent.sum(axis=1), 1) and np.abs(sent - strategy.targets[1]).max() < 0.01
+
+
+def test_reference_subsets_rotate_over_the_whole_set():
+    subsets = [protocol.reference_subset(N, 0.3, 7, i) for i in range(4)]
+    assert all(len(s) == 6 and np.all(np.diff(s) > 0) for s in subsets)
+    assert set(np.concatenate(subsets[:3])) | set(subsets[3]) == set(range(N))
+    assert len(set(np.concatenate(subsets[:3]))) == 18  # no row repeats within a cycle
+    np.testing.assert_array_equal(subsets[1], protocol.reference_subset(N, 0.3, 7, 1))
+    np.testing.assert_array_equal(protocol.reference_subset(N, 1.0, 7, 5), np.arange(N))
+
+
+def test_market_on_a_rotating_reference_subset():
+    rng = np.random.default_rng(3)
+    strategy = make_strategy()
+    strategy.reference_fraction = 0.5
+    msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 2, 3])))
+    assert all(m.content.config_records[protocol.CONFIG][protocol.LOGITS_SUBSET] == 2 for m in msgs)
+    half = N // 2
+    replies = [logits_reply(i, rng.normal(size=(half, C)).astype(np.float32)) for i in (1, 2)]
+    replies.append(logits_reply(3, rng.normal(size=(N, C)).astype(np.float32)))  # all rows: wrong
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["dropped"] == 1 and sorted(strategy.targets) == [1, 2]
+    assert strategy.targets[1].shape == (half, C) and strategy.target_subset[1] == 2
+    # The market priced the rows of subset 2 against their own labels.
+    rows = strategy.rows(2)
+    np.testing.assert_allclose(
+        strategy.last_market.accuracy,
+        [(strategy.bank[n].argmax(1) == strategy.reference_labels[rows]).mean() for n in (1, 2)],
+    )
+    msgs = {m.metadata.dst_node_id: m for m in
+            strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 3]))}
+    assert msgs[1].content.config_records[protocol.CONFIG][protocol.TARGETS_SUBSET] == 2
+    assert protocol.TARGETS not in msgs[3].content.array_records
