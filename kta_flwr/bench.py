@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kta_flwr.config import DATA_ROOT, ConfigError, RunConfig, parse_run_config
+from kta_flwr.config import DATA_ROOT, MARKET_STRATEGIES, ConfigError, RunConfig, parse_run_config
 from kta_flwr.deploy import LocalFederation
 from kta_flwr.presets import load_preset, parse_override
 
@@ -193,7 +193,10 @@ def save_figure(fig: Any, ax: Any, path: Path) -> None:
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if len(ax.get_legend_handles_labels()[1]) > 8:  # many curves: legend beside the axes
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -234,21 +237,32 @@ def exit_on_sigterm() -> None:
 def plot(runs: list[RunResult], path: Path, title: str) -> None:
     """Mean personalized accuracy against cumulative MiB (log x), one curve per method;
     methods that send nothing (local) are a dashed horizontal line at their final mean."""
-    fig, ax = figure((7, 4.5))
-    for method in dict.fromkeys(r.method for r in runs):
+    methods = list(dict.fromkeys(r.method for r in runs))
+    fig, ax = figure((7, 4.5) if len(methods) <= 8 else (11, 5.5))
+    colours = _colours(len(methods))
+    for colour, method in zip(colours, methods):
         mine = [r for r in runs if r.method == method]
         rounds = min(len(r.curve) for r in mine)
         mib = [statistics.fmean(r.curve[i][0] for r in mine) for i in range(rounds)]
         acc = [statistics.fmean(r.curve[i][1] for r in mine) for i in range(rounds)]
         if mib[-1] <= 0:
             ax.axhline(acc[-1], linestyle="--", color="grey", label=f"{method} (0 bytes)")
-        else:
-            ax.plot(mib, acc, marker="o", markersize=3, label=method)
+        else:  # knowledge (market) methods solid, parameter methods dashed
+            style = "-" if method.split(":")[0] in MARKET_STRATEGIES else "--"
+            ax.plot(mib, acc, style, marker="o", markersize=3, label=method, color=colour)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative traffic, up + down (MiB, log scale)")
     ax.set_ylabel("mean personalized test accuracy")
     ax.set_title(title)
     save_figure(fig, ax, path)
+
+
+def _colours(count: int) -> list[Any]:
+    """``count`` distinct colours (tab10, or tab20 beyond ten)."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    cmap = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(count)]
 
 
 def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
