@@ -6,7 +6,8 @@ Order within round ``r`` of a market client (kta, fedmd):
 2. **stage 1**: ``local-epochs`` of cross-entropy on the private partition;
 3. **stage 2**: ``distill-epochs`` over the reference set of KL toward the personalized
    targets carried by this round's instruction (computed by the server from the logits of
-   round ``r-1``; a client's first round has none, so it skips stage 2), each reference
+   round ``r-1``; a client's first round has none, nor a round in which the market
+   kept them back, and then it skips stage 2), each reference
    batch paired with a slice of the private data (one pass per epoch) whose cross-entropy
    is added with weight ``private-ce-weight`` (the block-coordinate step on the whole
    market objective, so distillation does not overwrite what the client learnt privately);
@@ -136,15 +137,22 @@ class _Node:
             len(self.data.reference.y), self.cfg.reference_fraction, self.cfg.seed, subset
         )
 
+    def target_rows(self) -> np.ndarray:
+        """Reference rows this round's targets cover: the targets' subset, held-out rows
+        (adaptive market) left out."""
+        held_out = protocol.held_out_mask(len(self.data.reference.y), self.cfg.holdout, self.cfg.seed)
+        return protocol.distill_rows(self.reference_rows(protocol.TARGETS_SUBSET), held_out)
+
     def train_stage2(self, model: nn.Module, targets: np.ndarray) -> float:
         ref = self.data.reference
-        rows = self.reference_rows(protocol.TARGETS_SUBSET)
+        rows = self.target_rows()
         return distill(
             model, ref.x[rows], targets, epochs=self.cfg.distill_epochs, batch_size=self.cfg.batch_size,
             optim=self.optim(self.cfg.distill_learning_rate), device=self.device, seed=self.seed + 1,
             temperature=self.cfg.temperature, kl_weight=self.cfg.distill_weight,
             y_ref=ref.y[rows], ce_weight=self.cfg.reference_ce_weight,
             private=(self.data.train.x, self.data.train.y), private_weight=self.cfg.private_ce_weight,
+            max_grad_norm=self.cfg.distill_clip,
         )
 
 
@@ -182,8 +190,7 @@ def _train_market_or_stock(
             model = node.personal_model()
             if protocol.TARGETS in msg.content.array_records:
                 targets = protocol.unpack(
-                    msg.content, protocol.TARGETS,
-                    len(node.reference_rows(protocol.TARGETS_SUBSET)), data.splits.num_classes,
+                    msg.content, protocol.TARGETS, len(node.target_rows()), data.splits.num_classes,
                     cfg.knowledge_codec(),
                 )
         else:

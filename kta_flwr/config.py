@@ -94,6 +94,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     codec: str = "float32"
     codec_topk: int = 3
     reference_fraction: float = 1.0
+    holdout_fraction: float = 0.2
+    prior_correction: bool = True
+    distill_gate: bool = True
+    distill_clip: float = 5.0
     # --- compressed-update baselines ---------------------------------------------
     topk_fraction: float = 0.01
     sapef_alpha: float = 0.5
@@ -132,6 +136,12 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         if self.strategy == "fedkd" and self.student_model:
             return self.student_model
         return self.model_names[0]
+
+    @property
+    def holdout(self) -> float:
+        """Share of reference rows held out from distillation: ``holdout-fraction`` under
+        kta's adaptive market (which scores its candidates there), else 0."""
+        return self.holdout_fraction if self.strategy == "kta" and self.market == "adaptive" else 0.0
 
     @property
     def step_ahead(self) -> float:
@@ -288,8 +298,13 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("test-size", cfg.test_size),
         ("max-train-size", cfg.max_train_size),
         ("finetune-layers", cfg.finetune_layers),
+        ("distill-clip", cfg.distill_clip),
     ):
         _non_negative(key, value)
+    if not 0.0 <= cfg.holdout_fraction < 1.0:
+        raise ConfigError(
+            f"run-config 'holdout-fraction' = {cfg.holdout_fraction!r} must be in [0, 1)"
+        )
     if not 0.0 < cfg.fraction_train <= 1.0:
         raise ConfigError(
             f"run-config 'fraction-train' = {cfg.fraction_train!r} must be in (0, 1]"

@@ -17,15 +17,28 @@ Notation: K clients, N reference samples, C classes. Client k uploads logits
    ``softmax(sum_j W[k, j] z[j] / T)`` (``logit`` space); each row of ``q[k]`` is a
    probability distribution over the C classes.
 
-**Adaptive sharpness** (``adaptive=True``, the default): instead of one fixed ``tau``,
-each client k gets the ``tau`` from ``tau_grid`` whose teacher mix (at T = 1) best predicts the labeled
-reference samples, each sample weighted by k's own predicted class marginal
-``pi_k(c) = mean_i p[k, i, c]`` (so a label-skewed client judges teachers on the classes it
-cares about, with no extra upload):
-``tau_k = argmax_tau  sum_i pi_k(y_i) * log q_tau[k, i, y_i] / sum_i pi_k(y_i)``.
-A sharp ``tau`` keeps targets personal (near self-teaching), a broad one approaches an
-accuracy-weighted global teacher; the labels arbitrate. Cost: one weight/target
-computation per grid value, ``O(|grid| * K^2 * N * C)``.
+**Prior correction** (``prior_correction=True``, the default): teachers trained on other
+label mixes carry their own class priors into the targets. Each client's prior is
+estimated from what it already uploads, its mean predicted distribution on the reference
+set ``pi_k = mean_i softmax(z[k, i])`` (at T = 1); in ``logit`` space every teacher's prior
+is swapped for the student's, ``q[k] = softmax((sum_j W[k, j] (z[j] - log pi_j)
++ log pi_k) / T)`` (``prob`` space: each teacher's shifted softmax, then mixed), so the
+teachers contribute what they know of the inputs and the student keeps its own label
+mix (Bayes' rule under label shift, ``p(y|x) ∝ p(x|y) p(y)``).
+
+**Adaptive market** (``adaptive=True``, the default): instead of one fixed ``tau``,
+each client k gets the ``tau`` from ``tau_grid`` whose targets (at T = 1) best predict the
+labels of the **held-out** reference rows (rows the clients never distill on, so their
+predictions there are honest), each row weighted by k's own predicted class marginal
+``pi_k(y_i)`` (so a label-skewed client judges teachers on the classes it cares about,
+with no extra upload):
+``tau_k = argmax_tau  L_k(q_tau[k])``, ``L_k(q) = sum_i pi_k(y_i) log q[i, y_i] / sum_i pi_k(y_i)``.
+A sharp ``tau`` gives the nearest teachers, a broad one an accuracy-weighted global
+teacher; the labels arbitrate. With ``gate=True`` (the default) the client's own
+predictions compete too: if ``L_k(p_k)`` is at least ``L_k`` of the best mix, no teacher
+has anything to sell to k this round and it gets no targets (it trains locally only, and
+nothing is sent down). Cost: one weight/target computation per grid value on the
+held-out rows, ``O(|grid| * K^2 * N_held * C)``, then one on the rows sent.
 
 A FedMD-style global teacher is the same code path with uniform weights
 (``weighting="uniform"``): every client gets the plain mean of all predictions.
@@ -66,6 +79,8 @@ class MarketParams:
     tie_tolerance: float = 1e-3  # nats of weighted log-likelihood
     learn_steps: int = 100  # "learned": EM iterations per round
     learn_prior: float = 0.1  # "learned": pull toward uniform coefficients (pseudo-weight)
+    prior_correction: bool = True  # swap each teacher's class prior for the student's
+    gate: bool = True  # adaptive: no targets for a client its own predictions serve best
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ class MarketOutput:
     weights: np.ndarray  # [K, K] teacher weights, rows sum to 1
     targets: np.ndarray  # [K, N, C] float32 soft targets, rows sum to 1
     tau: np.ndarray  # [K] similarity temperature used for each client
+    distill: np.ndarray  # [K] bool: the client gets targets (False: the gate kept them back)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -191,8 +207,27 @@ def teacher_weights(
     return weights
 
 
+def class_prior(logits: np.ndarray) -> np.ndarray:
+    """Each client's class prior as its mean predicted distribution (at T = 1).
+
+    Args:
+        logits: ``[K, N, C]`` client logits.
+
+    Returns:
+        ``[K, C]`` distributions, floored at 1e-4 of a class and renormalised (a log is
+        taken of them).
+    """
+    prior = np.maximum(softmax(logits, 1.0).mean(axis=1), 1e-4)
+    return prior / prior.sum(axis=1, keepdims=True)
+
+
 def soft_targets(
-    logits: np.ndarray, weights: np.ndarray, *, temperature: float = 1.0, space: str = "prob"
+    logits: np.ndarray,
+    weights: np.ndarray,
+    *,
+    temperature: float = 1.0,
+    space: str = "prob",
+    priors: np.ndarray | None = None,
 ) -> np.ndarray:
     """Personalized soft targets ``[K, N, C]`` (float32, rows sum to 1).
 
@@ -202,12 +237,25 @@ def soft_targets(
         temperature: softening temperature ``T``.
         space: ``"prob"`` mixes softened probabilities; ``"logit"`` mixes logits, then
             applies a softmax at ``T``.
+        priors: ``[K, C]`` class priors (:func:`class_prior`) to swap each teacher's prior
+            for its student's; None mixes the predictions as they are.
     """
     w = np.asarray(weights, dtype=np.float64)
+    z = np.asarray(logits, np.float64)
+    log_prior = None if priors is None else np.log(np.asarray(priors, np.float64))
     if space == "prob":
-        targets = np.einsum("kj,jnc->knc", w, softmax(logits, temperature))
+        if log_prior is None:
+            targets = np.einsum("kj,jnc->knc", w, softmax(z, temperature))
+        else:  # each teacher's logits shifted to student k's prior, per student
+            targets = np.stack([
+                np.einsum("j,jnc->nc", w[k], softmax(z - log_prior[:, None] + log_prior[k], temperature))
+                for k in range(len(w))
+            ])
     elif space == "logit":
-        targets = softmax(np.einsum("kj,jnc->knc", w, np.asarray(logits, np.float64)), temperature)
+        mixed = np.einsum("kj,jnc->knc", w, z)
+        if log_prior is not None:
+            mixed += (log_prior[:, None, :] - (w @ log_prior)[:, None, :])
+        targets = softmax(mixed, temperature)
     else:
         raise ValueError(f"unknown target space {space!r}; use prob or logit")
     targets = np.clip(targets, 0.0, None)
@@ -215,13 +263,20 @@ def soft_targets(
     return targets.astype(np.float32)
 
 
-def run_market(logits: np.ndarray, labels: np.ndarray, params: MarketParams) -> MarketOutput:
+def run_market(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    params: MarketParams,
+    held_out: np.ndarray | None = None,
+) -> MarketOutput:
     """One market round: accuracy, similarity graph, teacher weights and targets.
 
     Args:
         logits: ``[K, N, C]`` finite logits of the K participating clients.
         labels: ``[N]`` reference labels in ``[0, C)``.
         params: the market's knobs.
+        held_out: ``[N]`` bool, the rows clients never distill on; the adaptive market
+            scores its candidates there (None or no row set: on every row).
     """
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 3:
@@ -234,6 +289,8 @@ def run_market(logits: np.ndarray, labels: np.ndarray, params: MarketParams) -> 
     similarity = similarity_graph(divergence, params.tau)
     num_clients = logits.shape[0]
     taus = np.full(num_clients, params.tau)
+    distill = np.ones(num_clients, dtype=bool)
+    priors = class_prior(logits) if params.prior_correction else None
     if params.weighting == "uniform":
         weights = np.full((num_clients, num_clients), 1.0 / num_clients)
         taus[:] = np.inf
@@ -245,12 +302,20 @@ def run_market(logits: np.ndarray, labels: np.ndarray, params: MarketParams) -> 
             f"unknown weighting {params.weighting!r}; use market, uniform or learned"
         )
     elif params.adaptive:
-        taus, weights = adaptive_weights(logits, labels, probs, divergence, accuracy, params)
+        rows = np.arange(len(labels))
+        if held_out is not None and np.any(held_out):
+            rows = np.flatnonzero(held_out)
+        taus, weights, distill = adaptive_weights(
+            logits[:, rows], np.asarray(labels)[rows], divergence, accuracy, params,
+            sample_weights=class_prior(logits)[:, np.asarray(labels)[rows]], priors=priors,
+        )
         similarity = np.exp(-divergence / taus[:, None])
     else:
         weights = _weights_at(similarity, accuracy, params)
-    targets = soft_targets(logits, weights, temperature=params.temperature, space=params.target_space)
-    return MarketOutput(accuracy, divergence, similarity, weights, targets, taus)
+    targets = soft_targets(
+        logits, weights, temperature=params.temperature, space=params.target_space, priors=priors
+    )
+    return MarketOutput(accuracy, divergence, similarity, weights, targets, taus, distill)
 
 
 def _weights_at(similarity: np.ndarray, accuracy: np.ndarray, params: MarketParams) -> np.ndarray:
@@ -284,23 +349,28 @@ def label_likelihood(
 def adaptive_weights(  # pylint: disable=too-many-arguments
     logits: np.ndarray,
     labels: np.ndarray,
-    probs: np.ndarray,
     divergence: np.ndarray,
     accuracy: np.ndarray,
     params: MarketParams,
-) -> tuple[np.ndarray, np.ndarray]:
+    *,
+    sample_weights: np.ndarray,
+    priors: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-client sharpness: the ``tau`` in ``params.tau_grid`` whose targets maximise
-    :func:`label_likelihood` with each client's predicted class marginal as sample weights.
+    :func:`label_likelihood` on the scoring rows; with ``params.gate``, whether that mix
+    beats the client's own predictions there.
 
     Args:
-        logits: ``[K, N, C]``; probs: the same softened at ``T``; divergence: ``[K, K]``;
-        accuracy: ``[K]``; labels: ``[N]``.
+        logits: ``[K, M, C]`` logits on the M scoring (held-out) rows; labels: ``[M]``.
+        divergence: ``[K, K]`` and accuracy: ``[K]``, from all rows.
+        sample_weights: ``[K, M]`` weight of each scoring row for each client (its
+            predicted class marginal at the row's label).
+        priors: ``[K, C]`` class priors for the prior correction (None: none).
 
     Returns:
-        ``([K] chosen tau, [K, K] teacher weights at each client's tau)``.
+        ``([K] chosen tau, [K, K] teacher weights at each client's tau, [K] bool: the
+        client gets targets)``.
     """
-    marginal = probs.mean(axis=1)  # [K, C]: what each client believes its classes are
-    sample_weights = marginal[:, np.asarray(labels)]  # [K, N]
     grid = np.asarray(params.tau_grid, dtype=np.float64)
     scores = np.empty((len(grid), logits.shape[0]))
     candidates = []
@@ -308,7 +378,8 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
         weights = _weights_at(similarity_graph(divergence, tau), accuracy, params)
         # Scored at T = 1: the mix is judged as a predictor, not at the (flatter)
         # distillation temperature, which would favour single over-confident teachers.
-        targets = soft_targets(logits, weights, temperature=1.0, space=params.target_space)
+        targets = soft_targets(logits, weights, temperature=1.0, space=params.target_space,
+                               priors=priors)
         scores[g] = label_likelihood(targets, labels, sample_weights)
         candidates.append(weights)
     # Among near-ties (within ``tie_tolerance`` nats of the best) take the broadest tau:
@@ -316,7 +387,11 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
     good = scores >= scores.max(axis=0, keepdims=True) - params.tie_tolerance
     best = len(grid) - 1 - np.argmax(good[::-1], axis=0)
     rows = np.arange(logits.shape[0])
-    return grid[best], np.stack(candidates)[best, rows]
+    distill = np.ones(logits.shape[0], dtype=bool)
+    if params.gate:
+        own = label_likelihood(softmax(logits, 1.0), labels, sample_weights)
+        distill = scores[best, rows] > own
+    return grid[best], np.stack(candidates)[best, rows], distill
 
 
 def learned_weights(

@@ -11,6 +11,11 @@ wire each round (:func:`reference_subset`): the instruction's config names the s
 client uploads logits for (``logits-subset``, used by the next round's targets) and the
 subset its targets cover (``targets-subset``); both sides derive the rows from the run's
 seed, so no index is sent.
+
+Under the adaptive market a fixed, seeded share of the reference rows is **held out**
+(:func:`held_out_mask`): clients upload logits there but never distill on them, so the
+market can judge its candidate targets on honest predictions; targets cover only the
+other rows (:func:`distill_rows`).
 """
 
 from __future__ import annotations
@@ -79,3 +84,18 @@ def reference_subset(num_reference: int, fraction: float, seed: int, subset_id: 
     size = max(1, math.ceil(fraction * num_reference))
     order = np.random.default_rng(seed).permutation(num_reference)
     return np.sort(order[(subset_id * size + np.arange(size)) % num_reference])
+
+
+def held_out_mask(num_reference: int, fraction: float, seed: int) -> np.ndarray:
+    """``[N_ref]`` bool: ``floor(fraction * N_ref)`` rows drawn once from the run's seed
+    (the same on every node and the server); none when ``fraction`` is 0."""
+    mask = np.zeros(num_reference, dtype=bool)
+    size = math.floor(fraction * num_reference)
+    if size > 0:
+        mask[np.random.default_rng([seed, 1]).choice(num_reference, size, replace=False)] = True
+    return mask
+
+
+def distill_rows(rows: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+    """The entries of ``rows`` (reference row indices) that are not held out."""
+    return rows[~held_out[rows]]

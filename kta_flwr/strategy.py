@@ -58,6 +58,9 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
         target_space=cfg.target_space,
         weighting={"fedmd": "uniform", "ktpfl": "learned"}.get(cfg.strategy, "market"),
         adaptive=cfg.market == "adaptive",
+        # The baselines (FedMD, KT-pFL) mix predictions as published.
+        prior_correction=cfg.prior_correction and cfg.strategy == "kta",
+        gate=cfg.distill_gate,
     )
 
 
@@ -77,6 +80,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         codec: how logits and targets are encoded on the wire.
         reference_fraction: share of the reference rows exchanged per round (a rotating
             subset, :func:`kta_flwr.protocol.reference_subset`); 1: all rows.
+        holdout_fraction: share of the reference rows held out from distillation, on
+            which the adaptive market scores its candidates
+            (:func:`kta_flwr.protocol.held_out_mask`); 0: none.
     """
 
     def __init__(  # pylint: disable=too-many-arguments
@@ -93,6 +99,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         seed: int = 0,
         codec: Codec = Codec(),
         reference_fraction: float = 1.0,
+        holdout_fraction: float = 0.0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train, min_nodes=min_nodes, seed=seed,
@@ -106,6 +113,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self.codec = codec
         self.reference_fraction = reference_fraction
         self.seed = seed
+        self.held_out = protocol.held_out_mask(len(self.reference_labels), holdout_fraction, seed)
         #: Latest valid logits ``[M, C]`` per node id, on the rows of reference subset
         #: ``bank_subset[node]`` (M = N_ref without subsets).
         self.bank: dict[int, np.ndarray] = {}
@@ -215,14 +223,19 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             self.targets, self.target_subset = {}, {}
             return {"market-clients": 0}
         stacked = np.stack([self.bank[n] for n in self.market_nodes])
-        out = run_market(stacked, self.reference_labels[self.rows(subset_id)], self.params)
+        rows = self.rows(subset_id)
+        held_out = self.held_out[rows]
+        out = run_market(stacked, self.reference_labels[rows], self.params, held_out=held_out)
         self.last_market = out
-        self.targets = dict(zip(self.market_nodes, out.targets))
-        self.target_subset = dict.fromkeys(self.market_nodes, subset_id)
+        # The gate may keep targets back; targets never cover held-out rows.
+        self.targets = {n: q[~held_out] for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
+        self.target_subset = dict.fromkeys(self.targets, subset_id)
         weights = out.weights
         entropy = -(weights * np.log(np.clip(weights, 1e-12, 1.0))).sum(axis=1)
         return {
             "market-clients": len(self.market_nodes),
+            "distilling-clients": int(out.distill.sum()),
+            "tau-median": float(np.median(out.tau)),
             "reference-accuracy": float(out.accuracy.mean()),
             "self-weight": float(np.diag(weights).mean()),
             "teacher-entropy": float(entropy.mean()),
@@ -272,6 +285,7 @@ def build_strategy(  # pylint: disable=too-many-arguments
             seed=cfg.seed,
             codec=cfg.knowledge_codec(),
             reference_fraction=cfg.reference_fraction,
+            holdout_fraction=cfg.holdout,
         )
     else:
         common = {

@@ -5,7 +5,7 @@ import pytest
 
 from kta_flwr.market import (
     MarketParams,
-    adaptive_weights,
+    class_prior,
     label_likelihood,
     pairwise_divergence,
     reference_accuracy,
@@ -100,7 +100,7 @@ def test_targets_are_distributions(space, adaptive):
 def test_fedmd_is_uniform_mean_of_predictions():
     rng = np.random.default_rng(6)
     logits = rng.normal(size=(3, 10, 4))
-    out = run_market(logits, rng.integers(0, 4, 10), MarketParams(weighting="uniform", target_space="prob"))
+    out = run_market(logits, rng.integers(0, 4, 10), MarketParams(weighting="uniform", target_space="prob", prior_correction=False))
     mean = softmax(logits).mean(axis=0)
     for k in range(3):
         np.testing.assert_allclose(out.targets[k], mean, atol=1e-6)
@@ -127,19 +127,24 @@ def test_label_likelihood_by_hand():
     assert value[0] == pytest.approx((np.log(0.5) + np.log(0.75)) / 2)
 
 
+def specialist_logits(rng, labels, known, num_classes=4, signal=4.0, noise=0.5):
+    """Logits of a client trained only on the classes ``known``: right on those, and on
+    any other class it names one of ``known`` at random (it never saw the others)."""
+    logits = rng.normal(0, noise, (len(labels), num_classes))
+    guess = np.where(np.isin(labels, known), labels, rng.choice(known, len(labels)))
+    logits[np.arange(len(labels)), guess] += signal
+    return logits
+
+
 def test_adaptive_picks_sharp_mix_when_label_mixes_differ():
     """Two groups with disjoint classes: each client must learn from its own group."""
     rng = np.random.default_rng(7)
     labels = rng.integers(0, 4, 400)
     groups = ([0, 1], [0, 1], [2, 3], [2, 3])
-    logits = np.stack([skewed_logits(rng, labels, g, strength=6.0) for g in groups])
-    params = MarketParams(self_weight=0.0)
-    probs = softmax(logits, params.temperature)
-    taus, weights = adaptive_weights(
-        logits, labels, probs, pairwise_divergence(probs), reference_accuracy(logits, labels), params
-    )
-    assert taus.max() < 1.0  # sharp
-    assert weights[0, 1] > 0.9 and weights[2, 3] > 0.9
+    logits = np.stack([specialist_logits(rng, labels, g) for g in groups])
+    out = run_market(logits, labels, MarketParams(self_weight=0.0))
+    assert out.tau.max() < 1.0  # sharp
+    assert out.weights[0, 1] > 0.9 and out.weights[2, 3] > 0.9
 
 
 def test_adaptive_picks_broad_mix_when_label_mixes_agree():
@@ -152,6 +157,58 @@ def test_adaptive_picks_broad_mix_when_label_mixes_agree():
     assert np.median(out.tau) >= 1.0  # broad for most clients
     off_diag = out.weights[~np.eye(5, dtype=bool)].reshape(5, 4)
     assert off_diag.min() > 0.15  # every other client contributes
+
+
+def test_gate_keeps_targets_from_a_client_no_teacher_can_help():
+    """Client 0 knows the labels; the others guess. Its own predictions beat every mix,
+    so it gets no targets; the guessers, whom client 0 can teach, get theirs."""
+    rng = np.random.default_rng(9)
+    labels = rng.integers(0, 4, 300)
+    expert = specialist_logits(rng, labels, [0, 1, 2, 3])
+    guessers = [rng.normal(0, 1.0, (300, 4)) for _ in range(3)]
+    out = run_market(np.stack([expert, *guessers]), labels, MarketParams(self_weight=0.0))
+    assert not out.distill[0]
+    assert out.distill[1:].all()
+    ungated = run_market(np.stack([expert, *guessers]), labels,
+                         MarketParams(self_weight=0.0, gate=False))
+    assert ungated.distill.all()
+
+
+def test_adaptive_scores_on_held_out_rows_only():
+    """Teacher 1 is sure and right on the rows clients distill on but knows nothing of the
+    held-out rows (it has memorised the others); teacher 2 is right on every row with
+    less confidence. Scored on
+    the held-out rows, client 0 learns from teacher 2; scored on every row, the
+    memoriser's false confidence buys it a large share."""
+    rng = np.random.default_rng(10)
+    labels = rng.integers(0, 4, 400)
+    held_out = np.zeros(400, dtype=bool)
+    held_out[:100] = True
+    student = rng.normal(0, 1.0, (400, 4))
+    memoriser = 8.0 * np.eye(4)[labels]
+    memoriser[held_out] = 0.0
+    honest = 1.5 * np.eye(4)[labels] + rng.normal(0, 0.3, (400, 4))
+    logits = np.stack([student, memoriser, honest])
+    params = MarketParams(self_weight=0.0, prior_correction=False)
+    out = run_market(logits, labels, params, held_out=held_out)
+    assert out.weights[0, 2] > 0.9
+    everywhere = run_market(logits, labels, params)
+    assert everywhere.weights[0, 1] > out.weights[0, 1] + 0.3
+
+
+def test_prior_correction_swaps_the_teachers_prior_for_the_students():
+    """A teacher that only knows its own prior passes on the student's prior instead."""
+    rng = np.random.default_rng(11)
+    num = 2000
+    student = np.log(np.array([0.7, 0.1, 0.1, 0.1]))[None].repeat(num, 0)
+    teacher = np.log(np.array([0.1, 0.1, 0.1, 0.7]))[None].repeat(num, 0)
+    logits = np.stack([student, teacher]) + rng.normal(0, 1e-3, (2, num, 4))
+    weights = np.array([[0.0, 1.0], [1.0, 0.0]])
+    for space in ("logit", "prob"):
+        corrected = soft_targets(logits, weights, space=space, priors=class_prior(logits))
+        np.testing.assert_allclose(corrected[0].mean(0), [0.7, 0.1, 0.1, 0.1], atol=1e-2)
+        plain = soft_targets(logits, weights, space=space)
+        np.testing.assert_allclose(plain[0].mean(0), [0.1, 0.1, 0.1, 0.7], atol=1e-2)
 
 
 def test_soft_targets_logit_space_by_hand():

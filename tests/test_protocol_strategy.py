@@ -22,12 +22,16 @@ def logits_reply(node_id, values):
                                       protocol.METRICS: MetricRecord({"num-examples": 5})}))
 
 
-def make_strategy(strategy="kta"):
+def make_strategy(strategy="kta", holdout_fraction=0.0, **changes):
+    """A market whose gate is off unless asked for: the random logits of these protocol
+    tests would have it keep most targets back."""
     rng = np.random.default_rng(0)
+    cfg = RunConfig(strategy=strategy).replace(**{"distill_gate": False, **changes})
     return KnowledgeMarket(
-        params=market_params(RunConfig(strategy=strategy)),
+        params=market_params(cfg),
         reference_labels=rng.integers(0, C, N), num_classes=C, fingerprint="abc",
         evaluate_metrics_aggr_fn=lambda recs, key: MetricRecord({"n": len(recs)}),
+        holdout_fraction=holdout_fraction,
     )
 
 
@@ -110,7 +114,7 @@ def test_compressed_knowledge_crosses_the_strategy():
     """int8 targets down and topk logits up: exact payload sizes, faithful decoding."""
     rng = np.random.default_rng(3)
     strategy = KnowledgeMarket(
-        params=market_params(RunConfig()), reference_labels=rng.integers(0, C, N), num_classes=C,
+        params=market_params(RunConfig(distill_gate=False)), reference_labels=rng.integers(0, C, N), num_classes=C,
         fingerprint="abc", evaluate_metrics_aggr_fn=lambda recs, key: MetricRecord({}),
         codec=Codec("int8"),
     )
@@ -160,3 +164,24 @@ def test_market_on_a_rotating_reference_subset():
             strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 3]))}
     assert msgs[1].content.config_records[protocol.CONFIG][protocol.TARGETS_SUBSET] == 2
     assert protocol.TARGETS not in msgs[3].content.array_records
+
+
+def test_targets_skip_held_out_rows_and_the_gate_keeps_some_back():
+    """Node 1 predicts the labels, nodes 2 and 3 guess: node 1 gets no targets (no
+    teacher beats it on the held-out rows), the guessers get targets on the other rows."""
+    strategy = make_strategy(holdout_fraction=0.25, distill_gate=True)
+    held_out = strategy.held_out
+    assert held_out.sum() == N // 4
+    np.testing.assert_array_equal(held_out, protocol.held_out_mask(N, 0.25, 0))
+    rng = np.random.default_rng(4)
+    expert = 5.0 * np.eye(C, dtype=np.float32)[strategy.reference_labels]
+    guessers = [rng.normal(size=(N, C)).astype(np.float32) for _ in (2, 3)]
+    _, metrics = strategy.aggregate_train(1, [logits_reply(i, x) for i, x in zip((1, 2, 3), [expert, *guessers])])
+    assert metrics["distilling-clients"] == 2 and sorted(strategy.targets) == [2, 3]
+    np.testing.assert_array_equal(strategy.targets[2], strategy.last_market.targets[1][~held_out])
+    msgs = {m.metadata.dst_node_id: m for m in
+            strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 2, 3]))}
+    assert payload_bytes(msgs[1].content) == 0
+    assert payload_bytes(msgs[2].content) == (N - N // 4) * C * 4
+    rows = protocol.distill_rows(np.arange(N), held_out)
+    assert len(rows) == N - N // 4 and not held_out[rows].any()

@@ -77,3 +77,23 @@ def test_private_schedule_one_pass_per_epoch():
         assert sorted(torch.cat(epoch).tolist()) == list(range(50))
     few = _private_schedule(num_private=3, num_reference=300, batch_size=32, epochs=1, seed=0)
     assert len(few) == 10 and all(len(c) == 1 for c in few)  # cycles through 3 samples
+
+
+def test_distill_clip_bounds_every_step():
+    """Plain SGD (no momentum, no decay) with the gradient clipped to norm c moves the
+    weights by at most lr * c per step; unclipped, the same run moves them far more."""
+    data = load_client_data(RunConfig(), partition_id=0, num_partitions=2)
+    ref = data.reference
+    wrong = np.zeros((len(ref.y), data.splits.num_classes), np.float32)
+    wrong[:, 0] = 1.0
+    sgd = Optim(lr=0.5, momentum=0.0, weight_decay=0.0)
+    moved = {}
+    for clip in (0.0, 0.01):
+        model = build_model("cnn", data.splits.spec, seed=0)
+        start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        distill(model, ref.x, wrong, epochs=1, batch_size=len(ref.y), optim=sgd, device=CPU,
+                seed=0, temperature=3.0, kl_weight=1.0, max_grad_norm=clip)
+        end = torch.cat([p.detach().flatten() for p in model.parameters()])
+        moved[clip] = float((end - start).norm())
+    assert moved[0.01] <= 0.5 * 0.01 * 1.0001  # one full-batch step
+    assert moved[0.0] > 10 * moved[0.01]

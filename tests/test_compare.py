@@ -1,0 +1,40 @@
+"""The cross-setting comparison reads bench summaries and judges the default fairly."""
+
+import json
+
+import pytest
+
+from kta_flwr import compare
+
+
+def write_summary(folder, accuracies):
+    folder.mkdir(parents=True)
+    methods = {m: {"seeds": [0, 1], "personalized": [acc, 0.01], "global": [acc / 2, 0.0],
+                   "mib_total": [1.5, 0.0]} for m, acc in accuracies.items()}
+    (folder / "summary.json").write_text(json.dumps({"methods": methods}))
+
+
+def test_verdicts_and_average(tmp_path):
+    write_summary(tmp_path / "a", {"kta": 0.50, "local": 0.505, "fedmd": 0.40})
+    write_summary(tmp_path / "b", {"kta": 0.70, "local": 0.60, "fedmd": 0.72})
+    write_summary(tmp_path / "c", {"kta": 0.30, "local": 0.35, "fedmd": 0.20})
+    table = {name: compare.load_setting(tmp_path / name) for name in "abc"}
+    found = {v.setting: v for v in compare.verdicts(table, "kta", ["local", "fedmd"], 1.0)}
+    assert found["a"].best_method == "local" and found["a"].within_margin
+    assert found["a"].gap_points == pytest.approx(-0.5)
+    assert found["b"].best_method == "fedmd" and not found["b"].within_margin
+    assert found["c"].gap_points == pytest.approx(-5.0) and not found["c"].within_margin
+    text = compare.markdown(table, list(found.values()), "kta", ["local", "fedmd"], 1.0)
+    # kta 0.5, local 0.485, fedmd 0.44: kta is best on average although it misses b and c.
+    assert "kta best on average: yes" in text
+    assert text.count("**no**") == 2
+
+
+def test_cli_writes_files_and_rejects_a_missing_folder(tmp_path, capsys):
+    write_summary(tmp_path / "a", {"kta": 0.5, "local": 0.4})
+    assert compare.main([f"A={tmp_path / 'a'}",
+                         "--out", str(tmp_path / "out"), "--against", "local"]) == 0
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "comparison.md", "comparison.json", "comparison.png"}
+    assert compare.main([f"B={tmp_path / 'missing'}", "--out", str(tmp_path / "out")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
