@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from kta_flwr import protocol
 from kta_flwr.config import RunConfig
 from kta_flwr.data import load_splits
 from kta_flwr.deploy import LocalFederation
@@ -18,6 +19,7 @@ from tests.conftest import read_results
 pytestmark = pytest.mark.slow
 
 ROUNDS, CLIENTS, N_REF, C = 2, 3, 100, 10
+HOLDOUT = RunConfig().holdout_fraction  # kta's adaptive market scores on these rows
 SMALL = {
     "num-server-rounds": ROUNDS, "reference-size": N_REF, "test-size": 200,
     "local-epochs": 1, "distill-epochs": 1,
@@ -33,6 +35,17 @@ def _check_common(res: dict, strategy: str) -> None:
     assert not math.isnan(res["summary"]["final_personalized_accuracy"])
 
 
+def _target_rows(subset_id: int, fraction: float = 1.0) -> int:
+    """Rows the targets of reference subset ``subset_id`` cover (held-out rows left out)."""
+    rows = protocol.reference_subset(N_REF, fraction, 0, subset_id)
+    return len(protocol.distill_rows(rows, protocol.held_out_mask(N_REF, HOLDOUT, 0)))
+
+
+def _targets_sent(res: dict) -> list[int]:
+    """Per round r < R, how many clients the market (gate) gave targets for round r + 1."""
+    return [int(res["train_metrics"][str(r)]["distilling-clients"]) for r in range(1, ROUNDS)]
+
+
 def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     out = tmp_path / "out"
     runs = [("kta", {}), ("fedavg", {}), ("kta", {"codec": "topk", "codec-topk": 2}),
@@ -45,32 +58,40 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
             assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
     kta, fedavg, topk, half = (read_results(out / str(i))[0] for i in range(len(runs)))
 
-    # kta on a rotating half of the reference set: half the rows each way.
+    # kta on a rotating half of the reference set: half the rows up; down, the half's rows
+    # that are not held out, to the clients the gate let through.
     _check_common(half, "kta")
     assert half["summary"]["bytes_up"] == ROUNDS * CLIENTS * (N_REF // 2) * C * 4
-    assert half["summary"]["bytes_down"] == (ROUNDS - 1) * CLIENTS * (N_REF // 2) * C * 4
+    assert half["summary"]["bytes_down"] == sum(
+        n * _target_rows(r + 1, 0.5) * C * 4 for r, n in enumerate(_targets_sent(half), start=1)
+    )
 
     # kta with the topk codec (k = 2): per row 2 uint8 class indices + 2 uint8 probabilities.
     _check_common(topk, "kta")
+    held_in = _target_rows(0)
     assert topk["summary"]["bytes_up"] == ROUNDS * CLIENTS * N_REF * 4
-    assert topk["summary"]["bytes_down"] == (ROUNDS - 1) * CLIENTS * N_REF * 4
-    assert set(topk["summary"]["wire_manifest"]) == {
-        f"train/{d} {k}.{a} uint8[{N_REF}, 2]"
-        for d, k in (("up", "logits"), ("down", "targets")) for a in ("index", "prob")
+    assert topk["summary"]["bytes_down"] == sum(_targets_sent(topk)) * held_in * 4
+    assert set(topk["summary"]["wire_manifest"]) <= {
+        f"train/{d} {k}.{a} uint8[{rows}, 2]"
+        for d, k, rows in (("up", "logits", N_REF), ("down", "targets", held_in))
+        for a in ("index", "prob")
     }
     _check_common(kta, "kta")
     _check_common(fedavg, "fedavg")
 
-    # kta: R uploads of [N_ref, C] float32 logits per client; targets in rounds 2..R.
+    # kta: R uploads of [N_ref, C] float32 logits per client; in rounds 2..R, targets on
+    # the rows not held out, to each client the market's gate let through.
     per_transfer = N_REF * C * 4
+    sent = sum(_targets_sent(kta))
     assert kta["summary"]["bytes_up"] == ROUNDS * CLIENTS * per_transfer
-    assert kta["summary"]["bytes_down"] == (ROUNDS - 1) * CLIENTS * per_transfer
+    assert kta["summary"]["bytes_down"] == sent * held_in * C * 4
     assert kta["summary"]["eval_bytes_down"] == 0
-    # No model weight ever crossed the wire: every array was [N_ref, C] logits/targets.
-    assert kta["summary"]["wire_manifest"] == {
-        f"train/down targets.values float32[{N_REF}, {C}]": (ROUNDS - 1) * CLIENTS,
-        f"train/up logits.values float32[{N_REF}, {C}]": ROUNDS * CLIENTS,
-    }
+    # No model weight ever crossed the wire: every array was logits/targets.
+    manifest = {f"train/up logits.values float32[{N_REF}, {C}]": ROUNDS * CLIENTS}
+    if sent:
+        manifest[f"train/down targets.values float32[{held_in}, {C}]"] = sent
+    assert kta["summary"]["wire_manifest"] == manifest
+    assert sent + sum(_targets_sent(topk)) + sum(_targets_sent(half)) > 0  # targets did flow
 
     # FedAvg: the full model each way, every round, per client (+ evaluation broadcast).
     cfg = RunConfig()
