@@ -19,6 +19,7 @@ prints a progress line per run, and writes to ``<out>/<preset>/``:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -277,11 +278,14 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     data_root: Path | None = None,
     run_timeout: float = 24 * 3600,
     resume: bool = False,
+    existing_only: bool = False,
 ) -> dict[str, Any]:
     """Run every (method, seed), write summary.json/summary.md/plot; returns the summary.
 
     With ``resume``, a (method, seed) whose run folder already holds a run of the same
-    config is read back instead of run again (its wall time is the ServerApp's).
+    config is read back instead of run again (its wall time is the ServerApp's). With
+    ``existing_only``, nothing runs: the summary covers the runs already there, and the
+    missing ones are listed (e.g. for a queue cut short).
     """
     base = load_preset(preset, {"min-nodes": clients, **(overrides or {})})
     base = base.replace(data_path=base.resolved_data_path(data_root or DATA_ROOT))
@@ -291,17 +295,24 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     results_dir.mkdir(parents=True, exist_ok=True)
     runs: list[RunResult] = []
     total = len(methods) * len(seeds)
-    with tempfile.TemporaryDirectory(prefix="kta-bench-") as work, LocalFederation(
-        Path(work), clients, simulation=engine == "simulation"
-    ) as fed:
+    missing: list[str] = []
+    with contextlib.ExitStack() as stack:
+        fed = None
+        if not existing_only:
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="kta-bench-"))
+            fed = stack.enter_context(LocalFederation(Path(work), clients, simulation=engine == "simulation"))
         for i, (seed, method) in enumerate(((s, m) for s in seeds for m in methods), 1):
             run_dir = results_dir / "runs" / f"{_slug(method)}-seed{seed}"
             cfg = configs[method].replace(seed=seed, output_dir=str(run_dir.resolve()))
-            earlier = reusable_run(run_dir, cfg) if resume else None
+            earlier = reusable_run(run_dir, cfg) if resume or existing_only else None
             if earlier is not None:
                 seconds = json.loads(earlier.read_text())["summary"]["seconds"]
                 runs.append(read_run(earlier, method, seed, seconds))
                 print(f"[bench {i}/{total}] {method} seed {seed}: reusing {earlier}", flush=True)
+                continue
+            if fed is None:
+                missing.append(f"{method} seed {seed}")
+                print(f"[bench {i}/{total}] {method} seed {seed}: no run yet, left out", flush=True)
                 continue
             print(f"[bench {i}/{total}] {preset}: {method}, seed {seed} ...", flush=True)
             start = time.monotonic()
@@ -316,18 +327,23 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
             print(f"[bench {i}/{total}] {method} seed {seed}: personalized "
                   f"{run.final_personalized:.4f}, global {run.final_global:.4f}, "
                   f"{run.mib_total:.4f} MiB, {wall:.0f} s", flush=True)
+    if not runs:
+        raise ConfigError(f"no runs to summarise in {results_dir / 'runs'}")
     if target is None:  # default: 90% of the best final mean personalized accuracy
         finals = aggregate(runs, 1.0)
         target = 0.9 * max(s["personalized"][0] for s in finals.values())
     stats = aggregate(runs, target)
     summary = {
         "preset": preset, "clients": clients, "engine": engine, "target": target,
+        "missing_runs": missing,
         "config": base.to_flwr(), "methods": stats, "paper": PAPER.get(preset, {}),
         "setting_notes": SETTING_NOTES.get(base.dataset, []),
         "runs": [run.__dict__ for run in runs],
     }
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     table = markdown_table(preset, base, stats, target)
+    if missing:
+        table += f"- not run yet: {', '.join(missing)}\n"
     (results_dir / "summary.md").write_text(table)
     plot(runs, results_dir / "accuracy_vs_mib.png", f"{preset}: {clients} clients, seeds {seeds}")
     print(table)
@@ -351,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="personalized accuracy for 'MiB to target' (default: 90%% of the best)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse runs already in <out>/<preset>/runs made with the same config")
+    parser.add_argument("--existing-only", action="store_true",
+                        help="run nothing: summarise the runs already there, list the missing")
     add_federation_arguments(parser)
     args = parser.parse_args(argv)
     exit_on_sigterm()
@@ -359,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preset, [m.strip() for m in args.methods.split(",") if m.strip()],
         [int(s) for s in args.seeds.split(",")], args.clients, args.out,
         dict(parse_override(item) for item in args.set), args.target, args.engine,
-        data_root, resume=args.resume,
+        data_root, resume=args.resume, existing_only=args.existing_only,
     ))
 
 

@@ -28,10 +28,24 @@ def test_bench_two_methods_one_seed(tmp_path):
         assert run["mib_total"] == res["summary"]["bytes_total"] / 2**20
         assert len(run["curve"]) == 2
     kta = on_disk["methods"]["kta"]
-    # 2 rounds x 2 clients x 100 x 10 x 4 B up + 1 round of targets down
-    assert kta["mib_total"][0] == pytest.approx((2 + 1) * 2 * 100 * 10 * 4 / 2**20)
+    (results,) = (out / "runs" / "kta-seed0").glob("*/results.json")
+    sent = json.loads(results.read_text())["train_metrics"]["1"]["distilling-clients"]
+    # 2 rounds x 2 clients x 100 x 10 x 4 B up + 1 round of targets down, on the 80 rows
+    # not held out, to the clients the market's gate let through
+    assert kta["mib_total"][0] == pytest.approx((2 * 2 * 100 + sent * 80) * 10 * 4 / 2**20)
     assert on_disk["methods"]["local"]["mib_total"] == [0.0, 0.0]
     assert not math.isnan(kta["personalized"][0]) and kta["seeds"] == [0]
+
+    # Summarise what is there without running anything: fedmd has no run yet.
+    again = run_bench(
+        "digits", ["kta", "fedmd", "local"], [0], clients=2, out_dir=tmp_path,
+        overrides={"num-server-rounds": 2, "reference-size": 100, "local-epochs": 1,
+                   "distill-epochs": 1}, existing_only=True,
+    )
+    assert again["missing_runs"] == ["fedmd seed 0"]
+    assert again["methods"].keys() == {"kta", "local"}
+    assert list(again["methods"]["kta"]["personalized"]) == kta["personalized"]
+    assert "not run yet: fedmd seed 0" in (out / "summary.md").read_text()
 
 
 def test_method_variants_carry_their_run_config():
