@@ -61,7 +61,8 @@ def plain_loop(cfg: RunConfig, num_clients: int) -> dict[str, Any]:
     Per round and client, as the ClientApp does: ``local-epochs`` of cross-entropy over
     the private data; from round 2 on, ``distill-epochs`` over the reference set with a
     private slice per batch (one private pass per epoch; KL toward soft targets built
-    from the reference labels); the model's reference logits; and, in the rounds the
+    from the reference labels; the gradient clipped to ``distill-clip``); the model's
+    reference logits; and, in the rounds the
     strategy evaluates, a forward pass over the test set (and the client's own test rows).
     Models stay in memory. Returns samples trained and seconds (of this function only;
     the caller times the whole process).
@@ -123,6 +124,8 @@ def plain_loop(cfg: RunConfig, num_clients: int) -> dict[str, Any]:
                             samples += len(pick)
                         opt.zero_grad()
                         loss.backward()
+                        if cfg.distill_clip > 0:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.distill_clip)
                         opt.step()
                         samples += len(idx)
             model.eval()
@@ -325,7 +328,11 @@ def run_efficiency(  # pylint: disable=too-many-arguments,too-many-locals
     """Ratio, breakdown and (optionally) client scaling; writes the report files."""
 
     def config(extra: dict[str, Any] | None) -> RunConfig:
-        cfg = load_preset(preset, {"strategy": "kta", **(extra or {})})
+        # A fixed workload on both sides: no gate and no held-out rows, so every client
+        # distills on every reference row in every round after the first, as the plain
+        # loop does.
+        fixed = {"strategy": "kta", "distill-gate": False, "holdout-fraction": 0.0}
+        cfg = load_preset(preset, {**fixed, **(extra or {})})
         return cfg.replace(data_path=cfg.resolved_data_path(data_root or DATA_ROOT))
 
     base = config(overrides)
