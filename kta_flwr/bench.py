@@ -189,12 +189,13 @@ def figure(size: tuple[float, float]) -> tuple[Any, Any]:
     return plt.subplots(figsize=size)
 
 
-def save_figure(fig: Any, ax: Any, path: Path) -> None:
-    """Grid, legend, tight layout; write ``path`` (PNG, 120 dpi) and close."""
+def save_figure(fig: Any, ax: Any, path: Path, legend_beside: bool = False) -> None:
+    """Grid, legend (beside the axes when asked or with many entries), tight layout;
+    write ``path`` (PNG, 120 dpi) and close."""
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
     ax.grid(True, which="both", alpha=0.3)
-    if len(ax.get_legend_handles_labels()[1]) > 8:  # many curves: legend beside the axes
+    if legend_beside or len(ax.get_legend_handles_labels()[1]) > 8:
         ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     else:
         ax.legend()

@@ -42,6 +42,7 @@ class Cell:
     global_: tuple[float, float]
     mib: tuple[float, float]
     seeds: int
+    per_seed: dict[int, float]  # final personalized accuracy per seed
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Verdict:
     best: float
     gap_points: float  # default - best, in accuracy points
     within_margin: bool
+    paired_gaps: list[float]  # default - best per shared seed, in points
 
 
 def load_setting(folder: Path) -> dict[str, Cell]:
@@ -61,10 +63,14 @@ def load_setting(folder: Path) -> dict[str, Cell]:
     path = folder / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"no summary.json in {folder}: run kta_flwr.bench there first")
-    methods = json.loads(path.read_text())["methods"]
+    summary = json.loads(path.read_text())
+    per_seed: dict[str, dict[int, float]] = {}
+    for run in summary.get("runs", []):
+        per_seed.setdefault(run["method"], {})[int(run["seed"])] = run["final_personalized"]
     return {
-        name: Cell(tuple(s["personalized"]), tuple(s["global"]), tuple(s["mib_total"]), len(s["seeds"]))
-        for name, s in methods.items()
+        name: Cell(tuple(s["personalized"]), tuple(s["global"]), tuple(s["mib_total"]),
+                   len(s["seeds"]), per_seed.get(name, {}))
+        for name, s in summary["methods"].items()
     }
 
 
@@ -80,8 +86,10 @@ def verdicts(
             continue
         best = max(present, key=lambda m: cells[m].personalized[0])
         gap = 100.0 * (cells[default].personalized[0] - cells[best].personalized[0])
+        mine, theirs = cells[default].per_seed, cells[best].per_seed
+        paired = [100.0 * (mine[s] - theirs[s]) for s in sorted(set(mine) & set(theirs))]
         out.append(Verdict(setting, cells[default].personalized[0], best,
-                           cells[best].personalized[0], gap, gap >= -margin))
+                           cells[best].personalized[0], gap, gap >= -margin, paired))
     return out
 
 
@@ -112,8 +120,9 @@ def markdown(table: dict[str, dict[str, Cell]], found: list[Verdict], default: s
               "on average):", ""]
     for v in found:
         mark = "yes" if v.within_margin else "**no**"
+        seeds = ", ".join(f"{g:+.1f}" for g in v.paired_gaps)
         lines.append(f"- {v.setting}: {v.default:.4f} vs {v.best_method} {v.best:.4f} "
-                     f"({v.gap_points:+.2f} pt) — within {margin:g} pt: {mark}")
+                     f"({v.gap_points:+.2f} pt; per seed {seeds or '—'}) — within {margin:g} pt: {mark}")
     means = {m: mean_over_settings(table, m) for m in [default, *against]}
     known = {m: v for m, v in means.items() if not math.isnan(v)}
     if default in known and len(known) > 1:
@@ -128,7 +137,7 @@ def plot(table: dict[str, dict[str, Cell]], path: Path) -> None:
     """Grouped bars: mean personalized accuracy per setting (groups) and method (bars)."""
     settings = list(table)
     methods = list(dict.fromkeys(m for cells in table.values() for m in cells))
-    fig, ax = figure((max(7.0, 1.2 + 0.45 * len(methods) * len(settings)), 4.5))
+    fig, ax = figure((max(8.5, 2.5 + 0.4 * len(methods) * len(settings)), 4.5))
     width = 0.8 / len(methods)
     for i, (colour, method) in enumerate(zip(_colours(len(methods)), methods)):
         xs = [s + (i - (len(methods) - 1) / 2) * width for s in range(len(settings))
@@ -139,7 +148,7 @@ def plot(table: dict[str, dict[str, Cell]], path: Path) -> None:
     ax.set_xticks(range(len(settings)), settings)
     ax.set_ylabel("final mean personalized test accuracy")
     ax.set_title("Methods across settings (mean ± std over seeds)")
-    save_figure(fig, ax, path)
+    save_figure(fig, ax, path, legend_beside=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,9 @@ def write_summary(folder, accuracies):
     folder.mkdir(parents=True)
     methods = {m: {"seeds": [0, 1], "personalized": [acc, 0.01], "global": [acc / 2, 0.0],
                    "mib_total": [1.5, 0.0]} for m, acc in accuracies.items()}
-    (folder / "summary.json").write_text(json.dumps({"methods": methods}))
+    runs = [{"method": m, "seed": seed, "final_personalized": acc + (0.01 if seed else -0.01)}
+            for m, acc in accuracies.items() for seed in (0, 1)]
+    (folder / "summary.json").write_text(json.dumps({"methods": methods, "runs": runs}))
 
 
 def test_verdicts_and_average(tmp_path):
@@ -22,6 +24,7 @@ def test_verdicts_and_average(tmp_path):
     found = {v.setting: v for v in compare.verdicts(table, "kta", ["local", "fedmd"], 1.0)}
     assert found["a"].best_method == "local" and found["a"].within_margin
     assert found["a"].gap_points == pytest.approx(-0.5)
+    assert found["a"].paired_gaps == pytest.approx([-0.5, -0.5])
     assert found["b"].best_method == "fedmd" and not found["b"].within_margin
     assert found["c"].gap_points == pytest.approx(-5.0) and not found["c"].within_margin
     text = compare.markdown(table, list(found.values()), "kta", ["local", "fedmd"], 1.0)
