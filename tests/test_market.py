@@ -176,10 +176,9 @@ def test_gate_keeps_targets_from_a_client_no_teacher_can_help():
 
 def test_adaptive_scores_on_held_out_rows_only():
     """Teacher 1 is sure and right on the rows clients distill on but knows nothing of the
-    held-out rows (it has memorised the others); teacher 2 is right on every row with
-    less confidence. Scored on
-    the held-out rows, client 0 learns from teacher 2; scored on every row, the
-    memoriser's false confidence buys it a large share."""
+    held-out rows (it has memorised the others); teacher 2 is right everywhere with less
+    confidence. Scored on the held-out rows, client 0 learns from teacher 2; scored on
+    every row, the memoriser's false confidence buys it a large share."""
     rng = np.random.default_rng(10)
     labels = rng.integers(0, 4, 400)
     held_out = np.zeros(400, dtype=bool)
