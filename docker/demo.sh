@@ -7,9 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 compose=(docker-compose -f docker/compose.yml -p kta-flwr)
-read -r port nodes < <(python3 -c 'from kta_flwr.topology import load_topology as l; t = l(); print(t.superlink_port, len(t.partition_ids))')
+read -r port nodes < <(python3 -c 'from kta_flwr.tools.topology import load_topology as l; t = l(); print(t.superlink_port, len(t.partition_ids))')
 
-[ -f docker/certs/ca.crt ] || python3 -m kta_flwr.certs docker/certs --supernodes "$nodes"
+[ -f docker/certs/ca.crt ] || python3 -m kta_flwr.tools.certs docker/certs --supernodes "$nodes"
 mkdir -p docker/results docker/data
 shopt -s nullglob
 export FLWR_HOME
@@ -18,7 +18,7 @@ cleanup() { "${compose[@]}" down --timeout 20 >/dev/null 2>&1 || true; rm -rf "$
 trap cleanup EXIT
 
 "${compose[@]}" up -d --no-build superlink
-python3 -c "from kta_flwr.deploy import wait_for_port; wait_for_port($port, 120)"
+python3 -c "from kta_flwr.tools.federation import wait_for_port; wait_for_port($port, 120)"
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
 default = "docker"

@@ -4,27 +4,58 @@ Every key of ``[tool.flwr.app.config]`` in ``pyproject.toml`` is a field of
 :class:`RunConfig` (kebab-case there, snake_case here); ``tests/test_config.py`` keeps the
 two in step. :func:`parse_run_config` turns Flower's ``context.run_config`` into a
 ``RunConfig`` and rejects bad values with a :class:`ConfigError` that names the key.
+
+A ``RunConfig`` is a value: it builds nothing (:mod:`kta_flwr.factory` turns it into
+components) and importing it loads neither torch nor flwr. The name tables of the
+strategies, datasets and models live here; the registries that implement them
+(:data:`kta_flwr.task.datasets.DATASETS`, :data:`kta_flwr.task.models.MODELS`) check at
+import that they match (:func:`check_registry`). Every key is described once, in
+``docs/configuration.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from kta_flwr.codec import CODECS, Codec
-from kta_flwr.compression import ParamLayout, UpdateCodec
+from kta_flwr.maths.knowledge_codec import CODECS
 
-#: Strategies whose clients exchange only reference-set predictions (or nothing).
-MARKET_STRATEGIES = ("kta", "fedmd", "ktpfl", "local")
-#: Flower's stock parameter-averaging strategies.
-PARAMETER_STRATEGIES = ("fedavg", "fedprox")
-#: Parameter baselines that send compressed updates (:mod:`kta_flwr.update_strategy`).
-COMPRESSED_STRATEGIES = ("fedavg-topk", "sapef", "fedkd")
-STRATEGIES = MARKET_STRATEGIES + PARAMETER_STRATEGIES + COMPRESSED_STRATEGIES
+# --- strategies, by family ---------------------------------------------------------------
+#: Family: clients keep their own models and exchange reference-set predictions (or nothing).
+MARKET = "market"
+#: Family: Flower's stock parameter-averaging strategies (dense weights both ways).
+PARAMETERS = "parameters"
+#: Family: parameter baselines that send compressed updates of a shared model.
+COMPRESSED = "compressed"
+
+#: Strategy name -> family.
+STRATEGY_FAMILIES: dict[str, str] = {
+    "kta": MARKET, "fedmd": MARKET, "ktpfl": MARKET, "local": MARKET,
+    "fedavg": PARAMETERS, "fedprox": PARAMETERS,
+    "fedavg-topk": COMPRESSED, "sapef": COMPRESSED, "fedkd": COMPRESSED,
+}
+STRATEGIES = tuple(STRATEGY_FAMILIES)
+MARKET_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == MARKET)
+PARAMETER_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PARAMETERS)
+COMPRESSED_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == COMPRESSED)
+#: Compressed strategy -> the compressor of its updates (:mod:`kta_flwr.maths.update_compression`).
+UPDATE_COMPRESSORS: dict[str, str] = {"fedavg-topk": "topk", "sapef": "topk", "fedkd": "svd"}
+#: Strategies whose clients keep a private model next to the shared one (FedKD's teacher).
+PRIVATE_TEACHER_STRATEGIES = ("fedkd",)
+
+# --- data and models ---------------------------------------------------------------------
+#: Dataset names (loaders: :data:`kta_flwr.task.datasets.DATASETS`).
+DATASETS = ("digits", "cifar10", "femnist", "agnews", "emnist")
+#: Datasets whose inputs are text (they need a text model such as ``textbag``).
+TEXT_DATASETS = frozenset({"agnews"})
+#: Model names (builders: :data:`kta_flwr.task.models.MODELS`).
+MODELS = ("mlp", "cnn", "simplecnn", "simplecnn_small", "resnet18", "femnist_cnn", "textbag", "minilm")
+#: Models that read token ids instead of images.
+TEXT_MODELS = frozenset({"textbag", "minilm"})
 
 PARTITIONERS = ("dirichlet", "iid", "natural")
 DIVERGENCES = ("js", "skl", "cosine")
@@ -44,6 +75,20 @@ def is_hub_path(data_path: str) -> bool:
 
 class ConfigError(ValueError):
     """A run-config value is invalid; the message names the key and what is allowed."""
+
+
+def check_registry(kind: str, registry: Iterable[str], names: Iterable[str]) -> None:
+    """Fail at import when a registry's keys differ from the config's name table.
+
+    Raises:
+        RuntimeError: naming the names only one side has.
+    """
+    have, want = set(registry), set(names)
+    if have != want:
+        raise RuntimeError(
+            f"the {kind} registry and kta_flwr.config disagree: only in the registry "
+            f"{sorted(have - want)}, only in the config {sorted(want - have)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -120,20 +165,40 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         return names[partition_id % len(names)]
 
     @property
+    def family(self) -> str:
+        """The strategy's family: :data:`MARKET`, :data:`PARAMETERS` or :data:`COMPRESSED`."""
+        return STRATEGY_FAMILIES[self.strategy]
+
+    @property
     def is_market(self) -> bool:
         """True for strategies whose clients keep their own models (no weights sent)."""
-        return self.strategy in MARKET_STRATEGIES
+        return self.family == MARKET
 
     @property
     def is_compressed(self) -> bool:
         """True for the baselines that send compressed model updates."""
-        return self.strategy in COMPRESSED_STRATEGIES
+        return self.family == COMPRESSED
+
+    @property
+    def exchanges_knowledge(self) -> bool:
+        """True for the market strategies that upload logits (all but ``local``)."""
+        return self.is_market and self.strategy != "local"
+
+    @property
+    def has_private_teacher(self) -> bool:
+        """True when clients keep a private model next to the shared one (FedKD)."""
+        return self.strategy in PRIVATE_TEACHER_STRATEGIES
+
+    @property
+    def update_compressor(self) -> str:
+        """The compressed strategies' compressor: ``topk`` or ``svd``."""
+        return UPDATE_COMPRESSORS[self.strategy]
 
     @property
     def shared_model(self) -> str:
         """The architecture whose weights the parameter strategies share: FedKD's student
         (``student-model``, default: the first of ``models``), else the one model."""
-        if self.strategy == "fedkd" and self.student_model:
+        if self.has_private_teacher and self.student_model:
             return self.student_model
         return self.model_names[0]
 
@@ -147,13 +212,6 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     def step_ahead(self) -> float:
         """SA-PEF's alpha: ``sapef-alpha`` under ``sapef``, 0 (plain EF) otherwise."""
         return self.sapef_alpha if self.strategy == "sapef" else 0.0
-
-    def update_codec(self, layout: ParamLayout) -> UpdateCodec:
-        """The compressor of the shared model's updates under a compressed strategy."""
-        if self.strategy == "fedkd":
-            return UpdateCodec(layout, "svd", energy=self.svd_energy,
-                               energy_end=self.svd_energy_end, rounds=self.num_server_rounds)
-        return UpdateCodec(layout, "topk", fraction=self.topk_fraction)
 
     def resolved_output_dir(self) -> Path:
         """``output-dir`` as an absolute path; relative paths are taken from ``$HOME``.
@@ -172,10 +230,6 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             return self.data_path
         path = Path(self.data_path).expanduser()
         return str(path if path.is_absolute() else root.expanduser() / path)
-
-    def knowledge_codec(self) -> Codec:
-        """The codec of the logits and targets on the wire (see :mod:`kta_flwr.codec`)."""
-        return Codec(self.codec, self.codec_topk)
 
     def to_flwr(self) -> dict[str, Any]:
         """The config as Flower run-config keys (kebab-case)."""
@@ -244,12 +298,8 @@ def _non_negative(key: str, value: float) -> None:
 
 def _validate(cfg: RunConfig) -> RunConfig:
     """Check value ranges that do not depend on the data; returns ``cfg``."""
-    # Imported here: models/data import torch, which config users may not need.
-    from kta_flwr.datasets import DATASETS, TEXT_DATASETS  # pylint: disable=import-outside-toplevel
-    from kta_flwr.models import MODELS, TEXT_MODELS  # pylint: disable=import-outside-toplevel
-
     _choice("strategy", cfg.strategy, STRATEGIES)
-    _choice("dataset", cfg.dataset, tuple(DATASETS))
+    _choice("dataset", cfg.dataset, DATASETS)
     _choice("partitioner", cfg.partitioner, PARTITIONERS)
     _choice("market", cfg.market, MARKETS)
     _choice("divergence", cfg.divergence, DIVERGENCES)
@@ -323,7 +373,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
     if cfg.student_model:
         checked.append(("student-model", cfg.student_model))
     for key, name in checked:
-        _choice(key, name, tuple(MODELS))
+        _choice(key, name, MODELS)
         if (name in TEXT_MODELS) != (cfg.dataset in TEXT_DATASETS):
             kind = "text" if cfg.dataset in TEXT_DATASETS else "image"
             fits = sorted(TEXT_MODELS) if kind == "text" else sorted(set(MODELS) - TEXT_MODELS)
@@ -331,7 +381,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
                 f"run-config '{key}' names {name!r}, which cannot read the {kind} inputs "
                 f"of dataset {cfg.dataset!r}; use one of {fits}"
             )
-    shares_weights = cfg.strategy in PARAMETER_STRATEGIES + ("fedavg-topk", "sapef")
+    shares_weights = cfg.family == PARAMETERS or (cfg.is_compressed and not cfg.has_private_teacher)
     if shares_weights and len(set(names)) > 1:
         raise ConfigError(
             f"run-config 'models' = {cfg.models!r} mixes architectures, but strategy "

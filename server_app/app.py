@@ -1,4 +1,5 @@
-"""The ServerApp: validate the config, build the strategy, meter the grid, write results."""
+"""The ServerApp: validate the config, build the strategy (:mod:`kta_flwr.factory`), meter
+the grid, write results. The round as the server sees it: ``docs/method.md``."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from kta_flwr.config import ConfigError, RunConfig, parse_run_config
-from kta_flwr.data import CentralSplits, load_splits, partition_indices
-from kta_flwr.metering import ByteMeter, MeteredGrid
-from kta_flwr.models import build_model
-from kta_flwr.text import minilm_path
-from kta_flwr.results import RunRecorder
-from kta_flwr.strategy import build_strategy
+from kta_flwr.factory import build_strategy
+from kta_flwr.flower.metering import ByteMeter, MeteredGrid
+from kta_flwr.flower.results import RunRecorder
+from kta_flwr.task.models import build_model
+from kta_flwr.task.splits import CentralSplits, load_splits, partition_indices
+from kta_flwr.task.text import minilm_path
 
 app = ServerApp()
 

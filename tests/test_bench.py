@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from kta_flwr.bench import run_bench
+from kta_flwr.tools.bench import run_bench
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_bench_two_methods_one_seed(tmp_path):
 
 
 def test_method_variants_carry_their_run_config():
-    from kta_flwr.bench import method_config
+    from kta_flwr.tools.bench import method_config
     from kta_flwr.config import ConfigError, RunConfig
 
     cfg = method_config(RunConfig(), "kta:codec=topk:codec-topk=2")

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from kta_flwr.codec import CODECS, Codec, CodecError, decode, encode, payload_bytes
+from kta_flwr.maths.knowledge_codec import CODECS, Codec, CodecError, decode, encode
+from kta_flwr.maths.payload import payload_bytes
 
 
 def softmax(x):

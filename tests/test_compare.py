@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kta_flwr import compare
+from kta_flwr.tools import compare
 
 
 def write_summary(folder, accuracies):

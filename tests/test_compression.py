@@ -6,13 +6,14 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from kta_flwr import protocol, sync
-from kta_flwr.compression import (
+from kta_flwr.flower import protocol, sync
+from kta_flwr.maths.update_compression import (
     CompressionError, ParamLayout, UpdateCodec, densify, energy_rank, error_feedback,
-    payload_bytes, sapef_start, sapef_vector, sparsify, svd_compress, svd_decompress,
+    sapef_start, sapef_vector, sparsify, svd_compress, svd_decompress,
 )
-from kta_flwr.models import ModelSpec, build_model
-from kta_flwr.update_strategy import CompressedUpdates
+from kta_flwr.maths.payload import payload_bytes
+from kta_flwr.task.models import ModelSpec, build_model
+from kta_flwr.flower.strategies.compressed import CompressedUpdates
 from tests.conftest import FixedGrid, reply
 
 P = 1000

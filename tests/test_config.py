@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kta_flwr.config import ConfigError, RunConfig, parse_run_config
-from kta_flwr.data import load_splits, partition_indices
+from kta_flwr.task.splits import load_splits, partition_indices
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

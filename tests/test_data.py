@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kta_flwr.config import RunConfig
-from kta_flwr.data import load_client_data, load_splits, partition_indices
+from kta_flwr.task.splits import load_client_data, load_splits, partition_indices
 
 
 def _rows(x):

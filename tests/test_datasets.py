@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from kta_flwr.config import ConfigError, RunConfig
-from kta_flwr.data import load_client_data, load_splits
-from kta_flwr.datasets import DATASETS
-from kta_flwr.models import build_model, num_parameters
-from kta_flwr.text import UNK, build_vocab, encode, tokenize
+from kta_flwr.task.splits import load_client_data, load_splits
+from kta_flwr.task.datasets import DATASETS
+from kta_flwr.task.models import build_model, num_parameters
+from kta_flwr.task.text import UNK, build_vocab, encode, tokenize
 
 PATHS = {
     "cifar10": "cifar10",
@@ -75,7 +75,7 @@ def test_femnist_writers_stay_whole(shared_datasets):
     cfg = _cfg(shared_datasets, "femnist", max_train_size=0, test_size=0, reference_size=500)
     splits = load_splits(cfg)
     data = [load_client_data(cfg, k, 5) for k in range(5)]
-    from kta_flwr.data import partition_indices  # pylint: disable=import-outside-toplevel
+    from kta_flwr.task.splits import partition_indices  # pylint: disable=import-outside-toplevel
 
     parts = partition_indices(splits.train.y, 5, cfg, splits.train_groups)
     owners = [set(splits.train_groups[rows]) for rows in parts]
@@ -126,7 +126,7 @@ def test_bad_dataset_model_combinations(changes, key):
     ],
 )
 def test_models_forward_and_size(name, shape, classes, vocab, params):
-    from kta_flwr.models import ModelSpec  # pylint: disable=import-outside-toplevel
+    from kta_flwr.task.models import ModelSpec  # pylint: disable=import-outside-toplevel
 
     model = build_model(name, ModelSpec(shape, classes, vocab), seed=0)
     assert num_parameters(model) == params

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from kta_flwr.topology import COMPOSE
+from kta_flwr.tools.topology import COMPOSE
 
 pytestmark = pytest.mark.docker
 

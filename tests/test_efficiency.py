@@ -8,11 +8,11 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 
 from kta_flwr.config import RunConfig
-from kta_flwr.data import load_client_data
-from kta_flwr.efficiency import plain_loop, run_efficiency
-from kta_flwr.metering import ByteMeter
-from kta_flwr.results import RunRecorder
-from kta_flwr.training import training_samples
+from kta_flwr.task.splits import load_client_data
+from kta_flwr.tools.efficiency import plain_loop, run_efficiency
+from kta_flwr.flower.metering import ByteMeter
+from kta_flwr.flower.results import RunRecorder
+from kta_flwr.task.training import training_samples
 
 TINY = {"reference-size": 100, "test-size": 100, "local-epochs": 1, "distill-epochs": 2,
         "batch-size": 16}

@@ -1,6 +1,6 @@
 """Real Flower runs: the simulation engine and a SuperLink with SuperNodes, on loopback.
 
-Each test owns its processes (kta_flwr.deploy.LocalFederation) and stops them even when an
+Each test owns its processes (kta_flwr.tools.federation.LocalFederation) and stops them even when an
 assertion fails. Checked through the results files the ServerApp writes.
 """
 
@@ -8,12 +8,12 @@ import math
 
 import pytest
 
-from kta_flwr import protocol
+from kta_flwr.flower import protocol
 from kta_flwr.config import RunConfig
-from kta_flwr.data import load_splits
-from kta_flwr.deploy import LocalFederation
-from kta_flwr.models import build_model
-from kta_flwr.presets import load_preset
+from kta_flwr.task.splits import load_splits
+from kta_flwr.tools.federation import LocalFederation
+from kta_flwr.task.models import build_model
+from kta_flwr.tools.presets import load_preset
 from tests.conftest import read_results
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kta_flwr.market import (
+from kta_flwr.maths.market import (
     MarketParams,
     class_prior,
     label_likelihood,

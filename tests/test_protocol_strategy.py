@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from kta_flwr import protocol
-from kta_flwr.codec import Codec
+from kta_flwr.flower import protocol
+from kta_flwr.maths.knowledge_codec import Codec
 from kta_flwr.config import RunConfig
-from kta_flwr.metering import payload_bytes
-from kta_flwr.strategy import KnowledgeMarket, market_params
+from kta_flwr.flower.metering import payload_bytes
+from kta_flwr.factory import market_params
+from kta_flwr.flower.strategies.market import KnowledgeMarket
 from tests.conftest import FixedGrid, reply
 
 N, C = 20, 4

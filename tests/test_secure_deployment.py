@@ -4,8 +4,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from kta_flwr.certs import make_credentials
-from kta_flwr.deploy import LocalFederation
+from kta_flwr.tools.certs import make_credentials
+from kta_flwr.tools.federation import LocalFederation
 from tests.conftest import read_results
 
 pytestmark = pytest.mark.slow

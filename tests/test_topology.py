@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from kta_flwr.config import ConfigError
-from kta_flwr.deploy import main as deploy_main
-from kta_flwr.topology import COMPOSE, SETTINGS, load_topology, render_compose, render_gpu_override
+from kta_flwr.tools.deploy import main as deploy_main
+from kta_flwr.tools.topology import COMPOSE, SETTINGS, load_topology, render_compose, render_gpu_override
 
 
 def test_committed_compose_files_are_rendered_from_the_settings():
@@ -55,7 +55,7 @@ def test_compose_config_is_valid():
 
 @pytest.mark.slow
 def test_deploy_local_runs_the_compose_topology(tmp_path, capfd):
-    """`python -m kta_flwr.deploy local`: TLS + node auth, 3 SuperNodes, results on disk."""
+    """`python -m kta_flwr.tools.deploy local`: TLS + node auth, 3 SuperNodes, results on disk."""
     settings = tmp_path / "federation.toml"
     text = SETTINGS.read_text()
     for key in ("certs", "data", "results"):

@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 from kta_flwr.config import RunConfig
-from kta_flwr.data import load_client_data
-from kta_flwr.models import build_model
-from kta_flwr.training import Optim, distill, evaluate, train_supervised
+from kta_flwr.task.splits import load_client_data
+from kta_flwr.task.models import build_model
+from kta_flwr.task.training import Optim, distill, evaluate, train_supervised
 
 CPU = torch.device("cpu")
 OPT = Optim(lr=0.05, momentum=0.9)
@@ -69,7 +69,7 @@ def test_distill_is_deterministic_for_a_seed():
 
 
 def test_private_schedule_one_pass_per_epoch():
-    from kta_flwr.training import _private_schedule  # pylint: disable=import-outside-toplevel
+    from kta_flwr.task.training import _private_schedule  # pylint: disable=import-outside-toplevel
 
     chunks = _private_schedule(num_private=50, num_reference=300, batch_size=32, epochs=2, seed=0)
     assert len(chunks) == 2 * 10  # ceil(300 / 32) reference batches per epoch

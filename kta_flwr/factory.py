@@ -1,0 +1,134 @@
+"""The one place that turns a :class:`~kta_flwr.config.RunConfig` into components: the
+server's Strategy, the market's knobs and the codecs of what crosses the wire.
+
+Both apps call it; nothing else builds these from a config. Torch-free: the shared model
+arrives as Flower arrays (``ArrayRecord``) and is read as numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+from kta_flwr.config import COMPRESSED, MARKET, PARAMETERS, RunConfig
+from kta_flwr.flower.strategies.base import EvaluateEvery, MetricsAggregator
+from kta_flwr.flower.strategies.compressed import CompressedUpdates
+from kta_flwr.flower.strategies.market import KnowledgeMarket
+from kta_flwr.flower.strategies.stock import FedAvgEvery, FedProxEvery
+from kta_flwr.maths.knowledge_codec import Codec
+from kta_flwr.maths.market import MarketParams
+from kta_flwr.maths.update_compression import ParamLayout, UpdateCodec
+
+#: Market strategy -> how its teachers are weighted (:class:`~kta_flwr.maths.market.MarketParams`).
+MARKET_WEIGHTING = {"kta": "market", "fedmd": "uniform", "ktpfl": "learned"}
+
+
+def knowledge_codec(cfg: RunConfig) -> Codec:
+    """The codec of the logits (up) and targets (down) on the wire."""
+    return Codec(cfg.codec, cfg.codec_topk)
+
+
+def update_codec(cfg: RunConfig, layout: ParamLayout) -> UpdateCodec:
+    """The compressor of the shared model's updates under a compressed strategy: Top-k at
+    ``topk-fraction``, or SVD from ``svd-energy`` to ``svd-energy-end`` (FedKD)."""
+    if cfg.update_compressor == "svd":
+        return UpdateCodec(layout, "svd", energy=cfg.svd_energy,
+                           energy_end=cfg.svd_energy_end, rounds=cfg.num_server_rounds)
+    return UpdateCodec(layout, "topk", fraction=cfg.topk_fraction)
+
+
+def market_params(cfg: RunConfig) -> MarketParams | None:
+    """Market knobs for ``cfg.strategy`` (None for ``local``: no market)."""
+    if not cfg.exchanges_knowledge:
+        return None
+    return MarketParams(
+        temperature=cfg.temperature,
+        divergence=cfg.divergence,
+        tau=cfg.similarity_tau,
+        neighbours=cfg.neighbours,
+        self_weight=cfg.self_weight,
+        accuracy_exponent=cfg.accuracy_exponent,
+        target_space=cfg.target_space,
+        weighting=MARKET_WEIGHTING[cfg.strategy],
+        adaptive=cfg.market == "adaptive",
+        # The baselines (FedMD, KT-pFL) mix predictions as published.
+        prior_correction=cfg.prior_correction and cfg.strategy == "kta",
+        gate=cfg.distill_gate,
+    )
+
+
+def _numpy_state(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """An ArrayRecord of the shared model as ``{name: array}``, in state-dict order."""
+    return {name: array.numpy() for name, array in arrays.items()}
+
+
+def _compressed(cfg: RunConfig, initial_arrays: ArrayRecord, **common: object) -> EvaluateEvery:
+    state = _numpy_state(initial_arrays)
+    layout = ParamLayout.of(state)
+    return CompressedUpdates(
+        codec=update_codec(cfg, layout), initial=layout.flatten(state),
+        evaluate_global=not cfg.has_private_teacher, label=cfg.strategy,
+        min_nodes=cfg.min_nodes, seed=cfg.seed, **common,  # type: ignore[arg-type]
+    )
+
+
+def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, fingerprint: str,
+            **common: object) -> EvaluateEvery:
+    return KnowledgeMarket(
+        params=market_params(cfg), reference_labels=reference_labels, num_classes=num_classes,
+        fingerprint=fingerprint, min_nodes=cfg.min_nodes, seed=cfg.seed,
+        codec=knowledge_codec(cfg), reference_fraction=cfg.reference_fraction,
+        holdout_fraction=cfg.holdout, **common,  # type: ignore[arg-type]
+    )
+
+
+def _stock(cfg: RunConfig, **common: object) -> EvaluateEvery:
+    stock = {"fraction_evaluate": 1.0, "min_train_nodes": 1, "min_evaluate_nodes": 1,
+             "min_available_nodes": cfg.min_nodes}
+    if cfg.strategy == "fedprox":
+        return FedProxEvery(proximal_mu=cfg.proximal_mu, **stock, **common)  # type: ignore[arg-type]
+    return FedAvgEvery(**stock, **common)  # type: ignore[arg-type]
+
+
+def build_strategy(  # pylint: disable=too-many-arguments
+    cfg: RunConfig,
+    *,
+    initial_arrays: ArrayRecord,
+    reference_labels: np.ndarray,
+    num_classes: int,
+    fingerprint: str,
+    evaluate_metrics_aggr_fn: MetricsAggregator,
+    train_metrics_aggr_fn: MetricsAggregator | None = None,
+) -> Strategy:
+    """The Strategy for ``cfg.strategy``: the market (kta, fedmd, ktpfl, local), Flower's
+    stock FedAvg/FedProx, or a compressed-update baseline (fedavg-topk, sapef, fedkd, on
+    the shared model ``initial_arrays``), each evaluating every ``cfg.evaluate_every``
+    rounds.
+
+    Args:
+        initial_arrays: the shared model's version 0 (compressed baselines; the others
+            ignore it here).
+        reference_labels: ``[N_ref]`` labels of the public reference set (market).
+        num_classes: C (market).
+        fingerprint: hash of the reference set, sent so clients can check their copy.
+        evaluate_metrics_aggr_fn, train_metrics_aggr_fn: Flower's metric hooks.
+    """
+    common: dict[str, object] = {
+        "fraction_train": cfg.fraction_train,
+        "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
+    }
+    if train_metrics_aggr_fn is not None:
+        common["train_metrics_aggr_fn"] = train_metrics_aggr_fn
+    builders: dict[str, Callable[[], EvaluateEvery]] = {
+        COMPRESSED: lambda: _compressed(cfg, initial_arrays, **common),
+        MARKET: lambda: _market(cfg, reference_labels=reference_labels, num_classes=num_classes,
+                                fingerprint=fingerprint, **common),
+        PARAMETERS: lambda: _stock(cfg, **common),
+    }
+    strategy = builders[cfg.family]()
+    strategy.evaluate_every = cfg.evaluate_every
+    strategy.last_round = cfg.num_server_rounds
+    return strategy  # type: ignore[return-value]

