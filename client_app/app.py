@@ -1,7 +1,8 @@
 """The ClientApp: read the node and the message, dispatch to the strategy family's handler
 (:mod:`kta_flwr.client`), reply.
 
-What each family does in a round: ``docs/method.md``; the handlers' docstrings.
+What each family does in a round: ``docs/method.md``; the handlers' docstrings. Where the
+node keeps its models and what happens on faults: ``docs/running.md``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from kta_flwr.client import handler_for
-from kta_flwr.client.node import Node
+from kta_flwr.client.faults import inject_faults
+from kta_flwr.client.node import Node, partition_id_of
 from kta_flwr.flower import protocol
 from kta_flwr.flower.timing import PhaseTimer
 
@@ -27,8 +29,9 @@ def train(msg: Message, context: Context) -> Message:
     ``t-predict``, ``t-save``; :mod:`kta_flwr.flower.timing`).
     """
     timer = PhaseTimer()
-    with timer("setup"):  # config, data (cached per process), device
+    with timer("setup"):  # config, data (cached per process), device, state from disk
         node = Node(msg, context)
+    inject_faults(node)
     metrics: dict[str, float] = {"num-examples": len(node.data.train.y), "partition-id": node.partition_id}
     content = handler_for(node.cfg).train(node, msg, timer, metrics)
     content[protocol.METRICS] = MetricRecord({**metrics, **timer.metrics()})
@@ -38,7 +41,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the model the family evaluates: the personalized model (market, FedKD's
-    teacher) or the global model the message carries."""
+    teacher) or the global model the message carries; the node's checkpoint records the
+    accuracies."""
     timer = PhaseTimer()
     with timer("setup"):
         node = Node(msg, context)
@@ -46,5 +50,14 @@ def evaluate(msg: Message, context: Context) -> Message:
         model = handler_for(node.cfg).evaluation_model(node, msg)
     with timer("evaluate"):
         metrics = node.evaluate(model)
+    with timer("save"):
+        node.record_evaluation(metrics)
     metrics = {**metrics, "partition-id": node.partition_id, **timer.metrics()}
     return Message(content=RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which partition this node holds (a resumed run maps the new node ids with it)."""
+    metrics = MetricRecord({"partition-id": partition_id_of(context)})
+    return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)

@@ -103,6 +103,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     round_timeout: float = 600.0
     evaluate_every: int = 1
     seed: int = 0
+    node_wait_timeout: float = 300.0
+    min_round_nodes: int = 1
+    max_staleness: int = 3
     # --- data -------------------------------------------------------------------
     dataset: str = "digits"
     data_path: str = ""
@@ -152,6 +155,13 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     # --- runtime ----------------------------------------------------------------
     device: str = "auto"
     output_dir: str = "~/kta-flwr/outputs"
+    # --- what training produces -------------------------------------------------------
+    model_dir: str = "~/kta-flwr/models"
+    warm_start: bool = False
+    resume_from: str = ""
+    # --- fault injection (tests and fault benchmarks; 0 = off) ---------------------------
+    fault_dropout: float = 0.0
+    fault_straggler: float = 0.0
 
     # ---------------------------------------------------------------------------
     @property
@@ -220,6 +230,11 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         path relative to the current directory would land somewhere surprising.
         """
         path = Path(self.output_dir).expanduser()
+        return path if path.is_absolute() else Path.home() / path
+
+    def resolved_model_dir(self) -> Path:
+        """``model-dir`` as an absolute path (relative: from ``$HOME``, as ``output-dir``)."""
+        path = Path(self.model_dir).expanduser()
         return path if path.is_absolute() else Path.home() / path
 
     def resolved_data_path(self, root: Path = DATA_ROOT) -> str:
@@ -315,6 +330,8 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("min-nodes", cfg.min_nodes),
         ("round-timeout", cfg.round_timeout),
         ("evaluate-every", cfg.evaluate_every),
+        ("node-wait-timeout", cfg.node_wait_timeout),
+        ("min-round-nodes", cfg.min_round_nodes),
         ("dirichlet-alpha", cfg.dirichlet_alpha),
         ("reference-size", cfg.reference_size),
         ("vocab-size", cfg.vocab_size),
@@ -349,8 +366,20 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("max-train-size", cfg.max_train_size),
         ("finetune-layers", cfg.finetune_layers),
         ("distill-clip", cfg.distill_clip),
+        ("max-staleness", cfg.max_staleness),
     ):
         _non_negative(key, value)
+    for key, value in (("fault-dropout", cfg.fault_dropout), ("fault-straggler", cfg.fault_straggler)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"run-config '{key}' = {value!r} must be in [0, 1)")
+    if cfg.min_round_nodes > cfg.min_nodes:
+        raise ConfigError(
+            f"run-config 'min-round-nodes' = {cfg.min_round_nodes} exceeds 'min-nodes' = "
+            f"{cfg.min_nodes}: a round waits for 'min-nodes' and, after 'node-wait-timeout', "
+            "proceeds with at least 'min-round-nodes'"
+        )
+    if not cfg.model_dir:
+        raise ConfigError("run-config 'model-dir' is empty; name a folder for the nodes' models")
     if not 0.0 <= cfg.holdout_fraction < 1.0:
         raise ConfigError(
             f"run-config 'holdout-fraction' = {cfg.holdout_fraction!r} must be in [0, 1)"

@@ -65,13 +65,19 @@ def _numpy_state(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in arrays.items()}
 
 
+def _node_options(cfg: RunConfig) -> dict[str, object]:
+    """How our strategies wait for and sample nodes."""
+    return {"min_nodes": cfg.min_nodes, "node_wait_timeout": cfg.node_wait_timeout,
+            "min_round_nodes": cfg.min_round_nodes, "seed": cfg.seed}
+
+
 def _compressed(cfg: RunConfig, initial_arrays: ArrayRecord, **common: object) -> EvaluateEvery:
     state = _numpy_state(initial_arrays)
     layout = ParamLayout.of(state)
     return CompressedUpdates(
         codec=update_codec(cfg, layout), initial=layout.flatten(state),
         evaluate_global=not cfg.has_private_teacher, label=cfg.strategy,
-        min_nodes=cfg.min_nodes, seed=cfg.seed, **common,  # type: ignore[arg-type]
+        **_node_options(cfg), **common,  # type: ignore[arg-type]
     )
 
 
@@ -79,18 +85,24 @@ def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, f
             **common: object) -> EvaluateEvery:
     return KnowledgeMarket(
         params=market_params(cfg), reference_labels=reference_labels, num_classes=num_classes,
-        fingerprint=fingerprint, min_nodes=cfg.min_nodes, seed=cfg.seed,
-        codec=knowledge_codec(cfg), reference_fraction=cfg.reference_fraction,
-        holdout_fraction=cfg.holdout, **common,  # type: ignore[arg-type]
+        fingerprint=fingerprint, codec=knowledge_codec(cfg),
+        reference_fraction=cfg.reference_fraction, holdout_fraction=cfg.holdout,
+        max_staleness=cfg.max_staleness, **_node_options(cfg), **common,  # type: ignore[arg-type]
     )
 
 
 def _stock(cfg: RunConfig, **common: object) -> EvaluateEvery:
     stock = {"fraction_evaluate": 1.0, "min_train_nodes": 1, "min_evaluate_nodes": 1,
              "min_available_nodes": cfg.min_nodes}
+    strategy: FedAvgEvery | FedProxEvery
     if cfg.strategy == "fedprox":
-        return FedProxEvery(proximal_mu=cfg.proximal_mu, **stock, **common)  # type: ignore[arg-type]
-    return FedAvgEvery(**stock, **common)  # type: ignore[arg-type]
+        strategy = FedProxEvery(proximal_mu=cfg.proximal_mu, **stock, **common)  # type: ignore[arg-type]
+    else:
+        strategy = FedAvgEvery(**stock, **common)  # type: ignore[arg-type]
+    strategy.min_nodes = cfg.min_nodes
+    strategy.node_wait_timeout = cfg.node_wait_timeout
+    strategy.min_round_nodes = cfg.min_round_nodes
+    return strategy
 
 
 def build_strategy(  # pylint: disable=too-many-arguments

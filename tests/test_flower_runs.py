@@ -7,10 +7,13 @@ assertion fails. Checked through the results files the ServerApp writes.
 import math
 
 import pytest
+import torch
 
 from kta_flwr.flower import protocol
 from kta_flwr.config import RunConfig
-from kta_flwr.task.splits import load_splits
+from kta_flwr.task.checkpoint import load_personalized
+from kta_flwr.task.splits import load_client_data, load_splits
+from kta_flwr.task.training import evaluate
 from kta_flwr.tools.federation import LocalFederation
 from kta_flwr.task.models import build_model
 from kta_flwr.tools.presets import load_preset
@@ -102,6 +105,13 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     assert fedavg["summary"]["bytes_down"] == ROUNDS * CLIENTS * model_bytes
     assert fedavg["summary"]["eval_bytes_down"] == ROUNDS * CLIENTS * model_bytes
     assert fedavg["summary"]["bytes_total"] > 10 * kta["summary"]["bytes_total"]
+
+    # ... and the ServerApp kept the final global model; it scores what the run reported
+    (fedavg_dir,) = [p.parent for p in (out / "1").glob("*/results.json")]
+    kept = load_personalized(fedavg_dir / "global-model.pt", {"strategy": "fedavg", "partition_id": -1})
+    data = load_client_data(cfg.replace(reference_size=N_REF, test_size=200), 0, CLIENTS)
+    ours = evaluate(kept, data.test.x, data.test.y, data.label_distribution, torch.device("cpu"))
+    assert ours.accuracy == pytest.approx(fedavg["summary"]["final_global_accuracy"], abs=1e-9)
 
 
 def test_deployment_superlink_supernodes_mixed_models(tmp_path, app_dir):

@@ -58,6 +58,7 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
             node.keep(MODEL_STATE, ArrayRecord(teacher.state_dict()))
         else:
             node.keep(RESIDUAL_STATE, ArrayRecord({"values": Array(residual)}))
+        node.save(trained=True)
     metrics["samples"] = node.samples_trained(distilled=False)
     return RecordDict({sync.UPDATE: sync.to_record(payload)})
 

@@ -10,8 +10,8 @@ Round ``r`` of a market client:
    back): ``distill-epochs`` of KL toward the personalized targets on the reference
    set, each reference batch paired with a private slice (``private-ce-weight``), so the
    step descends the whole market objective (``docs/method.md``);
-4. save the model to ``context.state``; reply with its logits on the reference set
-   (``local``: metrics only).
+4. save the model to ``context.state`` and to the node's folder on disk; reply with its
+   logits on the reference set (``local``: metrics only).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
             )
     with timer("save"):
         node.keep(MODEL_STATE, ArrayRecord(model.state_dict()))
+        node.save(trained=True)
     metrics["samples"] = node.samples_trained(distilled=targets is not None)
     return content
 

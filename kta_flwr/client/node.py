@@ -2,7 +2,10 @@
 
 A :class:`Node` is built per ClientApp call (data is cached per process by
 :mod:`kta_flwr.task.splits`). Models live in the node's ``context.state`` under the keys
-below; they never leave the node except as the family's reply says.
+below; they never leave the node except as the family's reply says. After every round it
+trains, the node also writes them to its own folder on disk (:mod:`kta_flwr.task.checkpoint`),
+so they outlive the run and a restart: a node whose state is empty (a restarted SuperNode,
+a resumed run, ``warm-start``) restores it from there first.
 """
 
 from __future__ import annotations
@@ -11,14 +14,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from torch import nn
 
-from kta_flwr.config import ConfigError, RunConfig, parse_run_config
+from kta_flwr.config import PARAMETERS, ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import update_codec
 from kta_flwr.flower import protocol, sync
 from kta_flwr.flower.timing import PhaseTimer
 from kta_flwr.maths.update_compression import ParamLayout, UpdateCodec
+from kta_flwr.task.checkpoint import (
+    CheckpointError,
+    ModelMeta,
+    SavedModel,
+    check_meta,
+    checkpoint_file,
+    read_checkpoint,
+    save_checkpoint,
+)
 from kta_flwr.task.models import build_model
 from kta_flwr.task.splits import ClientData, load_client_data
 from kta_flwr.task.training import (
@@ -38,6 +52,27 @@ MODEL_STATE = "personal-model"
 GLOBAL_STATE = "global-model"
 VERSION_STATE = "global-version"
 RESIDUAL_STATE = "residual"
+#: ``context.state`` key of the checkpoint counters (``round``, ``rounds-trained``, accuracies).
+META_STATE = "checkpoint-meta"
+#: Checkpoint extras <-> state keys of the compressed baselines' vectors.
+_EXTRA_VECTORS = {"global": GLOBAL_STATE, "residual": RESIDUAL_STATE}
+#: Fields a warm start must match (the architecture, the task and the reference set).
+WARM_START_FIELDS = ("architecture", "num_classes", "input_shape", "vocab_size", "fingerprint")
+
+
+def partition_id_of(context: Context) -> int:
+    """The node config's ``partition-id``.
+
+    Raises:
+        ConfigError: the node config lacks ``partition-id`` or ``num-partitions``.
+    """
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ConfigError(
+            "node-config needs 'partition-id' and 'num-partitions' (e.g. "
+            "flower-supernode --node-config 'partition-id=0 num-partitions=2')"
+        )
+    return int(node["partition-id"])
 
 
 class Node:  # pylint: disable=too-many-instance-attributes
@@ -51,12 +86,7 @@ class Node:  # pylint: disable=too-many-instance-attributes
     def __init__(self, msg: Message, context: Context) -> None:
         self.cfg: RunConfig = parse_run_config(context.run_config)
         node = context.node_config
-        if "partition-id" not in node or "num-partitions" not in node:
-            raise ConfigError(
-                "node-config needs 'partition-id' and 'num-partitions' (e.g. "
-                "flower-supernode --node-config 'partition-id=0 num-partitions=2')"
-            )
-        self.partition_id = int(node["partition-id"])
+        self.partition_id = partition_id_of(context)
         self.data: ClientData = load_client_data(
             self.cfg, self.partition_id, int(node["num-partitions"])
         )
@@ -73,6 +103,17 @@ class Node:  # pylint: disable=too-many-instance-attributes
         self.context = context
         # Distinct, reproducible randomness per (seed, partition, round).
         self.seed = self.cfg.seed * 1_000_003 + self.partition_id * 10_007 + self.server_round
+        #: Where this node keeps its models: node-config 'model-dir', else
+        #: <model-dir>/<node-config 'node-name' or partition-<id>>.
+        name = str(node.get("node-name", f"partition-{self.partition_id}"))
+        self.model_folder = Path(str(node["model-dir"])).expanduser() if "model-dir" in node \
+            else self.cfg.resolved_model_dir() / name
+        self.lineage = int(self.config.get(protocol.LINEAGE, context.run_id))
+        #: The newest round whose model this message may build on: the previous round's
+        #: for a train instruction, this round's for an evaluation.
+        self.latest_round = self.server_round - (msg.metadata.message_type == MessageType.TRAIN)
+        if self.cfg.family != PARAMETERS and META_STATE not in context.state.config_records:
+            self._restore()
 
     # --- models -------------------------------------------------------------------------
     def fresh_model(self) -> nn.Module:
@@ -197,6 +238,107 @@ class Node:  # pylint: disable=too-many-instance-attributes
     def keep(self, key: str, record: ArrayRecord | ConfigRecord) -> None:
         """Store ``record`` in the node's state under ``key``."""
         self.context.state[key] = record
+
+    # --- checkpoints on disk --------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        """This node's checkpoint of the run's strategy."""
+        return checkpoint_file(self.model_folder, self.cfg.strategy)
+
+    def _meta(self, architecture: str, counters: ConfigRecord) -> ModelMeta:
+        spec = self.data.splits.spec_for(self.cfg)
+        return ModelMeta(
+            architecture=architecture, num_classes=spec.num_classes,
+            input_shape=tuple(spec.input_shape), vocab_size=spec.vocab_size,
+            finetune_layers=spec.finetune_layers, fingerprint=self.data.splits.reference_fingerprint,
+            strategy=self.cfg.strategy, partition_id=self.partition_id, run_id=self.context.run_id,
+            lineage=self.lineage, round=int(counters.get("round", 0)),
+            rounds_trained=int(counters.get("rounds-trained", 0)),
+            accuracies={k[4:]: float(v) for k, v in counters.items() if k.startswith("acc-")},
+        )
+
+    def record_evaluation(self, metrics: dict[str, float]) -> None:
+        """Add this round's accuracies to the node's checkpoint (if it has trained)."""
+        counters = self.context.state.config_records.get(META_STATE)
+        if self.cfg.family != PARAMETERS and counters is not None and "round" in counters:
+            self.save(trained=False, accuracies={
+                k: v for k, v in metrics.items() if k.endswith("accuracy")})
+
+    def save(self, trained: bool, accuracies: dict[str, float] | None = None) -> None:
+        """Write what this node keeps (its own model, the compressed baselines' vectors and
+        version) to :attr:`checkpoint_path`; ``trained``: after this round's training
+        (advances the counters), else after its evaluation (records ``accuracies``)."""
+        state = self.context.state
+        counters = ConfigRecord(dict(state.config_records.get(META_STATE, ConfigRecord())))
+        if trained:
+            counters["round"] = self.server_round
+            counters["rounds-trained"] = int(counters.get("rounds-trained", 0)) + 1
+        for key, value in (accuracies or {}).items():
+            counters[f"acc-{key}"] = float(value)
+        state[META_STATE] = counters
+        model = None
+        if MODEL_STATE in state.array_records:
+            model = state.array_records[MODEL_STATE].to_torch_state_dict()
+        extra = {name: state.array_records[key]["values"].numpy()
+                 for name, key in _EXTRA_VECTORS.items() if key in state.array_records}
+        if VERSION_STATE in state.config_records:
+            extra["version"] = np.asarray(int(state.config_records[VERSION_STATE]["version"]))
+        architecture = self.cfg.model_for_partition(self.partition_id) if model else self.cfg.shared_model
+        save_checkpoint(self.checkpoint_path, self._meta(architecture, counters), model, extra)
+
+    def _restore(self) -> None:
+        """Fill the empty node state from disk: the newest checkpoint of this run's lineage
+        that is not ahead of :attr:`latest_round` (a restarted node, a resumed run), else
+        with ``warm-start`` the node's last model of any run, checked against this run.
+
+        Raises:
+            CheckpointError: ``warm-start`` found a model of another architecture, task or
+                reference set (the field is named).
+        """
+        saved = self._lineage_checkpoint()
+        if saved is None and self.cfg.warm_start:
+            saved = self._warm_start_checkpoint()
+            if saved is not None:  # a new run: only the client's own model carries over
+                saved = SavedModel(saved.meta, saved.state, {})
+        if saved is None:
+            return
+        state = self.context.state
+        if saved.state:
+            state[MODEL_STATE] = ArrayRecord(saved.state)
+        for name, key in _EXTRA_VECTORS.items():
+            if name in saved.extra:
+                state[key] = ArrayRecord({"values": Array(saved.extra[name].astype(np.float32))})
+        if "version" in saved.extra:
+            state[VERSION_STATE] = ConfigRecord({"version": int(saved.extra["version"])})
+        meta = saved.meta
+        state[META_STATE] = ConfigRecord({
+            "round": meta.round, "rounds-trained": meta.rounds_trained,
+            "restored-from-round": meta.round, "restored-from-run": meta.run_id,
+            **{f"acc-{k}": v for k, v in meta.accuracies.items()},
+        })
+
+    def _lineage_checkpoint(self) -> SavedModel | None:
+        for previous in (False, True):
+            try:
+                saved = read_checkpoint(checkpoint_file(self.model_folder, self.cfg.strategy, previous))
+            except CheckpointError:
+                continue
+            if saved.meta.lineage == self.lineage and saved.meta.round <= self.latest_round:
+                return saved
+        return None
+
+    def _warm_start_checkpoint(self) -> SavedModel | None:
+        if not self.checkpoint_path.is_file():
+            return None
+        saved = read_checkpoint(self.checkpoint_path)
+        spec = self.data.splits.spec_for(self.cfg)
+        expected = {
+            "architecture": self.cfg.model_for_partition(self.partition_id),
+            "num_classes": spec.num_classes, "input_shape": tuple(spec.input_shape),
+            "vocab_size": spec.vocab_size, "fingerprint": self.data.splits.reference_fingerprint,
+        }
+        check_meta(saved.meta, {k: expected[k] for k in WARM_START_FIELDS}, self.checkpoint_path)
+        return saved
 
 
 #: ``train(node, msg, timer, metrics)`` -> the reply's records (the caller adds metrics).

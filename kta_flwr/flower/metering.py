@@ -68,6 +68,24 @@ class Traffic:
         self.wire[(phase, direction)] += wire_bytes(content)
         self.per_node[node_id][direction] += size
 
+    def state(self) -> dict[str, object]:
+        """The counters as plain dicts (a checkpoint)."""
+        return {"payload": dict(self.payload), "wire": dict(self.wire),
+                "per_node": {k: dict(v) for k, v in self.per_node.items()},
+                "manifest": dict(self.manifest), "sent": self.sent, "failed": self.failed}
+
+    @classmethod
+    def from_state(cls, state: dict[str, object]) -> Traffic:
+        """Counters restored from :meth:`state`."""
+        traffic = cls()
+        traffic.payload.update(state["payload"])  # type: ignore[arg-type]
+        traffic.wire.update(state["wire"])  # type: ignore[arg-type]
+        for node, counts in state["per_node"].items():  # type: ignore[attr-defined]
+            traffic.per_node[node].update(counts)
+        traffic.manifest.update(state["manifest"])  # type: ignore[arg-type]
+        traffic.sent, traffic.failed = int(state["sent"]), int(state["failed"])  # type: ignore[call-overload]
+        return traffic
+
     def total(self, direction: str, phase: str | None = None, unit: str = "payload") -> int:
         """Bytes in ``direction``, for one phase or all phases."""
         table = self.payload if unit == "payload" else self.wire

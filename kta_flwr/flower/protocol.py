@@ -35,6 +35,10 @@ VALUES = "values"  # the single array of a float32 payload
 FINGERPRINT = "reference-fingerprint"
 LOGITS_SUBSET = "logits-subset"
 TARGETS_SUBSET = "targets-subset"
+#: Instruction config: the run a resumed run continues (absent: the run itself).
+LINEAGE = "lineage"
+#: Reply metric: the partition the node holds.
+PARTITION_ID = "partition-id"
 #: What the rows under each key are, for the codecs.
 KIND = {LOGITS: "logits", TARGETS: "probs"}
 

@@ -2,8 +2,9 @@
 
 :class:`RunRecorder` plugs into ``Strategy.start`` through two hooks every strategy
 (stock or ours) already has: ``evaluate_metrics_aggr_fn`` (sees each client's evaluation
-metrics) and ``evaluate_fn`` (called once at the end of each round). At the end it writes
-``<output-dir>/<timestamp>-<strategy>/results.json`` and ``rounds.csv``.
+metrics) and ``evaluate_fn`` (called once at the end of each round). After every round
+the ServerApp has it write ``<output-dir>/<timestamp>-<strategy>/results.json`` and
+``rounds.csv`` (atomically), so a run that dies keeps every completed round.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flwr.common import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from kta_flwr.config import RunConfig
+from kta_flwr.storage import atomic_path, write_text_atomic
 from kta_flwr.flower.metering import DOWN, UP, ByteMeter, Traffic
 from kta_flwr.flower.timing import EVALUATE_PHASES, PREFIX, TRAIN_PHASES
 
@@ -73,17 +75,38 @@ class RunRecorder:
     see :mod:`kta_flwr.flower.timing`).
     """
 
-    def __init__(self, cfg: RunConfig, meter: ByteMeter, run_id: int | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, meter: ByteMeter, run_id: int | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
         self.cfg = cfg
         self.meter = meter
         self.run_id = run_id
+        #: Where the results go (None: a new ``<timestamp>-<strategy>`` folder on first write).
+        self.run_dir = run_dir
         self.rows: list[dict[str, Any]] = []
         self.clients_last_round: list[dict[str, float]] = []
+        #: The strategy's aggregated train metrics per round (market diagnostics, counts).
+        self.train_metrics: dict[str, dict[str, float]] = {}
+        #: The run ids this run's rows came from (more than one after a resume).
+        self.run_ids: list[int | None] = [run_id]
         self._clients: list[dict[str, float]] = []
         self._trained: list[dict[str, float]] = []
         self._started = time.monotonic()
+        self._elapsed_before = 0.0  # seconds of the runs this one resumes
         #: Unix time at which the recorder (the ServerApp's main) started.
         self.started_at = time.time()
+
+    def elapsed(self) -> float:
+        """Seconds since the run started (across resumes)."""
+        return self._elapsed_before + time.monotonic() - self._started
+
+    # Hook: the strategy's aggregated train metrics --------------------------------------
+    def note_train_metrics(self, server_round: int, metrics: MetricRecord) -> None:
+        """Keep round ``server_round``'s aggregated train metrics (results and the line)."""
+        self.train_metrics[str(server_round)] = {
+            k: v for k, v in metrics.items() if isinstance(v, (int, float))
+        }
 
     # Hook: train_metrics_aggr_fn ----------------------------------------------------
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -125,16 +148,20 @@ class RunRecorder:
             **_traffic_row(self.meter.cumulative, "cum_"),
             SAMPLES: int(sum(c.get(SAMPLES, 0.0) for c in trained)),
             **{k: round(v, 4) for k, v in seconds.items()},
-            "seconds": round(time.monotonic() - self._started, 3),
+            "seconds": round(self.elapsed(), 3),
         }
+        stale = self.train_metrics.get(str(server_round), {}).get("market-stale")
+        if stale is not None:
+            row["stale"] = int(stale)
         self.rows.append(row)
         self.clients_last_round = clients
         log(
             INFO,
-            "[%s] round %d/%d | pers-acc %.4f | global-acc %.4f | clients %d, failed %d | "
+            "[%s] round %d/%d | pers-acc %.4f | global-acc %.4f | clients %d, failed %d%s | "
             "MiB up %.4f down %.4f | cum MiB up %.4f down %.4f total %.4f | %.1f s",
             self.cfg.strategy, server_round, self.cfg.num_server_rounds,
             row[PERSONALIZED], row[GLOBAL], len(clients), traffic.failed,
+            "" if stale is None else f", stale {int(stale)}",
             _mib(row["bytes_up"]), _mib(row["bytes_down"]),
             _mib(row["cum_bytes_up"]), _mib(row["cum_bytes_down"]),
             _mib(row["cum_bytes_up"] + row["cum_bytes_down"]), row["seconds"],
@@ -167,34 +194,64 @@ class RunRecorder:
             "bytes_per_node": {str(k): v for k, v in sorted(cum.per_node.items())},
             "wire_manifest": dict(sorted(cum.manifest.items())),
             "samples": int(sum(row[SAMPLES] for row in self.rows)),
-            "seconds": round(time.monotonic() - self._started, 3),
+            "failed": int(sum(row["failed"] for row in self.rows)),
+            "seconds": round(self.elapsed(), 3),
             "started_at": self.started_at,
             "finished_at": time.time(),
         }
 
     def write(self, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``results.json`` and ``rounds.csv``; return the run directory."""
-        root = self.cfg.resolved_output_dir()
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = root / f"{stamp}-{self.cfg.strategy}"
-        if run_dir.exists():
-            run_dir = root / f"{stamp}-{self.cfg.strategy}-{self.run_id or time.time_ns()}"
-        run_dir.mkdir(parents=True, exist_ok=False)
+        """Write ``results.json`` and ``rounds.csv`` (atomically, so a crash leaves the
+        previous round's files); return the run directory."""
+        run_dir = self.ensure_run_dir()
         payload = {
             "run_id": self.run_id,
+            "run_ids": self.run_ids,
             "config": self.cfg.to_flwr(),
             "summary": self.summary(),
             "rounds": self.rows,
             "clients_last_round": self.clients_last_round,
+            "train_metrics": self.train_metrics,
             **(extra or {}),
         }
-        (run_dir / "results.json").write_text(json.dumps(payload, indent=2, default=_jsonable))
+        write_text_atomic(run_dir / "results.json", json.dumps(payload, indent=2, default=_jsonable))
         if self.rows:
-            with (run_dir / "rounds.csv").open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
+            columns = list(dict.fromkeys(key for row in self.rows for key in row))
+            with atomic_path(run_dir / "rounds.csv") as tmp, tmp.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows(self.rows)
         return run_dir
+
+    def ensure_run_dir(self) -> Path:
+        """The run directory, created on first use: ``<output-dir>/<timestamp>-<strategy>``."""
+        if self.run_dir is None:
+            root = self.cfg.resolved_output_dir()
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_dir = root / f"{stamp}-{self.cfg.strategy}"
+            if run_dir.exists():
+                run_dir = root / f"{stamp}-{self.cfg.strategy}-{self.run_id or time.time_ns()}"
+            run_dir.mkdir(parents=True, exist_ok=False)
+            self.run_dir = run_dir
+        return self.run_dir
+
+    # Checkpoint -----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the results."""
+        return {"rows": self.rows, "clients_last_round": self.clients_last_round,
+                "train_metrics": self.train_metrics, "run_ids": self.run_ids,
+                "elapsed": self.elapsed(), "started_at": self.started_at,
+                "meter": self.meter.cumulative.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state` (this run's id is added to ``run_ids``)."""
+        self.rows = list(state["rows"])
+        self.clients_last_round = list(state["clients_last_round"])
+        self.train_metrics = dict(state["train_metrics"])
+        self.run_ids = [*state["run_ids"], self.run_id]
+        self._elapsed_before = float(state["elapsed"])
+        self.started_at = float(state["started_at"])
+        self.meter.cumulative = Traffic.from_state(state["meter"])
 
 
 def _mean(clients: list[dict[str, float]], key: str) -> float:

@@ -14,10 +14,10 @@ from contextlib import contextmanager
 PREFIX = "t-"
 #: Phases of a client's train reply: config + data (cached per process), restoring its
 #: model (market) or loading the global one, stage 1, stage 2, reference logits, saving
-#: the model to the node state (market) or into the reply (FedAvg/FedProx).
+#: the model to the node state and its checkpoint (market) or into the reply (FedAvg/FedProx).
 TRAIN_PHASES = ("setup", "restore", "stage1", "stage2", "predict", "save")
-#: Phases of a client's evaluate reply.
-EVALUATE_PHASES = ("setup", "restore", "evaluate")
+#: Phases of a client's evaluate reply (``save``: the accuracies into its checkpoint).
+EVALUATE_PHASES = ("setup", "restore", "evaluate", "save")
 
 
 class PhaseTimer:

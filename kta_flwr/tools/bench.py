@@ -111,14 +111,15 @@ def read_run(results_json: Path, method: str, seed: int, wall: float) -> RunResu
 
 def reusable_run(run_dir: Path, cfg: RunConfig) -> Path | None:
     """The ``results.json`` of an earlier run in ``run_dir`` made with ``cfg`` (``output-dir``
-    aside; keys the earlier run did not have must be at their defaults), else None."""
+    and ``model-dir`` aside; keys the earlier run did not have must be at their defaults),
+    else None."""
     found = sorted(run_dir.glob("*/results.json"))
     if not found:
         return None
     old = json.loads(found[-1].read_text())["config"]
     defaults = RunConfig().to_flwr()
     for key, value in cfg.to_flwr().items():
-        if key != "output-dir" and old.get(key, defaults[key]) != value:
+        if key not in ("output-dir", "model-dir") and old.get(key, defaults[key]) != value:
             return None
     return found[-1]
 
@@ -237,7 +238,8 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
             fed = stack.enter_context(LocalFederation(Path(work), clients, simulation=engine == "simulation"))
         for i, (seed, method) in enumerate(((s, m) for s in seeds for m in methods), 1):
             run_dir = results_dir / "runs" / f"{_slug(method)}-seed{seed}"
-            cfg = configs[method].replace(seed=seed, output_dir=str(run_dir.resolve()))
+            cfg = configs[method].replace(seed=seed, output_dir=str(run_dir.resolve()),
+                                          model_dir=str((run_dir / "models").resolve()))
             earlier = reusable_run(run_dir, cfg) if resume or existing_only else None
             if earlier is not None:
                 seconds = json.loads(earlier.read_text())["summary"]["seconds"]

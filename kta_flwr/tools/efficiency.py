@@ -153,7 +153,8 @@ def run_flower(cfg: RunConfig, num_clients: int, engine: str, out_dir: Path) -> 
     """kta through the real Flower app from a cold start; returns its results.json plus
     the outer wall clock and timestamps."""
     run_dir = out_dir / "runs" / f"{cfg.strategy}-{engine}-{num_clients}c"
-    cfg = cfg.replace(output_dir=str(run_dir.resolve()), min_nodes=num_clients)
+    cfg = cfg.replace(output_dir=str(run_dir.resolve()), min_nodes=num_clients,
+                      model_dir=str((run_dir / "models").resolve()))
     started_at = time.time()
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kta-eff-") as work, LocalFederation(
@@ -189,8 +190,9 @@ def breakdown(flower: dict[str, Any]) -> dict[str, float]:
             summary["started_at"] - flower["launched_at"],
         "client setup (config, data loading, cached per process)":
             total("train_s_setup") + total("eval_s_setup"),
-        "client model state (restore + save to node state)":
-            total("train_s_restore") + total("train_s_save") + total("eval_s_restore"),
+        "client model state (restore, save to node state and disk)":
+            total("train_s_restore") + total("train_s_save") + total("eval_s_restore")
+            + total("eval_s_save"),
         "client training (stage 1)": total("train_s_stage1"),
         "client training (stage 2, distillation)": total("train_s_stage2"),
         "client reference logits": total("train_s_predict"),

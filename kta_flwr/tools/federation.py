@@ -22,6 +22,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -126,6 +127,7 @@ class LocalFederation:
         self.port = port or free_port()
         self.supernode_ports = supernode_ports
         self.processes: list[subprocess.Popen] = []
+        self._supernodes: dict[int, subprocess.Popen] = {}
 
     # --- lifecycle ------------------------------------------------------------
     def __enter__(self) -> LocalFederation:
@@ -146,7 +148,7 @@ class LocalFederation:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = (self.logs / f"{name}.log").open("w")
+        log = (self.logs / f"{name}.log").open("a")  # a restarted node appends
         proc = subprocess.Popen(  # pylint: disable=consider-using-with
             args, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
         )
@@ -207,6 +209,7 @@ class LocalFederation:
         args = supernode_args(self.port, port, partition_id, self.num_partitions, creds, key)
         name = f"supernode-{partition_id}" + (f"-key{key}" if key != partition_id else "")
         proc = self._spawn(name + ("-insecure" if insecure else ""), args)
+        self._supernodes[partition_id] = proc
         if wait:
             wait_for_port(port, self.startup_timeout, proc)
         return proc
@@ -218,11 +221,31 @@ class LocalFederation:
         ``flwr-simulation``/``flwr-clientapp`` (and Ray) in new sessions, which a signal
         to the SuperLink's process group would not reach after an interrupted run.
         """
+        self._end(signal.SIGTERM, grace=10.0)
+
+    def kill(self) -> None:
+        """SIGKILL every process and their descendants at once: a crash, not a shutdown
+        (the fault tests kill a running ServerApp this way)."""
+        self._end(signal.SIGKILL, grace=0.0)
+
+    def kill_supernode(self, proc: subprocess.Popen) -> None:
+        """SIGKILL one SuperNode (and its ClientApp processes), as a crashed device."""
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+    def supernode(self, partition_id: int) -> subprocess.Popen:
+        """The running SuperNode process started last for ``partition_id``."""
+        return self._supernodes[partition_id]
+
+    def _end(self, sig: int, grace: float) -> None:
         orphans = [pid for proc in self.processes for pid in _descendants(proc.pid)]
         for proc in reversed(self.processes):
             if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+                _signal_group(proc, sig)
+        deadline = time.monotonic() + grace
         for proc in reversed(self.processes):
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -231,10 +254,8 @@ class LocalFederation:
                 proc.wait()
         self.processes.clear()
         for pid in orphans:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     # --- runs -------------------------------------------------------------------
     def _write_connection(self) -> None:
@@ -263,6 +284,15 @@ class LocalFederation:
         return subprocess.run(
             args, env=self.env(), capture_output=not echo, text=True, timeout=timeout, check=False
         )
+
+
+    def launch(self, app_dir: Path, run_config: dict[str, Any], name: str = "run") -> subprocess.Popen:
+        """``flwr run <app_dir> <connection> --stream`` in the background (output in
+        ``logs/<name>.log``); :meth:`stop` and :meth:`kill` end it with the rest."""
+        args = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
+        if run_config:
+            args += ["--run-config", config_arg(run_config)]
+        return self._spawn(name, args)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -1,7 +1,9 @@
-"""What every strategy of ours shares: evaluation every few rounds, node sampling, config
-stamping and evaluation aggregation. The market (:mod:`.market`) and the compressed-update
-baselines (:mod:`.compressed`) build on it; Flower's stock strategies take the
-evaluation mixin (:mod:`.stock`)."""
+"""What every strategy of ours shares: evaluation every few rounds, waiting for nodes with a
+deadline, node sampling, config stamping, evaluation aggregation, and the bookkeeping that
+lets a run survive node restarts and be resumed (which node holds which partition; the
+strategy's state as a checkpoint). The market (:mod:`.market`) and the compressed-update
+baselines (:mod:`.compressed`) build on it; Flower's stock strategies take the mixins
+(:mod:`.stock`). What happens on each fault: ``docs/running.md``."""
 
 from __future__ import annotations
 
@@ -9,15 +11,79 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
-from typing import NotRequired, TypedDict, Unpack
+from typing import Any, NotRequired, TypedDict, Unpack
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from kta_flwr.flower.protocol import LINEAGE, METRICS, PARTITION_ID
+
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 NUM_EXAMPLES = "num-examples"
+
+
+class FederationError(RuntimeError):
+    """Too few nodes connected after ``node-wait-timeout``: the run stops."""
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, quorum: int) -> list[int]:
+    """The connected node ids, sorted, once ``min_nodes`` are connected, or after
+    ``timeout`` seconds with at least ``quorum`` of them.
+
+    Raises:
+        FederationError: fewer than ``quorum`` nodes connected after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last_log = 0.0
+    while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
+        now = time.monotonic()
+        if now >= deadline:
+            if len(nodes) >= quorum:
+                log(WARNING, "Waited %.0f s for %d nodes; proceeding with the %d connected "
+                    "(min-round-nodes %d)", timeout, min_nodes, len(nodes), quorum)
+                return nodes
+            raise FederationError(
+                f"only {len(nodes)} node(s) connected after {timeout:.0f} s "
+                f"(run-config 'node-wait-timeout'); a round needs 'min-nodes' = {min_nodes}, "
+                f"or at least 'min-round-nodes' = {quorum} after the timeout"
+            )
+        if now - last_log >= 10.0:
+            log(INFO, "Waiting for nodes: %d connected, %d required (%.0f s left)",
+                len(nodes), min_nodes, deadline - now)
+            last_log = now
+        time.sleep(1.0)
+    return nodes
+
+
+class NodeWait:  # pylint: disable=too-few-public-methods
+    """Strategy mixin for Flower's stock strategies: before each round, wait for nodes
+    with a deadline (:func:`wait_for_nodes`) instead of forever, then let the parent
+    sample among those connected."""
+
+    min_available_nodes: int
+    node_wait_timeout: float = 300.0
+    min_round_nodes: int = 1
+    min_nodes: int = 2
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Wait for nodes (with the deadline), then the parent's train messages."""
+        self._wait(grid)
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Wait for nodes (with the deadline), then the parent's evaluate messages."""
+        self._wait(grid)
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def _wait(self, grid: Grid) -> None:
+        nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, self.min_round_nodes)
+        self.min_available_nodes = min(self.min_nodes, len(nodes))
 
 
 class EvaluateEvery:  # pylint: disable=too-few-public-methods
@@ -48,6 +114,8 @@ class NodeOptions(TypedDict):
         train_metrics_aggr_fn: aggregates the train replies' metrics (default None: not at all).
         fraction_train: fraction of connected nodes sampled per training round (default 1).
         min_nodes: wait for this many connected nodes before sampling (default 2).
+        node_wait_timeout: seconds to wait for them (default 300).
+        min_round_nodes: after that, proceed with at least this many (default 1).
         seed: seeds node sampling (default 0).
     """
 
@@ -55,20 +123,73 @@ class NodeOptions(TypedDict):
     train_metrics_aggr_fn: NotRequired[MetricsAggregator | None]
     fraction_train: NotRequired[float]
     min_nodes: NotRequired[int]
+    node_wait_timeout: NotRequired[float]
+    min_round_nodes: NotRequired[int]
     seed: NotRequired[int]
 
 
 class NodeStrategy(EvaluateEvery, Strategy):
     """Base of strategies that address each node with its own message; takes the
-    :class:`NodeOptions`."""
+    :class:`NodeOptions`.
+
+    It learns which partition each node holds from the replies (``partition-id``), so
+    that a node that comes back under a new id (a restarted SuperNode, a resumed run)
+    takes over what the strategy kept for its partition (:meth:`rekey`).
+    """
 
     def __init__(self, **options: Unpack[NodeOptions]) -> None:
         self.fraction_train = options.get("fraction_train", 1.0)
         self.min_nodes = options.get("min_nodes", 2)
+        self.node_wait_timeout = options.get("node_wait_timeout", 300.0)
+        self.min_round_nodes = options.get("min_round_nodes", 1)
         self.evaluate_metrics_aggr_fn = options["evaluate_metrics_aggr_fn"]
         self.train_metrics_aggr_fn = options.get("train_metrics_aggr_fn")
         self.seed = options.get("seed", 0)
         self._rng = random.Random(self.seed)
+        #: Node id -> the partition it reported.
+        self.partition_of: dict[int, int] = {}
+        #: Stamped into every instruction: the run a resumed run continues (None: not sent).
+        self.lineage: int | None = None
+
+    # --- which node holds which partition --------------------------------------------------
+    def observe(self, msg: Message) -> None:
+        """Note the partition a reply's sender reports; if another node id held it
+        before, move what the strategy kept for that id to this one."""
+        metrics = msg.content.metric_records.get(METRICS) if msg.has_content() else None
+        if metrics is None or PARTITION_ID not in metrics:
+            return
+        node_id, partition = msg.metadata.src_node_id, int(metrics[PARTITION_ID])
+        for old, held in list(self.partition_of.items()):
+            if held == partition and old != node_id:
+                log(INFO, "partition %d moved from node %d to node %d", partition, old, node_id)
+                del self.partition_of[old]
+                self.rekey(old, node_id)
+        self.partition_of[node_id] = partition
+
+    def rekey(self, old: int, new: int) -> None:
+        """Move what is kept for node ``old`` to node ``new`` (subclasses extend it)."""
+
+    def adopt(self, partition_of: dict[int, int]) -> None:
+        """A resumed run: the strategy's state names the nodes of the earlier run; map
+        them to the nodes that now hold their partitions (``partition_of``: new node id ->
+        partition)."""
+        by_partition = {p: n for n, p in self.partition_of.items()}
+        self.partition_of = {}
+        for new, partition in sorted(partition_of.items()):
+            old = by_partition.get(partition)
+            if old is not None and old != new:
+                self.rekey(old, new)
+            self.partition_of[new] = partition
+
+    # --- checkpoint ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue exactly (subclasses extend it)."""
+        return {"rng": self._rng.getstate(), "partition_of": dict(self.partition_of)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self._rng.setstate(state["rng"])
+        self.partition_of = dict(state["partition_of"])
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -80,6 +201,7 @@ class NodeStrategy(EvaluateEvery, Strategy):
                 log(WARNING, "round %d: evaluation failed on node %d: %s", server_round,
                     msg.metadata.src_node_id, msg.error.reason)
             else:
+                self.observe(msg)
                 valid.append(msg.content)
         return self.evaluate_metrics_aggr_fn(valid, NUM_EXAMPLES) if valid else None
 
@@ -92,17 +214,18 @@ class NodeStrategy(EvaluateEvery, Strategy):
 
     def sample(self, grid: Grid, fraction: float) -> list[int]:
         """A seeded sample of ``fraction`` of the connected nodes (at least one), after
-        waiting for ``min_nodes`` to connect."""
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_nodes:
-            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), self.min_nodes)
-            time.sleep(1.0)
+        waiting for ``min_nodes`` to connect (:func:`wait_for_nodes`). Nodes are ordered
+        by partition where known, so a resumed run samples the same partitions."""
+        nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, self.min_round_nodes)
+        nodes.sort(key=lambda n: (self.partition_of.get(n, 1 << 62), n))
         size = max(1, int(round(len(nodes) * fraction)))
         return sorted(self._rng.sample(nodes, size))
 
-    @staticmethod
-    def stamp(config: ConfigRecord, server_round: int, **extra: str) -> ConfigRecord:
-        """A copy of ``config`` with the round number and ``extra`` entries."""
+    def stamp(self, config: ConfigRecord, server_round: int, **extra: str) -> ConfigRecord:
+        """A copy of ``config`` with the round number, the lineage and ``extra`` entries."""
         stamped = ConfigRecord(dict(config))
         stamped["server-round"] = server_round
+        if self.lineage is not None:
+            stamped[LINEAGE] = self.lineage
         stamped.update(extra)
         return stamped

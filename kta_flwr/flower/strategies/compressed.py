@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import Unpack
+from typing import Any, Unpack
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -107,6 +107,7 @@ class CompressedUpdates(NodeStrategy):
                 self.log.lost(node_id)
                 log(WARNING, "round %d: node %d failed: %s", server_round, node_id, msg.error.reason)
                 continue
+            self.observe(msg)
             try:
                 update, weight = self._read(msg.content)
             except (CompressionError, KeyError, TypeError, ValueError) as err:
@@ -160,3 +161,33 @@ class CompressedUpdates(NodeStrategy):
         if not weight > 0:
             raise CompressionError(f"'{NUM_EXAMPLES}' = {weight} must be > 0")
         return update, weight
+
+    # --- node restarts and resumed runs ---------------------------------------------------
+    def rekey(self, old: int, new: int) -> None:
+        """Node ``new`` now holds ``old``'s partition, and the model copy ``old`` held (a
+        restarted node restores it from disk; if it cannot, it fails the sync and gets the
+        dense model next)."""
+        log_ = self.log
+        if old in log_.held:
+            log_.held.setdefault(new, log_.held.pop(old))
+        if old in log_.unknown:
+            log_.unknown.discard(old)
+            log_.unknown.add(new)
+        if old in self._sent:
+            self._sent.setdefault(new, self._sent.pop(old))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global model, its kept updates, each node's version, the sampling state."""
+        log_ = self.log
+        return {**super().state_dict(), "vector": log_.vector, "version": log_.version,
+                "updates": log_.updates, "held": log_.held, "unknown": set(log_.unknown)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        log_ = self.log
+        log_.vector = np.array(state["vector"], np.float32)
+        log_.version = int(state["version"])
+        log_.updates = dict(state["updates"])
+        log_.held = dict(state["held"])
+        log_.unknown = set(state["unknown"])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import Unpack
+from typing import Any, Unpack
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -48,6 +48,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         holdout_fraction: share of the reference rows held out from distillation, on
             which the adaptive market scores its candidates
             (:func:`kta_flwr.flower.protocol.held_out_mask`); 0: none.
+        max_staleness: the market uses a node's banked logits for at most this many
+            rounds after it uploaded them (absent, failed or unsampled nodes); older ones
+            are dropped from the bank.
         options: sampling and metric hooks, :class:`~kta_flwr.flower.strategies.base.NodeOptions`
             (``seed`` also seeds the reference subsets and held-out rows).
     """
@@ -62,6 +65,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         codec: Codec = Codec(),
         reference_fraction: float = 1.0,
         holdout_fraction: float = 0.0,
+        max_staleness: int = 3,
         **options: Unpack[NodeOptions],
     ) -> None:
         super().__init__(**options)
@@ -76,6 +80,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         #: ``bank_subset[node]`` (M = N_ref without subsets).
         self.bank: dict[int, np.ndarray] = {}
         self.bank_subset: dict[int, int] = {}
+        #: The round each node's banked logits were uploaded in.
+        self.bank_round: dict[int, int] = {}
+        self.max_staleness = max_staleness
         #: Targets ``[M, C]`` each node receives with its next instruction, and their subset.
         self.targets: dict[int, np.ndarray] = {}
         self.target_subset: dict[int, int] = {}
@@ -126,6 +133,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                 dropped += 1
                 log(WARNING, "round %d: node %d failed: %s", server_round, node_id, msg.error.reason)
                 continue
+            self.observe(msg)
             if protocol.METRICS in msg.content.metric_records:
                 contents.append(msg.content)
             if self.params is None:
@@ -142,11 +150,12 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                 continue
             self.bank[node_id] = logits
             self.bank_subset[node_id] = server_round + 1
+            self.bank_round[node_id] = server_round
             received += 1
         metrics = self.train_metrics(contents, received, dropped)
         if self.params is not None and self.bank:
             started = time.perf_counter()
-            metrics.update(self._price(server_round + 1))
+            metrics.update(self._price(server_round))
             metrics["market-seconds"] = time.perf_counter() - started
         return None, metrics
 
@@ -171,15 +180,26 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             len(self.reference_labels), self.reference_fraction, self.seed, subset_id
         )
 
-    def _price(self, subset_id: int) -> dict[str, float]:
-        """Run the market on the banked logits of subset ``subset_id`` (every banked node
-        when all rows are exchanged); store those nodes' next targets."""
+    def _price(self, server_round: int) -> dict[str, float]:
+        """Run the market on the banked logits of the next round's reference subset
+        (every banked node when all rows are exchanged) that are at most
+        ``max_staleness`` rounds old; store those nodes' next targets."""
         assert self.params is not None
+        subset_id = server_round + 1
+        for node in [n for n, r in self.bank_round.items() if server_round - r > self.max_staleness]:
+            log(INFO, "round %d: dropping node %d's logits from the bank (from round %d)",
+                server_round, node, self.bank_round[node])
+            for table in (self.bank, self.bank_subset, self.bank_round):
+                del table[node]
         whole = self.reference_fraction >= 1.0
-        self.market_nodes = sorted(n for n in self.bank if whole or self.bank_subset[n] == subset_id)
+        self.market_nodes = sorted(
+            (n for n in self.bank if whole or self.bank_subset[n] == subset_id),
+            key=lambda n: (self.partition_of.get(n, 1 << 62), n),
+        )
         if not self.market_nodes:  # nobody uploaded this subset: no targets next round
             self.targets, self.target_subset = {}, {}
-            return {"market-clients": 0}
+            return {"market-clients": 0, "market-stale": 0}
+        stale = sum(self.bank_round[n] < server_round for n in self.market_nodes)
         stacked = np.stack([self.bank[n] for n in self.market_nodes])
         rows = self.rows(subset_id)
         held_out = self.held_out[rows]
@@ -192,6 +212,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         entropy = -(weights * np.log(np.clip(weights, 1e-12, 1.0))).sum(axis=1)
         return {
             "market-clients": len(self.market_nodes),
+            "market-stale": stale,
             "distilling-clients": int(out.distill.sum()),
             "tau-median": float(np.median(out.tau)),
             "reference-accuracy": float(out.accuracy.mean()),
@@ -199,3 +220,24 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             "teacher-entropy": float(entropy.mean()),
             "effective-teachers": float(np.exp(entropy).mean()),
         }
+
+    # --- node restarts and resumed runs ---------------------------------------------------
+    def rekey(self, old: int, new: int) -> None:
+        """Node ``new`` now holds ``old``'s partition: it inherits its banked logits and
+        pending targets (unless it has newer ones of its own)."""
+        for table in (self.bank, self.bank_subset, self.bank_round, self.targets, self.target_subset):
+            if old in table:
+                value = table.pop(old)
+                table.setdefault(new, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The bank, the pending targets and the sampling state."""
+        return {**super().state_dict(), "bank": self.bank, "bank_subset": self.bank_subset,
+                "bank_round": self.bank_round, "targets": self.targets,
+                "target_subset": self.target_subset}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        for name in ("bank", "bank_subset", "bank_round", "targets", "target_subset"):
+            setattr(self, name, dict(state[name]))

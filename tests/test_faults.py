@@ -1,0 +1,153 @@
+"""What training produces survives, and runs survive faults: with real Flower processes.
+
+- every node's model is on disk after a run, loads, and scores what the run reported; a
+  warm start continues from it (FedAvg's kept global model: test_flower_runs.py);
+- a ServerApp killed mid-run is resumed to the same result as an uninterrupted run;
+- a SuperNode killed mid-run rejoins and continues its saved model;
+- 30 % random client failures and a fleet short of 'min-nodes' never stop the run.
+(Checkpoint refusals and the node-wait deadline are unit-tested in test_checkpoint.py.)
+"""
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import pytest
+
+from kta_flwr.config import RunConfig
+from kta_flwr.task.checkpoint import load_personalized, read_checkpoint
+from kta_flwr.task.splits import load_client_data
+from kta_flwr.task.training import evaluate
+from kta_flwr.tools.federation import LocalFederation
+from tests.conftest import read_results
+
+pytestmark = pytest.mark.slow
+
+CLIENTS = 3
+BASE = {
+    "reference-size": 100, "test-size": 200, "local-epochs": 1, "distill-epochs": 1,
+    "min-nodes": CLIENTS,
+}
+
+
+def _config(tmp, name: str, **extra) -> dict:
+    return {**BASE, "output-dir": str(tmp / name / "out"), "model-dir": str(tmp / name / "models"),
+            **extra}
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    """One simulation SuperLink with 3 SuperNodes for the runs of this module."""
+    work = tmp_path_factory.mktemp("faults-sim")
+    with LocalFederation(work, CLIENTS, simulation=True) as fed:
+        yield fed, work
+
+
+def _submit(fed, app_dir, cfg: dict) -> dict:
+    proc = fed.submit(app_dir, cfg)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (res,) = read_results(Path(cfg["output-dir"]))
+    return res
+
+
+def _wait_for_rounds(out: Path, rounds: int, timeout: float = 300.0) -> None:
+    """Block until the run writing to ``out`` has completed ``rounds`` rounds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = sorted(out.glob("*/rounds.csv"))
+        if done and len(list(csv.DictReader(done[0].open()))) >= rounds:
+            return
+        time.sleep(0.2)
+
+
+def _check_persisted(work: Path, res: dict, rounds: int) -> None:
+    """Every node's model is on disk, loads, and scores exactly what the run reported."""
+    reported = {int(c["partition-id"]): c for c in res["clients_last_round"]}
+    run_cfg = RunConfig(reference_size=100, test_size=200)
+    for pid in range(CLIENTS):
+        path = work / "models" / f"partition-{pid}" / "kta.pt"
+        meta = read_checkpoint(path).meta
+        assert (meta.round, meta.rounds_trained, meta.partition_id) == (rounds, rounds, pid)
+        assert meta.run_id == meta.lineage == res["run_id"]
+        assert (path.parent / "kta.prev.pt").is_file()  # the round before, kept
+        model = load_personalized(path.parent, {"architecture": "mlp"})
+        data = load_client_data(run_cfg, pid, CLIENTS)
+        ours = evaluate(model, data.test.x, data.test.y, data.label_distribution, torch.device("cpu"))
+        assert ours.personalized_accuracy == pytest.approx(reported[pid]["personalized-accuracy"], abs=1e-9)
+        assert ours.accuracy == pytest.approx(reported[pid]["global-accuracy"], abs=1e-9)
+        assert meta.accuracies["personalized-accuracy"] == pytest.approx(ours.personalized_accuracy)
+
+
+def test_dropouts_and_a_short_fleet_never_stop_the_run(sim, app_dir):
+    fed, work = sim
+    rounds, rate = 4, 0.3
+    cfg = _config(work, "dropout", **{
+        "num-server-rounds": rounds, "fault-dropout": rate,
+        # 4 nodes wanted, 3 connected: each round waits 1 s, then goes on with 3
+        "min-nodes": 4, "node-wait-timeout": 1.0, "min-round-nodes": 2,
+    })
+    res = _submit(fed, app_dir, cfg)
+    draws = [np.random.default_rng([0, pid, rnd, 7]).random(2)[0] < rate
+             for rnd in range(1, rounds + 1) for pid in range(CLIENTS)]
+    assert 0 < sum(draws) < len(draws)
+    assert res["summary"]["failed"] == sum(draws)  # exactly the injected failures
+    assert [r["round"] for r in res["rounds"]] == list(range(1, rounds + 1))
+    assert not math.isnan(res["summary"]["final_personalized_accuracy"])
+
+
+def test_killed_server_resumes_to_the_uninterrupted_result(sim, app_dir, tmp_path):
+    fed, work = sim
+    rounds = 5
+    whole = _config(work, "whole", **{"num-server-rounds": rounds})
+    reference = _submit(fed, app_dir, whole)
+    _check_persisted(work / "whole", reference, rounds)
+
+    # a warm start continues every node's model (the round counters go on)
+    _submit(fed, app_dir, {**whole, "num-server-rounds": 1, "warm-start": True,
+                           "output-dir": str(work / "warm")})
+    for pid in range(CLIENTS):
+        meta = read_checkpoint(work / "whole" / "models" / f"partition-{pid}" / "kta.pt").meta
+        assert (meta.rounds_trained, meta.round) == (rounds + 1, 1)
+
+    cut = _config(tmp_path, "cut", **{"num-server-rounds": rounds})
+    with LocalFederation(tmp_path / "fed-a", CLIENTS, simulation=True) as first:
+        first.launch(app_dir, cut)
+        _wait_for_rounds(tmp_path / "cut" / "out", 2)
+        first.kill()  # the ServerApp, the simulation and the SuperLink die at once
+    (run_dir,) = [p.parent for p in (tmp_path / "cut" / "out").glob("*/server-state.pkl")]
+    killed_at = len(list(csv.DictReader((run_dir / "rounds.csv").open())))
+    assert 2 <= killed_at < rounds, "the run ended before it could be killed"
+
+    with LocalFederation(tmp_path / "fed-b", CLIENTS, simulation=True) as second:
+        proc = second.submit(app_dir, {**cut, "resume-from": str(run_dir)})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (resumed,) = read_results(tmp_path / "cut" / "out")
+    assert len(resumed["run_ids"]) == 2 and [r["round"] for r in resumed["rounds"]] == list(range(1, rounds + 1))
+    for key in ("bytes_up", "bytes_down", "bytes_total"):
+        assert resumed["summary"][key] == reference["summary"][key], key
+    for key in ("final_personalized_accuracy", "final_global_accuracy"):
+        assert resumed["summary"][key] == pytest.approx(reference["summary"][key], abs=1e-6), key
+
+
+def test_killed_supernode_rejoins_and_continues_its_model(tmp_path, app_dir):
+    rounds = 4
+    # round-timeout: a cold ClientApp process needs ~15 s on 2 cores; a dead node is
+    # reported unavailable by the SuperLink within 2 missed heartbeats (~60 s)
+    cfg = _config(tmp_path, "fleet", **{"num-server-rounds": rounds, "round-timeout": 90.0,
+                                        "min-nodes": 2})
+    with LocalFederation(tmp_path / "fed", 2) as fed:
+        run = fed.launch(app_dir, cfg)
+        _wait_for_rounds(tmp_path / "fleet" / "out", 2)
+        fed.kill_supernode(fed.supernode(1))  # a crashed device: SIGKILL, no goodbye
+        fed.start_supernode(1)  # ... back, with a new node id
+        assert run.wait(timeout=600) == 0, (fed.logs / "run.log").read_text()[-4000:]
+    (res,) = read_results(tmp_path / "fleet" / "out")
+    assert [r["round"] for r in res["rounds"]] == list(range(1, rounds + 1))
+    assert res["summary"]["failed"] >= 1  # the dead node's messages are counted as failed
+    meta = read_checkpoint(tmp_path / "fleet" / "models" / "partition-1" / "kta.pt").meta
+    assert meta.lineage == res["run_id"] and meta.round == rounds
+    # at most rounds - 2 rounds after the restart: more means it continued its saved model
+    assert meta.rounds_trained > rounds - 2
