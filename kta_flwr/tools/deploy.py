@@ -41,7 +41,7 @@ def run_local(settings: Path, overrides: dict[str, Any], timeout: float) -> int:
         make_credentials(topo.certs, len(topo.partition_ids))
         print(f"[deploy] created a CA, the SuperLink certificate and SuperNode keys in {topo.certs}")
     run_config = {**topo.run, **overrides, "min-nodes": len(topo.partition_ids),
-                  "output-dir": str(topo.results)}
+                  "output-dir": str(topo.results), "model-dir": str(topo.models)}
     run_config["data-path"] = parse_run_config(run_config).resolved_data_path(topo.data)
     workdir = topo.results / "federation"
     workdir.mkdir(parents=True, exist_ok=True)

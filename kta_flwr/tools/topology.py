@@ -25,6 +25,8 @@ SETTINGS = DOCKER_DIR / "federation.toml"
 COMPOSE = DOCKER_DIR / "compose.yml"
 #: Where the containers see the mounted host folders.
 CERTS_MOUNT, DATA_MOUNT, RESULTS_MOUNT = "/certs", "/root/kta-flwr/data", "/results"
+#: Where the SuperNode containers keep their models (the default run-config 'model-dir').
+MODELS_MOUNT = "/root/kta-flwr/models"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Topology:  # pylint: disable=too-many-instance-attributes
     certs: Path  # host folders, absolute
     data: Path
     results: Path
+    models: Path  # the SuperNodes' models (one partition-<id> folder each)
     run: dict[str, Any] = field(default_factory=dict)
 
     def supernode_ports(self) -> list[int]:
@@ -89,6 +92,7 @@ def load_topology(path: Path = SETTINGS) -> Topology:
         partition_ids=tuple(ids), num_partitions=num,
         first_port=_get(nodes, "first-port", int, f"{path} [supernodes]"),
         certs=folder("certs"), data=folder("data"), results=folder("results"),
+        models=folder("models"),
         run=dict(raw.get("run", {})),
     )
 
@@ -103,9 +107,11 @@ def _relative(path: Path) -> str:
 
 def render_compose(topo: Topology) -> str:
     """``docker/compose.yml`` for ``topo``: host networking, TLS + node authentication,
-    certificates and data mounted read-only, results written to the host."""
+    certificates and data mounted read-only, results and the nodes' models written to the
+    host (so they outlive the containers)."""
     creds = topo.credentials(Path(CERTS_MOUNT))
     certs, data, results = _relative(topo.certs), _relative(topo.data), _relative(topo.results)
+    models = _relative(topo.models)
     common_env = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
 
     def service(image: str, build: tuple[str, str] | None, command: list[str],
@@ -146,7 +152,7 @@ def render_compose(topo: Topology) -> str:
                 ("supernode.Dockerfile", "${SUPERNODE_BASE_IMAGE:-flwr/clientapp:1.41.0}")
                 if i == 0 else None,
                 supernode_args(topo.superlink_port, port, pid, topo.num_partitions, creds, i),
-                [f"{certs}:{CERTS_MOUNT}:ro", f"{data}:{DATA_MOUNT}:ro"],
+                [f"{certs}:{CERTS_MOUNT}:ro", f"{data}:{DATA_MOUNT}:ro", f"{models}:{MODELS_MOUNT}"],
                 ["    depends_on: [superlink]",
                  "    restart: on-failure  # until its key is registered with the SuperLink"],
             ),
