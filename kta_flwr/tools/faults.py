@@ -165,7 +165,8 @@ def run_faults(  # pylint: disable=too-many-arguments,too-many-locals
             print(f"[faults] {key}: {row}", flush=True)
             results_dir.mkdir(parents=True, exist_ok=True)
             report_file.write_text(json.dumps(report, indent=2))
-    report.update(preset=preset, clients=clients, seeds=seeds, node_kill_clients=node_kill_clients,
+    every_seed = sorted({*report.get("seeds", []), *seeds})
+    report.update(preset=preset, clients=clients, seeds=every_seed, node_kill_clients=node_kill_clients,
                   config=base.to_flwr(), straggler_rate=straggler_rate,
                   straggler_timeout=straggler_timeout)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +211,7 @@ def markdown(report: dict[str, Any]) -> str:
         if scenario == "node-kill":
             survived += f"; node 0 trained {[r['node0_rounds_trained'] for r in mine]} rounds in all"
         lines.append(
-            f"| {scenario} | {INJECTED[scenario]} | {survived} | "
+            f"| {scenario} ({len(mine)} seed{'s' if len(mine) > 1 else ''}) | {INJECTED[scenario]} | {survived} | "
             f"{statistics.fmean(r['personalized'] for r in mine):.4f} | "
             f"{'—' if scenario == 'none' else _paired(runs, scenario, reference, seeds, 'personalized')} | "
             f"{statistics.fmean(r['failed'] for r in mine):.1f} | "
