@@ -32,7 +32,8 @@ def train(msg: Message, context: Context) -> Message:
     with timer("setup"):  # config, data (cached per process), device, state from disk
         node = Node(msg, context)
     inject_faults(node)
-    metrics: dict[str, float] = {"num-examples": len(node.data.train.y), "partition-id": node.partition_id}
+    metrics: dict[str, float] = {"num-examples": len(node.data.train.y),
+                                 protocol.PARTITION_ID: node.partition_id}
     content = handler_for(node.cfg).train(node, msg, timer, metrics)
     content[protocol.METRICS] = MetricRecord({**metrics, **timer.metrics()})
     return Message(content=content, reply_to=msg)
@@ -52,12 +53,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = node.evaluate(model)
     with timer("save"):
         node.record_evaluation(metrics)
-    metrics = {**metrics, "partition-id": node.partition_id, **timer.metrics()}
+    metrics = {**metrics, protocol.PARTITION_ID: node.partition_id, **timer.metrics()}
     return Message(content=RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which partition this node holds (a resumed run maps the new node ids with it)."""
-    metrics = MetricRecord({"partition-id": partition_id_of(context)})
+    metrics = MetricRecord({protocol.PARTITION_ID: partition_id_of(context)})
     return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)

@@ -8,9 +8,7 @@
 (Checkpoint refusals and the node-wait deadline are unit-tested in test_checkpoint.py.)
 """
 
-import csv
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from kta_flwr.config import RunConfig
 from kta_flwr.task.checkpoint import load_personalized, read_checkpoint
 from kta_flwr.task.splits import load_client_data
 from kta_flwr.task.training import evaluate
+from kta_flwr.tools.faults import rounds_done, wait_for_rounds
 from kta_flwr.tools.federation import LocalFederation
 from tests.conftest import read_results
 
@@ -51,16 +50,6 @@ def _submit(fed, app_dir, cfg: dict) -> dict:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (res,) = read_results(Path(cfg["output-dir"]))
     return res
-
-
-def _wait_for_rounds(out: Path, rounds: int, timeout: float = 300.0) -> None:
-    """Block until the run writing to ``out`` has completed ``rounds`` rounds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = sorted(out.glob("*/rounds.csv"))
-        if done and len(list(csv.DictReader(done[0].open()))) >= rounds:
-            return
-        time.sleep(0.2)
 
 
 def _check_persisted(work: Path, res: dict, rounds: int) -> None:
@@ -115,10 +104,10 @@ def test_killed_server_resumes_to_the_uninterrupted_result(sim, app_dir, tmp_pat
     cut = _config(tmp_path, "cut", **{"num-server-rounds": rounds})
     with LocalFederation(tmp_path / "fed-a", CLIENTS, simulation=True) as first:
         first.launch(app_dir, cut)
-        _wait_for_rounds(tmp_path / "cut" / "out", 2)
+        wait_for_rounds(tmp_path / "cut" / "out", 2, timeout=300)
         first.kill()  # the ServerApp, the simulation and the SuperLink die at once
     (run_dir,) = [p.parent for p in (tmp_path / "cut" / "out").glob("*/server-state.pkl")]
-    killed_at = len(list(csv.DictReader((run_dir / "rounds.csv").open())))
+    killed_at = rounds_done(run_dir.parent)
     assert 2 <= killed_at < rounds, "the run ended before it could be killed"
 
     with LocalFederation(tmp_path / "fed-b", CLIENTS, simulation=True) as second:
@@ -140,7 +129,7 @@ def test_killed_supernode_rejoins_and_continues_its_model(tmp_path, app_dir):
                                         "min-nodes": 2})
     with LocalFederation(tmp_path / "fed", 2) as fed:
         run = fed.launch(app_dir, cfg)
-        _wait_for_rounds(tmp_path / "fleet" / "out", 2)
+        wait_for_rounds(tmp_path / "fleet" / "out", 2, timeout=300)
         fed.kill_supernode(fed.supernode(1))  # a crashed device: SIGKILL, no goodbye
         fed.start_supernode(1)  # ... back, with a new node id
         assert run.wait(timeout=600) == 0, (fed.logs / "run.log").read_text()[-4000:]

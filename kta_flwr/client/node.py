@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from torch import nn
 
@@ -313,7 +313,6 @@ class Node:  # pylint: disable=too-many-instance-attributes
         meta = saved.meta
         state[META_STATE] = ConfigRecord({
             "round": meta.round, "rounds-trained": meta.rounds_trained,
-            "restored-from-round": meta.round, "restored-from-run": meta.run_id,
             **{f"acc-{k}": v for k, v in meta.accuracies.items()},
         })
 
@@ -331,13 +330,8 @@ class Node:  # pylint: disable=too-many-instance-attributes
         if not self.checkpoint_path.is_file():
             return None
         saved = read_checkpoint(self.checkpoint_path)
-        spec = self.data.splits.spec_for(self.cfg)
-        expected = {
-            "architecture": self.cfg.model_for_partition(self.partition_id),
-            "num_classes": spec.num_classes, "input_shape": tuple(spec.input_shape),
-            "vocab_size": spec.vocab_size, "fingerprint": self.data.splits.reference_fingerprint,
-        }
-        check_meta(saved.meta, {k: expected[k] for k in WARM_START_FIELDS}, self.checkpoint_path)
+        mine = self._meta(self.cfg.model_for_partition(self.partition_id), ConfigRecord())
+        check_meta(saved.meta, {k: getattr(mine, k) for k in WARM_START_FIELDS}, self.checkpoint_path)
         return saved
 
 

@@ -105,11 +105,12 @@ def run(grid: Grid, context: Context) -> None:
         len(splits.train.y), f"; resuming run {lineage} at round {first}" if saved else "")
 
     latest = {"arrays": arrays}  # the stock strategies' global model after the last round
+    rounds = RoundsFrom(strategy, first, recorder.note_train_metrics)
 
     def end_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if local_round == 0:  # Strategy.start calls it once before the first round
             return None
-        server_round = local_round + first - 1
+        server_round = rounds.true_round(local_round)
         out = recorder.end_round(server_round, arrays)
         save_run_state(recorder.ensure_run_dir(), RunState.capture(
             round=server_round, lineage=lineage, config=cfg.to_flwr(),
@@ -123,7 +124,7 @@ def run(grid: Grid, context: Context) -> None:
     remaining = cfg.num_server_rounds - first + 1
     try:
         if remaining > 0:
-            RoundsFrom(strategy, first, recorder.note_train_metrics).start(
+            rounds.start(
                 grid=metered, initial_arrays=arrays, num_rounds=remaining,
                 timeout=cfg.round_timeout, train_config=ConfigRecord({}),
                 evaluate_config=ConfigRecord({}), evaluate_fn=end_round,
@@ -176,8 +177,8 @@ def _partitions(grid: Grid, cfg: RunConfig, completed: int) -> dict[int, int]:
     )
     found = {}
     for msg in replies:
-        if not msg.has_error() and protocol.METRICS in msg.content.metric_records:
-            found[msg.metadata.src_node_id] = int(msg.content.metric_records[protocol.METRICS][protocol.PARTITION_ID])
+        if (partition := protocol.reported_partition(msg)) is not None:
+            found[msg.metadata.src_node_id] = partition
     log(INFO, "kta-flwr: resumed run: %d of %d nodes reported their partition", len(found), len(nodes))
     return found
 

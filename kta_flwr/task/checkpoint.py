@@ -178,8 +178,17 @@ def load_personalized(
     """
     saved = read_checkpoint(resolve_checkpoint(path))
     check_meta(saved.meta, expected or {}, Path(path))
+    return model_from(saved, device)
+
+
+def model_from(saved: SavedModel, device: str = "cpu") -> nn.Module:
+    """The model of a checkpoint already read, built from its metadata, in eval mode.
+
+    Raises:
+        CheckpointError: the checkpoint holds no model (e.g. fedavg-topk's node state).
+    """
     if not saved.state:
-        raise CheckpointError(f"checkpoint {path} holds no model (strategy {saved.meta.strategy!r})")
+        raise CheckpointError(f"the checkpoint holds no model (strategy {saved.meta.strategy!r})")
     model = build_model(saved.meta.architecture, saved.meta.spec, seed=0)
     model.load_state_dict(saved.state)
     return model.to(device).eval()

@@ -57,14 +57,20 @@ def _results(out_dir: Path) -> dict[str, Any]:
     return json.loads(found[-1].read_text())
 
 
-def _rows_done(out_dir: Path) -> int:
+def rounds_done(out_dir: Path) -> int:
+    """Rounds completed so far by the run writing to ``out_dir`` (its rounds.csv rows)."""
     found = sorted(out_dir.glob("*/rounds.csv"))
     return len(list(csv.DictReader(found[0].open()))) if found else 0
 
 
-def _wait_rounds(out_dir: Path, rounds: int, timeout: float = 3600) -> None:
+def wait_for_rounds(out_dir: Path, rounds: int, timeout: float = 3600) -> None:
+    """Block until the run writing to ``out_dir`` has completed ``rounds`` rounds.
+
+    Raises:
+        RuntimeError: not within ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
-    while _rows_done(out_dir) < rounds:
+    while rounds_done(out_dir) < rounds:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{out_dir}: round {rounds} not reached in {timeout:.0f} s")
         time.sleep(0.2)
@@ -82,10 +88,10 @@ def _server_kill(cfg: RunConfig, clients: int, work: Path) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     with LocalFederation(work / "fed-a", clients, simulation=True) as fed:
         fed.launch(REPO_ROOT, cfg.to_flwr())
-        _wait_rounds(out, cfg.num_server_rounds // 2)
+        wait_for_rounds(out, cfg.num_server_rounds // 2)
         fed.kill()
     (run_dir,) = [p.parent for p in out.glob("*/server-state.pkl")]
-    killed_after = _rows_done(out)
+    killed_after = rounds_done(out)
     with LocalFederation(work / "fed-b", clients, simulation=True) as fed:
         proc = fed.submit(REPO_ROOT, {**cfg.to_flwr(), "resume-from": str(run_dir)}, timeout=24 * 3600)
     if proc.returncode != 0:
@@ -97,8 +103,8 @@ def _node_kill(cfg: RunConfig, clients: int, work: Path) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     with LocalFederation(work / "fed", clients) as fed:
         run = fed.launch(REPO_ROOT, cfg.to_flwr())
-        _wait_rounds(out, cfg.num_server_rounds // 2)
-        killed_after = _rows_done(out)
+        wait_for_rounds(out, cfg.num_server_rounds // 2)
+        killed_after = rounds_done(out)
         fed.kill_supernode(fed.supernode(0))
         fed.start_supernode(0)
         if run.wait(timeout=24 * 3600) != 0:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from kta_flwr.config import ConfigError
-from kta_flwr.task.checkpoint import load_personalized, read_checkpoint, resolve_checkpoint
+from kta_flwr.task.checkpoint import check_meta, model_from, read_checkpoint, resolve_checkpoint
 from kta_flwr.task.training import predict_logits, resolve_device
 from kta_flwr.tools.cli import overrides
 
@@ -35,13 +35,15 @@ def predict(model_path: Path, inputs: np.ndarray, expected: dict[str, object] | 
         CheckpointError: no checkpoint, or metadata that differs from ``expected``.
         ConfigError: ``inputs`` whose rows do not have the checkpoint's input shape.
     """
-    meta = read_checkpoint(resolve_checkpoint(model_path)).meta
-    if tuple(inputs.shape[1:]) != tuple(meta.input_shape):
+    path = resolve_checkpoint(model_path)
+    saved = read_checkpoint(path)
+    if tuple(inputs.shape[1:]) != tuple(saved.meta.input_shape):
         raise ConfigError(
             f"--input rows have shape {list(inputs.shape[1:])}; the checkpoint's model "
-            f"reads {list(meta.input_shape)} ('input_shape')"
+            f"reads {list(saved.meta.input_shape)} ('input_shape')"
         )
-    model = load_personalized(model_path, expected, device)
+    check_meta(saved.meta, expected or {}, path)
+    model = model_from(saved, device)
     logits = predict_logits(model, inputs, resolve_device(device))
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)

@@ -18,7 +18,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from kta_flwr.flower.protocol import LINEAGE, METRICS, PARTITION_ID
+from kta_flwr.flower.protocol import LINEAGE, reported_partition
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 NUM_EXAMPLES = "num-examples"
@@ -155,10 +155,10 @@ class NodeStrategy(EvaluateEvery, Strategy):
     def observe(self, msg: Message) -> None:
         """Note the partition a reply's sender reports; if another node id held it
         before, move what the strategy kept for that id to this one."""
-        metrics = msg.content.metric_records.get(METRICS) if msg.has_content() else None
-        if metrics is None or PARTITION_ID not in metrics:
+        partition = reported_partition(msg)
+        if partition is None:
             return
-        node_id, partition = msg.metadata.src_node_id, int(metrics[PARTITION_ID])
+        node_id = msg.metadata.src_node_id
         for old, held in list(self.partition_of.items()):
             if held == partition and old != node_id:
                 log(INFO, "partition %d moved from node %d to node %d", partition, old, node_id)
