@@ -11,6 +11,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from kta_flwr.client import handler_for
+from kta_flwr.client.attacks import poison_data, poison_reply
 from kta_flwr.client.faults import inject_faults
 from kta_flwr.client.node import Node, partition_id_of
 from kta_flwr.flower import protocol
@@ -32,9 +33,11 @@ def train(msg: Message, context: Context) -> Message:
     with timer("setup"):  # config, data (cached per process), device, state from disk
         node = Node(msg, context)
     inject_faults(node)
+    poison_data(node)
     metrics: dict[str, float] = {"num-examples": len(node.data.train.y),
                                  protocol.PARTITION_ID: node.partition_id}
     content = handler_for(node.cfg).train(node, msg, timer, metrics)
+    poison_reply(node, msg, content, metrics)
     content[protocol.METRICS] = MetricRecord({**metrics, **timer.metrics()})
     return Message(content=content, reply_to=msg)
 

@@ -36,6 +36,7 @@ COMPRESSED = "compressed"
 STRATEGY_FAMILIES: dict[str, str] = {
     "kta": MARKET, "fedmd": MARKET, "ktpfl": MARKET, "local": MARKET,
     "fedavg": PARAMETERS, "fedprox": PARAMETERS,
+    "fedmedian": PARAMETERS, "krum": PARAMETERS, "fedtrimmedavg": PARAMETERS,
     "fedavg-topk": COMPRESSED, "sapef": COMPRESSED, "fedkd": COMPRESSED,
 }
 STRATEGIES = tuple(STRATEGY_FAMILIES)
@@ -62,6 +63,15 @@ DIVERGENCES = ("js", "skl", "cosine")
 TARGET_SPACES = ("prob", "logit")
 MARKETS = ("adaptive", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
+#: Attack name -> the strategy families it applies to (:mod:`kta_flwr.client.attacks`).
+ATTACK_FAMILIES: dict[str, frozenset[str]] = {
+    "none": frozenset({MARKET, PARAMETERS, COMPRESSED}),
+    **dict.fromkeys(("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled",
+                     "confident-wrong", "random", "sybil", "malformed"), frozenset({MARKET})),
+    "label-flip": frozenset({MARKET, PARAMETERS, COMPRESSED}),
+    **dict.fromkeys(("negated", "scaled-update"), frozenset({PARAMETERS})),
+}
+ATTACKS = tuple(ATTACK_FAMILIES)
 
 
 #: Where relative ``data-path`` values point (e.g. a symlink to ``../shared/datasets``).
@@ -146,6 +156,13 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     prior_correction: bool = True
     distill_gate: bool = True
     distill_clip: float = 5.0
+    # --- defences of the market (kta; docs/robustness.md) ------------------------------
+    consistency_check: bool = True
+    sybil_divergence: float = 1e-5
+    loudness_cap: float = 0.0
+    # --- robust parameter aggregators (Flower's Krum, FedTrimmedAvg) ---------------------
+    krum_malicious: int = 2
+    trim_beta: float = 0.2
     # --- compressed-update baselines ---------------------------------------------
     topk_fraction: float = 0.01
     sapef_alpha: float = 0.5
@@ -162,6 +179,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     # --- fault injection (tests and fault benchmarks; 0 = off) ---------------------------
     fault_dropout: float = 0.0
     fault_straggler: float = 0.0
+    # --- attacks (research; off by default; docs/robustness.md) -----------------------------
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_scale: float = 10.0
 
     # ---------------------------------------------------------------------------
     @property
@@ -367,11 +388,25 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("finetune-layers", cfg.finetune_layers),
         ("distill-clip", cfg.distill_clip),
         ("max-staleness", cfg.max_staleness),
+        ("sybil-divergence", cfg.sybil_divergence),
+        ("loudness-cap", cfg.loudness_cap),
+        ("krum-malicious", cfg.krum_malicious),
+        ("attack-scale", cfg.attack_scale),
     ):
         _non_negative(key, value)
     for key, value in (("fault-dropout", cfg.fault_dropout), ("fault-straggler", cfg.fault_straggler)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"run-config '{key}' = {value!r} must be in [0, 1)")
+    _choice("attack", cfg.attack, ATTACKS)
+    if not 0.0 <= cfg.attack_fraction < 1.0:
+        raise ConfigError(f"run-config 'attack-fraction' = {cfg.attack_fraction!r} must be in [0, 1)")
+    if not 0.0 <= cfg.trim_beta < 0.5:
+        raise ConfigError(f"run-config 'trim-beta' = {cfg.trim_beta!r} must be in [0, 0.5)")
+    if cfg.attack != "none" and cfg.family not in ATTACK_FAMILIES[cfg.attack]:
+        raise ConfigError(
+            f"run-config 'attack' = {cfg.attack!r} does not apply to strategy {cfg.strategy!r} "
+            f"(family {cfg.family!r}); it applies to {sorted(ATTACK_FAMILIES[cfg.attack])}"
+        )
     if cfg.min_round_nodes > cfg.min_nodes:
         raise ConfigError(
             f"run-config 'min-round-nodes' = {cfg.min_round_nodes} exceeds 'min-nodes' = "

@@ -17,7 +17,7 @@ from kta_flwr.config import COMPRESSED, MARKET, PARAMETERS, RunConfig
 from kta_flwr.flower.strategies.base import EvaluateEvery, MetricsAggregator
 from kta_flwr.flower.strategies.compressed import CompressedUpdates
 from kta_flwr.flower.strategies.market import KnowledgeMarket
-from kta_flwr.flower.strategies.stock import FedAvgEvery, FedProxEvery
+from kta_flwr.flower.strategies.stock import STOCK
 from kta_flwr.maths.knowledge_codec import Codec
 from kta_flwr.maths.market import MarketParams
 from kta_flwr.maths.update_compression import ParamLayout, UpdateCodec
@@ -44,6 +44,7 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
     """Market knobs for ``cfg.strategy`` (None for ``local``: no market)."""
     if not cfg.exchanges_knowledge:
         return None
+    kta = cfg.strategy == "kta"
     return MarketParams(
         temperature=cfg.temperature,
         divergence=cfg.divergence,
@@ -55,8 +56,12 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
         weighting=MARKET_WEIGHTING[cfg.strategy],
         adaptive=cfg.market == "adaptive",
         # The baselines (FedMD, KT-pFL) mix predictions as published.
-        prior_correction=cfg.prior_correction and cfg.strategy == "kta",
+        prior_correction=cfg.prior_correction and kta,
         gate=cfg.distill_gate,
+        # The defences are kta's (docs/robustness.md); the baselines stay as published.
+        consistency=cfg.consistency_check and kta,
+        sybil_divergence=cfg.sybil_divergence if kta else 0.0,
+        loudness_cap=cfg.loudness_cap if kta else 0.0,
     )
 
 
@@ -92,13 +97,14 @@ def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, f
 
 
 def _stock(cfg: RunConfig, **common: object) -> EvaluateEvery:
-    stock = {"fraction_evaluate": 1.0, "min_train_nodes": 1, "min_evaluate_nodes": 1,
-             "min_available_nodes": cfg.min_nodes}
-    strategy: FedAvgEvery | FedProxEvery
-    if cfg.strategy == "fedprox":
-        strategy = FedProxEvery(proximal_mu=cfg.proximal_mu, **stock, **common)  # type: ignore[arg-type]
-    else:
-        strategy = FedAvgEvery(**stock, **common)  # type: ignore[arg-type]
+    options: dict[str, object] = {
+        "fraction_evaluate": 1.0, "min_train_nodes": 1, "min_evaluate_nodes": 1,
+        "min_available_nodes": cfg.min_nodes,
+        **{"fedprox": {"proximal_mu": cfg.proximal_mu},
+           "krum": {"num_malicious_nodes": cfg.krum_malicious},
+           "fedtrimmedavg": {"beta": cfg.trim_beta}}.get(cfg.strategy, {}),
+    }
+    strategy = STOCK[cfg.strategy](**options, **common)
     strategy.min_nodes = cfg.min_nodes
     strategy.node_wait_timeout = cfg.node_wait_timeout
     strategy.min_round_nodes = cfg.min_round_nodes
@@ -114,6 +120,7 @@ def build_strategy(  # pylint: disable=too-many-arguments
     fingerprint: str,
     evaluate_metrics_aggr_fn: MetricsAggregator,
     train_metrics_aggr_fn: MetricsAggregator | None = None,
+    max_examples: int | None = None,
 ) -> Strategy:
     """The Strategy for ``cfg.strategy``: the market (kta, fedmd, ktpfl, local), Flower's
     stock FedAvg/FedProx, or a compressed-update baseline (fedavg-topk, sapef, fedkd, on
@@ -127,6 +134,8 @@ def build_strategy(  # pylint: disable=too-many-arguments
         num_classes: C (market).
         fingerprint: hash of the reference set, sent so clients can check their copy.
         evaluate_metrics_aggr_fn, train_metrics_aggr_fn: Flower's metric hooks.
+        max_examples: the largest ``num-examples`` a reply may report (None: the
+            strategies' default bound).
     """
     common: dict[str, object] = {
         "fraction_train": cfg.fraction_train,
@@ -134,6 +143,8 @@ def build_strategy(  # pylint: disable=too-many-arguments
     }
     if train_metrics_aggr_fn is not None:
         common["train_metrics_aggr_fn"] = train_metrics_aggr_fn
+    if max_examples is not None:
+        common["max_examples"] = max_examples
     builders: dict[str, Callable[[], EvaluateEvery]] = {
         COMPRESSED: lambda: _compressed(cfg, initial_arrays, **common),
         MARKET: lambda: _market(cfg, reference_labels=reference_labels, num_classes=num_classes,

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from flwr.app import Error, Message, MessageType, Metadata, RecordDict
+from flwr.app import MetricRecord, Error, Message, MessageType, Metadata, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -55,6 +55,20 @@ def reply(node_id: int, content: RecordDict | None = None, error: str | None = N
     if error is not None:
         return Message(error=Error(code=0, reason=error), metadata=metadata)
     return Message(content=content, metadata=metadata)
+
+
+def client_metrics(partition: int = 0, examples: int = 5, **extra: float) -> MetricRecord:
+    """The train metrics an honest ClientApp sends (every key the boundary requires)."""
+    return MetricRecord({"num-examples": examples, "partition-id": partition, "train-loss": 0.5,
+                         "samples": examples, "t-setup": 0.1, "t-restore": 0.1, "t-stage1": 0.1,
+                         "t-save": 0.1, **extra})
+
+
+def train_round(strategy, server_round: int, replies: list[Message], asked=None):
+    """``aggregate_train`` of ``server_round`` after telling the strategy's screen that
+    ``asked`` (default: every sender) got a train instruction, as ``configure_train`` does."""
+    strategy.screen.expect("train", asked if asked is not None else {m.metadata.src_node_id for m in replies})
+    return strategy.aggregate_train(server_round, replies)
 
 
 class FixedGrid:

@@ -57,3 +57,21 @@ def test_method_variants_carry_their_run_config():
     assert method_config(RunConfig(), "fedavg").strategy == "fedavg"
     with pytest.raises(ConfigError, match="codec"):
         method_config(RunConfig(), "kta:codec=zip")
+
+
+def test_robustness_runs_each_attack_where_it_applies_and_compares_like_with_like():
+    from kta_flwr.tools.robustness import _score, markdown, methods_for  # pylint: disable=import-outside-toplevel
+
+    methods = methods_for(["kta", "fedavg"], ["gaming", "negated"], [0.1, 0.2])
+    assert methods == ["kta", "kta:attack=gaming:attack-fraction=0.1", "kta:attack=gaming:attack-fraction=0.2",
+                       "fedavg", "fedavg:attack=negated:attack-fraction=0.1",
+                       "fedavg:attack=negated:attack-fraction=0.2"]
+    clean = {"0": 0.9, "1": 0.8, "2": 0.5}
+    row = {"strategy": "kta", "attack": "gaming", "share": 0.34, "seed": 0, "attackers": [2],
+           "clients": {"0": 0.85, "1": 0.8, "2": 0.0}}
+    _score(row, clean)  # the attacker's partition is left out of both means
+    assert row["honest_accuracy"] == pytest.approx(0.825) and row["clean_accuracy"] == pytest.approx(0.85)
+    assert row["drop_points"] == pytest.approx(-2.5)
+    table = markdown([{"strategy": "kta", "attack": "none", "share": 0.0, "honest_accuracy": 0.73,
+                       "drop_points": 0.0}, row])
+    assert "| none (clean accuracy) | 0% | 0.7300 |" in table and "| gaming | 34% | -2.5 |" in table

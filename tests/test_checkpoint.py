@@ -26,7 +26,8 @@ from kta_flwr.task.checkpoint import (
     save_checkpoint,
 )
 from kta_flwr.task.models import ModelSpec, build_model
-from tests.conftest import FixedGrid, reply
+from kta_flwr.flower.validation import Checked
+from tests.conftest import FixedGrid, client_metrics, reply, train_round
 
 SPEC = ModelSpec((1, 8, 8), 10)
 
@@ -123,7 +124,7 @@ def test_waiting_for_nodes_has_a_deadline():
 def _logits_reply(node_id: int, partition: int, values: np.ndarray):
     return reply(node_id, RecordDict({
         protocol.LOGITS: ArrayRecord({protocol.VALUES: Array(values)}),
-        protocol.METRICS: MetricRecord({"num-examples": 5, "partition-id": partition}),
+        protocol.METRICS: client_metrics(partition),
     }))
 
 
@@ -140,15 +141,15 @@ def test_market_forgets_stale_logits_and_follows_a_restarted_node():
     def logits():
         return rng.normal(size=(n, c)).astype(np.float32)
 
-    strategy.aggregate_train(1, [_logits_reply(10 + p, p, logits()) for p in range(3)])
+    train_round(strategy, 1, [_logits_reply(10 + p, p, logits()) for p in range(3)])
     # round 2: partition 2 is absent; its round-1 logits are used once, counted as stale
-    _, metrics = strategy.aggregate_train(2, [_logits_reply(10 + p, p, logits()) for p in range(2)])
+    _, metrics = train_round(strategy, 2, [_logits_reply(10 + p, p, logits()) for p in range(2)])
     assert metrics["market-clients"] == 3 and metrics["market-stale"] == 1
     # round 3: still absent -> older than max-staleness, dropped from the bank
-    _, metrics = strategy.aggregate_train(3, [_logits_reply(10 + p, p, logits()) for p in range(2)])
+    _, metrics = train_round(strategy, 3, [_logits_reply(10 + p, p, logits()) for p in range(2)])
     assert metrics["market-clients"] == 2 and 12 not in strategy.bank
     # partition 1 comes back as node 21: it takes over node 11's pending targets
     pending = strategy.targets[11]
-    strategy.observe(_logits_reply(21, 1, logits()))
+    strategy.observe(Checked(21, _logits_reply(21, 1, logits()), {"partition-id": 1}, {}))
     assert 11 not in strategy.targets and np.array_equal(strategy.targets[21], pending)
     assert strategy.partition_of == {10: 0, 12: 2, 21: 1}

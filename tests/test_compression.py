@@ -14,7 +14,7 @@ from kta_flwr.maths.update_compression import (
 from kta_flwr.maths.payload import payload_bytes
 from kta_flwr.task.models import ModelSpec, build_model
 from kta_flwr.flower.strategies.compressed import CompressedUpdates
-from tests.conftest import FixedGrid, reply
+from tests.conftest import FixedGrid, client_metrics, reply
 
 P = 1000
 
@@ -215,7 +215,7 @@ def test_dense_model_for_lost_nodes_and_loud_mismatches():
 def _update_reply(node_id, payload, examples=10):
     return reply(node_id, RecordDict({
         sync.UPDATE: sync.to_record(payload),
-        protocol.METRICS: MetricRecord({"num-examples": examples}),
+        protocol.METRICS: client_metrics(node_id, examples, **{"residual-norm": 0.0}),
     }))
 
 
@@ -239,7 +239,7 @@ def test_strategy_averages_good_updates_and_drops_bad_ones(name):
         _update_reply(2, codec.compress(3 * one, 1), examples=30),
         _update_reply(3, {"idx": nan["idx"], "val": nan["val"]} if name == "topk" else {"bogus": one}),
         reply(4, error="client crashed"),
-        reply(5, RecordDict({protocol.METRICS: MetricRecord({"num-examples": 1})})),  # no update
+        reply(5, RecordDict({protocol.METRICS: client_metrics(5, 1)})),  # no update
     ]
     _, metrics = strategy.aggregate_train(1, replies)
     assert metrics["replies"] == 2 and metrics["dropped"] == 3

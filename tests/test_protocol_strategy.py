@@ -10,7 +10,7 @@ from kta_flwr.config import RunConfig
 from kta_flwr.flower.metering import payload_bytes
 from kta_flwr.factory import market_params
 from kta_flwr.flower.strategies.market import KnowledgeMarket
-from tests.conftest import FixedGrid, reply
+from tests.conftest import FixedGrid, client_metrics, reply, train_round
 
 N, C = 20, 4
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 
 def logits_reply(node_id, values):
     return reply(node_id, RecordDict({protocol.LOGITS: ArrayRecord({protocol.VALUES: Array(values)}),
-                                      protocol.METRICS: MetricRecord({"num-examples": 5})}))
+                                      protocol.METRICS: client_metrics(node_id)}))
 
 
 def make_strategy(strategy="kta", holdout_fraction=0.0, **changes):
@@ -69,7 +69,7 @@ def test_bad_clients_are_dropped_and_the_round_goes_on():
         reply(6, RecordDict({protocol.METRICS: MetricRecord({"x": 1})})),
         reply(7, error="ClientApp crashed"),
     ]
-    _, metrics = strategy.aggregate_train(1, good + bad)
+    _, metrics = train_round(strategy, 1, good + bad)
     assert metrics["replies"] == 3 and metrics["dropped"] == 4
     assert sorted(strategy.bank) == [1, 2, 3] == sorted(strategy.targets)
     for targets in strategy.targets.values():
@@ -80,7 +80,7 @@ def test_bad_clients_are_dropped_and_the_round_goes_on():
 def test_instructions_carry_only_personal_targets():
     strategy = make_strategy()
     rng = np.random.default_rng(2)
-    strategy.aggregate_train(1, [logits_reply(i, rng.normal(size=(N, C)).astype(np.float32)) for i in (1, 2)])
+    train_round(strategy, 1, [logits_reply(i, rng.normal(size=(N, C)).astype(np.float32)) for i in (1, 2)])
     messages = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 2, 9])))
     by_node = {m.metadata.dst_node_id: m for m in messages}
     assert sorted(by_node) == [1, 2, 9]
@@ -96,7 +96,7 @@ def test_instructions_carry_only_personal_targets():
 
 def test_local_strategy_exchanges_nothing():
     strategy = make_strategy("local")
-    _, metrics = strategy.aggregate_train(1, [reply(1, RecordDict({protocol.METRICS: MetricRecord({"a": 1})}))])
+    _, metrics = train_round(strategy, 1, [reply(1, RecordDict({protocol.METRICS: client_metrics(1)}))])
     assert metrics["replies"] == 1 and not strategy.targets
     messages = strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 2]))
     assert all(payload_bytes(m.content) == 0 for m in messages)
@@ -121,9 +121,9 @@ def test_compressed_knowledge_crosses_the_strategy():
     )
     logits = {i: rng.normal(size=(N, C)).astype(np.float32) for i in (1, 2)}
     replies = [reply(i, RecordDict({protocol.LOGITS: protocol.pack(x, Codec("int8")),
-                                    protocol.METRICS: MetricRecord({"num-examples": 5})}))
+                                    protocol.METRICS: client_metrics(i)}))
                for i, x in logits.items()]
-    strategy.aggregate_train(1, replies)
+    train_round(strategy, 1, replies)
     assert sorted(strategy.bank) == [1, 2]
     centred = logits[1] - logits[1].mean(axis=1, keepdims=True)
     assert np.abs(strategy.bank[1] - centred).max() <= np.abs(centred).max() / 254 + 1e-6
@@ -152,7 +152,7 @@ def test_market_on_a_rotating_reference_subset():
     half = N // 2
     replies = [logits_reply(i, rng.normal(size=(half, C)).astype(np.float32)) for i in (1, 2)]
     replies.append(logits_reply(3, rng.normal(size=(N, C)).astype(np.float32)))  # all rows: wrong
-    _, metrics = strategy.aggregate_train(1, replies)
+    _, metrics = train_round(strategy, 1, replies)
     assert metrics["dropped"] == 1 and sorted(strategy.targets) == [1, 2]
     assert strategy.targets[1].shape == (half, C) and strategy.target_subset[1] == 2
     # The market priced the rows of subset 2 against their own labels.
@@ -177,7 +177,7 @@ def test_targets_skip_held_out_rows_and_the_gate_keeps_some_back():
     rng = np.random.default_rng(4)
     expert = 5.0 * np.eye(C, dtype=np.float32)[strategy.reference_labels]
     guessers = [rng.normal(size=(N, C)).astype(np.float32) for _ in (2, 3)]
-    _, metrics = strategy.aggregate_train(1, [logits_reply(i, x) for i, x in zip((1, 2, 3), [expert, *guessers])])
+    _, metrics = train_round(strategy, 1, [logits_reply(i, x) for i, x in zip((1, 2, 3), [expert, *guessers])])
     assert metrics["distilling-clients"] == 2 and sorted(strategy.targets) == [2, 3]
     np.testing.assert_array_equal(strategy.targets[2], strategy.last_market.targets[1][~held_out])
     msgs = {m.metadata.dst_node_id: m for m in

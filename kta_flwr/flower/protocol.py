@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from kta_flwr.maths.knowledge_codec import Codec, CodecError, decode, encode
 
@@ -64,7 +64,17 @@ def unpack(
     """
     if key not in content.array_records:
         raise InvalidPayload(f"no '{key}' ArrayRecord in the message")
-    record = content.array_records[key]
+    return decode_record(content.array_records[key], key, num_samples, num_classes, codec)
+
+
+def decode_record(
+    record: ArrayRecord, key: str, num_samples: int, num_classes: int, codec: Codec = Codec()
+) -> np.ndarray:
+    """Decode and check the ``[N_ref, C]`` rows of ``record`` (``key``: what they are).
+
+    Raises:
+        InvalidPayload: as :func:`unpack`.
+    """
     try:
         payload = {name: array.numpy() for name, array in record.items()}
     except Exception as err:  # pylint: disable=broad-except
@@ -103,14 +113,3 @@ def held_out_mask(num_reference: int, fraction: float, seed: int) -> np.ndarray:
 def distill_rows(rows: np.ndarray, held_out: np.ndarray) -> np.ndarray:
     """The entries of ``rows`` (reference row indices) that are not held out."""
     return rows[~held_out[rows]]
-
-
-def reported_partition(msg: Message) -> int | None:
-    """The partition a reply's sender reports in its metrics (None: an error reply, or
-    none reported)."""
-    if not msg.has_content():
-        return None
-    metrics = msg.content.metric_records.get(METRICS)
-    if metrics is None or PARTITION_ID not in metrics:
-        return None
-    return int(metrics[PARTITION_ID])

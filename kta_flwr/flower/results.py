@@ -126,8 +126,11 @@ class RunRecorder:
         return MetricRecord({k: float(np.mean([c[k] for c in self._clients])) for k in keys})
 
     # Hook: evaluate_fn ----------------------------------------------------------------
-    def end_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Close round ``server_round``: one row, one log line."""
+    def end_round(
+        self, server_round: int, arrays: ArrayRecord, rejected: int = 0
+    ) -> MetricRecord | None:
+        """Close round ``server_round``: one row, one log line. ``rejected``: replies the
+        boundary checks dropped this round (counted as failed with the error replies)."""
         del arrays
         if server_round == 0:  # called once before the first round
             return None
@@ -143,7 +146,8 @@ class RunRecorder:
             GLOBAL: _mean(clients, GLOBAL),
             "clients_evaluated": len(clients),
             "messages": traffic.sent,
-            "failed": traffic.failed,
+            "failed": traffic.failed + rejected,
+            "rejected": rejected,
             **_traffic_row(traffic, ""),
             **_traffic_row(self.meter.cumulative, "cum_"),
             SAMPLES: int(sum(c.get(SAMPLES, 0.0) for c in trained)),
@@ -160,7 +164,7 @@ class RunRecorder:
             "[%s] round %d/%d | pers-acc %.4f | global-acc %.4f | clients %d, failed %d%s | "
             "MiB up %.4f down %.4f | cum MiB up %.4f down %.4f total %.4f | %.1f s",
             self.cfg.strategy, server_round, self.cfg.num_server_rounds,
-            row[PERSONALIZED], row[GLOBAL], len(clients), traffic.failed,
+            row[PERSONALIZED], row[GLOBAL], len(clients), row["failed"],
             "" if stale is None else f", stale {int(stale)}",
             _mib(row["bytes_up"]), _mib(row["bytes_down"]),
             _mib(row["cum_bytes_up"]), _mib(row["cum_bytes_down"]),

@@ -135,10 +135,7 @@ def decode(
         return arr
 
     if codec.name in ("float32", "float16"):
-        values = np.asarray(payload["values"])
-        if not np.issubdtype(values.dtype, np.floating):
-            raise CodecError(f"'values' has dtype {values.dtype}, expected a float type")
-        out = check("values", (n, c), (values.dtype,)).astype(np.float32)
+        out = check("values", (n, c), (np.dtype(codec.name),)).astype(np.float32)
     elif codec.name == "bfloat16":
         out = _from_bfloat16(check("values", (n, c), (np.dtype(np.uint16),)))
     elif codec.name == "int8":

@@ -82,6 +82,10 @@ class MarketParams:
     learn_prior: float = 0.1  # "learned": pull toward uniform coefficients (pseudo-weight)
     prior_correction: bool = True  # swap each teacher's class prior for the student's
     gate: bool = True  # adaptive: no targets for a client its own predictions serve best
+    # --- defences (docs/robustness.md); kta turns them on, FedMD and KT-pFL stay as published
+    consistency: bool = False  # a teacher's accuracy: the lower of held-out and distilled rows
+    sybil_divergence: float = 0.0  # teachers closer than this (mean JS, nats) share one weight
+    loudness_cap: float = 0.0  # cap each teacher's centred logit row norm at this x the median
 
 
 @dataclass(frozen=True)
@@ -167,8 +171,9 @@ def teacher_weights(
     accuracy_exponent: float = 1.0,
     neighbours: int = 0,
     self_weight: float = -1.0,
+    shares: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-client teacher mix ``W[k, j] ∝ S[k, j] * acc[j] ** gamma``.
+    """Per-client teacher mix ``W[k, j] ∝ S[k, j] * acc[j] ** gamma * share[j]``.
 
     Args:
         similarity: ``[K, K]`` similarity graph.
@@ -177,6 +182,7 @@ def teacher_weights(
         neighbours: keep only the ``m`` most similar other clients (0 keeps all).
         self_weight: fixed weight ``rho`` in [0, 1] on the client itself, or -1 to let
             the client compete by similarity and accuracy like any other teacher.
+        shares: ``[K]`` weight share of each teacher (:func:`sybil_shares`; None: all 1).
 
     Returns:
         ``[K, K]`` non-negative weights, each row summing to 1.
@@ -185,6 +191,8 @@ def teacher_weights(
     num_clients = sim.shape[0]
     # A tiny floor keeps a zero-accuracy client from zeroing a whole row.
     quality = np.maximum(np.asarray(accuracy, dtype=np.float64), 1e-3) ** accuracy_exponent
+    if shares is not None:
+        quality = quality * shares
     scores = sim * quality[None, :]
     others = ~np.eye(num_clients, dtype=bool)
     if 0 < neighbours < num_clients - 1:
@@ -264,6 +272,65 @@ def soft_targets(
     return targets.astype(np.float32)
 
 
+def centre(logits: np.ndarray) -> np.ndarray:
+    """Logits minus their per-row mean over classes (the softmax is unchanged; a constant
+    row of any size becomes zeros). Same shape, float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    return z - z.mean(axis=-1, keepdims=True)
+
+
+def cap_loudness(logits: np.ndarray, factor: float) -> np.ndarray:
+    """No teacher speaks louder than ``factor`` times the median teacher: on each row,
+    each client's centred logit vector is scaled down to at most ``factor`` times the
+    median (over clients) of that row's norms.
+
+    Args:
+        logits: ``[K, N, C]`` centred logits; factor: > 0 (0 or less: unchanged).
+
+    Returns:
+        ``[K, N, C]`` logits, each row scaled by a factor in (0, 1].
+    """
+    if factor <= 0:
+        return logits
+    norms = np.linalg.norm(logits, axis=-1)  # [K, N]
+    cap = factor * np.median(norms, axis=0, keepdims=True)  # [1, N]
+    scale = np.minimum(1.0, cap / np.maximum(norms, _EPS))
+    return logits * scale[..., None]
+
+
+def consistent_accuracy(logits: np.ndarray, labels: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+    """Each client's accuracy judged on both kinds of rows: the lower of its accuracy on
+    the held-out rows and on the distilled rows. A client cannot look better than its
+    worse behaviour, so being right only where it is scored buys nothing.
+
+    Args:
+        logits: ``[K, N, C]``; labels: ``[N]``; held_out: ``[N]`` bool with rows of both kinds.
+
+    Returns:
+        ``[K]`` accuracies in [0, 1].
+    """
+    right = np.asarray(logits).argmax(axis=-1) == np.asarray(labels)[None, :]
+    return np.minimum(right[:, held_out].mean(axis=1), right[:, ~held_out].mean(axis=1))
+
+
+def sybil_shares(divergence: np.ndarray, threshold: float) -> np.ndarray:
+    """``[K]`` weight share of each teacher: 1 / (size of its group), where a group joins
+    clients whose predictions are closer than ``threshold`` (mean divergence; 0: no
+    grouping), transitively. Identical uploads thus count once, however many send them."""
+    num_clients = divergence.shape[0]
+    if threshold <= 0:
+        return np.ones(num_clients)
+    group = np.arange(num_clients)
+    close = np.asarray(divergence) < threshold
+    for _ in range(num_clients):  # propagate the smallest index through each group
+        merged = np.where(close, group[None, :], num_clients).min(axis=1)
+        updated = np.minimum(group, merged)
+        if np.array_equal(updated, group):
+            break
+        group = updated
+    return 1.0 / np.bincount(group, minlength=num_clients)[group]
+
+
 def run_market(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -284,9 +351,15 @@ def run_market(
         raise ValueError(f"logits must be [K, N, C], got shape {logits.shape}")
     if logits.shape[1] != len(labels):
         raise ValueError(f"logits cover {logits.shape[1]} samples, labels {len(labels)}")
-    accuracy = reference_accuracy(logits, labels)
+    logits = cap_loudness(centre(logits), params.loudness_cap)
+    both = held_out is not None and 0 < np.count_nonzero(held_out) < len(labels)
+    if params.consistency and both:
+        accuracy = consistent_accuracy(logits, labels, np.asarray(held_out, bool))
+    else:
+        accuracy = reference_accuracy(logits, labels)
     probs = softmax(logits, params.temperature)
     divergence = pairwise_divergence(probs, params.divergence)
+    shares = sybil_shares(divergence, params.sybil_divergence)
     similarity = similarity_graph(divergence, params.tau)
     num_clients = logits.shape[0]
     taus = np.full(num_clients, params.tau)
@@ -309,23 +382,28 @@ def run_market(
         taus, weights, distill = adaptive_weights(
             logits[:, rows], np.asarray(labels)[rows], divergence, accuracy, params,
             sample_weights=class_prior(logits)[:, np.asarray(labels)[rows]], priors=priors,
+            shares=shares,
         )
         similarity = np.exp(-divergence / taus[:, None])
     else:
-        weights = _weights_at(similarity, accuracy, params)
+        weights = _weights_at(similarity, accuracy, params, shares)
     targets = soft_targets(
         logits, weights, temperature=params.temperature, space=params.target_space, priors=priors
     )
     return MarketOutput(accuracy, divergence, similarity, weights, targets, taus, distill)
 
 
-def _weights_at(similarity: np.ndarray, accuracy: np.ndarray, params: MarketParams) -> np.ndarray:
+def _weights_at(
+    similarity: np.ndarray, accuracy: np.ndarray, params: MarketParams,
+    shares: np.ndarray | None = None,
+) -> np.ndarray:
     return teacher_weights(
         similarity,
         accuracy,
         accuracy_exponent=params.accuracy_exponent,
         neighbours=params.neighbours,
         self_weight=params.self_weight,
+        shares=shares,
     )
 
 
@@ -356,6 +434,7 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
     *,
     sample_weights: np.ndarray,
     priors: np.ndarray | None = None,
+    shares: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-client sharpness: the ``tau`` in ``params.tau_grid`` whose targets maximise
     :func:`label_likelihood` on the scoring rows; with ``params.gate``, whether that mix
@@ -367,6 +446,7 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
         sample_weights: ``[K, M]`` weight of each scoring row for each client (its
             predicted class marginal at the row's label).
         priors: ``[K, C]`` class priors for the prior correction (None: none).
+        shares: ``[K]`` teacher weight shares (:func:`sybil_shares`; None: all 1).
 
     Returns:
         ``([K] chosen tau, [K, K] teacher weights at each client's tau, [K] bool: the
@@ -376,7 +456,7 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
     scores = np.empty((len(grid), logits.shape[0]))
     candidates = []
     for g, tau in enumerate(grid):
-        weights = _weights_at(similarity_graph(divergence, tau), accuracy, params)
+        weights = _weights_at(similarity_graph(divergence, tau), accuracy, params, shares)
         # Scored at T = 1: the mix is judged as a predictor, not at the (flatter)
         # distillation temperature, which would favour single over-confident teachers.
         targets = soft_targets(logits, weights, temperature=1.0, space=params.target_space,

@@ -284,6 +284,28 @@ class UpdateCodec:
             return sparse_of_nonzeros(update)
         return svd_compress(self.layout.unflatten(update), self.energy_at(server_round))
 
+    def decompress_upload(self, payload: Mapping[str, np.ndarray]) -> np.ndarray:
+        """A client's payload as a float32 ``[P]`` update, after checking it is no larger
+        than a client may send: at most k Top-k entries, SVD factors of rank at most
+        ``min(m, n)`` per tensor.
+
+        Raises:
+            CompressionError: naming the array that is too large, or as :meth:`decompress`.
+        """
+        if self.name == "topk":
+            count = int(np.asarray(payload.get("idx", ())).size)
+            if count > self.k:
+                raise CompressionError(f"'idx' has {count} entries, more than k = {self.k}")
+        else:
+            for name, shape, size in zip(self.layout.names, self.layout.shapes, self.layout.sizes):
+                factor = payload.get(f"{name}.s")
+                rank = min(shape[0], size // max(shape[0], 1)) if shape else 1
+                if factor is not None and np.asarray(factor).size > rank:
+                    raise CompressionError(
+                        f"'{name}.s' has {np.asarray(factor).size} singular values, the tensor's rank is at most {rank}"
+                    )
+        return self.decompress(payload)
+
     def decompress(self, payload: Mapping[str, np.ndarray]) -> np.ndarray:
         """A payload of either direction as a float32 ``[P]`` update."""
         if self.name == "topk":

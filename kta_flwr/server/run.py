@@ -30,6 +30,7 @@ from kta_flwr.flower.run_state import RunState, check_resumable, load_run_state,
 from kta_flwr.flower.strategies.base import FederationError, NodeStrategy, wait_for_nodes
 from kta_flwr.flower.strategies.compressed import CompressedUpdates
 from kta_flwr.flower.strategies.rounds import RoundsFrom
+from kta_flwr.flower.validation import QUERY, QUERY_METRICS, ReplyScreen, ReplySpec
 from kta_flwr.maths.update_compression import ParamLayout
 from kta_flwr.task.checkpoint import ModelMeta, save_checkpoint
 from kta_flwr.task.models import build_model
@@ -91,6 +92,7 @@ def run(grid: Grid, context: Context) -> None:
         fingerprint=splits.reference_fingerprint,
         evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
         train_metrics_aggr_fn=recorder.aggregate_train,
+        max_examples=max(len(splits.train.y), len(splits.test.y)),
     )
     metered = MeteredGrid(grid, meter)
     lineage, first = grid.run.run_id, 1
@@ -111,7 +113,7 @@ def run(grid: Grid, context: Context) -> None:
         if local_round == 0:  # Strategy.start calls it once before the first round
             return None
         server_round = rounds.true_round(local_round)
-        out = recorder.end_round(server_round, arrays)
+        out = recorder.end_round(server_round, arrays, rejected=strategy.screen.drain())
         save_run_state(recorder.ensure_run_dir(), RunState.capture(
             round=server_round, lineage=lineage, config=cfg.to_flwr(),
             strategy=strategy.state_dict() if isinstance(strategy, NodeStrategy) else {},
@@ -167,18 +169,19 @@ def _resume(
 
 
 def _partitions(grid: Grid, cfg: RunConfig, completed: int) -> dict[int, int]:
-    """Ask every connected node which partition it holds: node id -> partition id."""
+    """Ask every connected node which partition it holds: node id -> partition id (the
+    replies pass the boundary checks; a partition is claimed once)."""
     nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.node_wait_timeout, cfg.min_round_nodes)
     config = ConfigRecord({"server-round": completed})
+    screen = ReplyScreen()
+    screen.expect(QUERY, nodes)
     replies = grid.send_and_receive(
         [Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY)
          for n in nodes],
         timeout=cfg.round_timeout,
     )
-    found = {}
-    for msg in replies:
-        if (partition := protocol.reported_partition(msg)) is not None:
-            found[msg.metadata.src_node_id] = partition
+    found = {r.node_id: r.partition
+             for r in screen.screen(completed, QUERY, replies, ReplySpec(QUERY_METRICS)).valid}
     log(INFO, "kta-flwr: resumed run: %d of %d nodes reported their partition", len(found), len(nodes))
     return found
 

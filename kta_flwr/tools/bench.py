@@ -88,7 +88,7 @@ def method_config(base: RunConfig, method: str) -> RunConfig:
     return parse_run_config(values)
 
 
-def _slug(method: str) -> str:
+def slug(method: str) -> str:
     """A folder name for ``method`` (``kta:codec=int8`` -> ``kta_codec-int8``)."""
     return method.replace(":", "_").replace("=", "-").replace("/", "-")
 
@@ -237,7 +237,7 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix="kta-bench-"))
             fed = stack.enter_context(LocalFederation(Path(work), clients, simulation=engine == "simulation"))
         for i, (seed, method) in enumerate(((s, m) for s in seeds for m in methods), 1):
-            run_dir = results_dir / "runs" / f"{_slug(method)}-seed{seed}"
+            run_dir = results_dir / "runs" / f"{slug(method)}-seed{seed}"
             cfg = configs[method].replace(seed=seed, output_dir=str(run_dir.resolve()),
                                           model_dir=str((run_dir / "models").resolve()))
             earlier = reusable_run(run_dir, cfg) if resume or existing_only else None

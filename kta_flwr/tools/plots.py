@@ -16,6 +16,23 @@ def figure(size: tuple[float, float]) -> tuple[Any, Any]:
     return plt.subplots(figsize=size)
 
 
+def panels(count: int, size: tuple[float, float] = (3.6, 3.0), columns: int = 4) -> tuple[Any, list[Any]]:
+    """A headless figure of ``count`` panels (``columns`` per row, each ``size`` inches)
+    and the flat list of their axes (unused cells hidden)."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    cols = max(1, min(columns, count))
+    rows = -(-max(count, 1) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:max(count, 1)]
+
+
 def save_figure(fig: Any, ax: Any, path: Path, legend_beside: bool = False) -> None:
     """Grid, legend (beside the axes when asked or with many entries), tight layout;
     write ``path`` (PNG, 120 dpi) and close."""

@@ -18,10 +18,21 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from kta_flwr.flower.protocol import LINEAGE, reported_partition
+from kta_flwr.flower.protocol import LINEAGE
+from kta_flwr.flower.validation import (
+    EVALUATE,
+    NUM_EXAMPLES,
+    TRAIN,
+    Checked,
+    ReplyScreen,
+    ReplySpec,
+    Screened,
+    evaluate_metrics,
+)
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
-NUM_EXAMPLES = "num-examples"
+#: Default bound of a reply's ``num-examples`` when the strategy is not told the data's size.
+DEFAULT_MAX_EXAMPLES = 10**9
 
 
 class FederationError(RuntimeError):
@@ -117,6 +128,8 @@ class NodeOptions(TypedDict):
         node_wait_timeout: seconds to wait for them (default 300).
         min_round_nodes: after that, proceed with at least this many (default 1).
         seed: seeds node sampling (default 0).
+        max_examples: the largest ``num-examples`` a reply may report (default 1e9; the
+            ServerApp passes the size of the run's data).
     """
 
     evaluate_metrics_aggr_fn: MetricsAggregator
@@ -126,15 +139,19 @@ class NodeOptions(TypedDict):
     node_wait_timeout: NotRequired[float]
     min_round_nodes: NotRequired[int]
     seed: NotRequired[int]
+    max_examples: NotRequired[int]
 
 
 class NodeStrategy(EvaluateEvery, Strategy):
     """Base of strategies that address each node with its own message; takes the
     :class:`NodeOptions`.
 
-    It learns which partition each node holds from the replies (``partition-id``), so
-    that a node that comes back under a new id (a restarted SuperNode, a resumed run)
-    takes over what the strategy kept for its partition (:meth:`rekey`).
+    Every reply passes its :class:`~kta_flwr.flower.validation.ReplyScreen` (``screen``)
+    before anything is aggregated; subclasses say what a valid train reply holds
+    (:meth:`train_spec`). It learns which partition each node holds from the checked
+    replies (``partition-id``), so that a node that comes back under a new id (a
+    restarted SuperNode, a resumed run) takes over what the strategy kept for its
+    partition (:meth:`rekey`).
     """
 
     def __init__(self, **options: Unpack[NodeOptions]) -> None:
@@ -145,6 +162,9 @@ class NodeStrategy(EvaluateEvery, Strategy):
         self.evaluate_metrics_aggr_fn = options["evaluate_metrics_aggr_fn"]
         self.train_metrics_aggr_fn = options.get("train_metrics_aggr_fn")
         self.seed = options.get("seed", 0)
+        self.max_examples = options.get("max_examples", DEFAULT_MAX_EXAMPLES)
+        #: The boundary every reply passes.
+        self.screen = ReplyScreen()
         self._rng = random.Random(self.seed)
         #: Node id -> the partition it reported.
         self.partition_of: dict[int, int] = {}
@@ -152,13 +172,10 @@ class NodeStrategy(EvaluateEvery, Strategy):
         self.lineage: int | None = None
 
     # --- which node holds which partition --------------------------------------------------
-    def observe(self, msg: Message) -> None:
-        """Note the partition a reply's sender reports; if another node id held it
-        before, move what the strategy kept for that id to this one."""
-        partition = reported_partition(msg)
-        if partition is None:
-            return
-        node_id = msg.metadata.src_node_id
+    def observe(self, reply: Checked) -> None:
+        """Note the partition a checked reply's sender holds; if another node id held
+        it before, move what the strategy kept for that id to this one."""
+        partition, node_id = reply.partition, reply.node_id
         for old, held in list(self.partition_of.items()):
             if held == partition and old != node_id:
                 log(INFO, "partition %d moved from node %d to node %d", partition, old, node_id)
@@ -191,19 +208,27 @@ class NodeStrategy(EvaluateEvery, Strategy):
         self._rng.setstate(state["rng"])
         self.partition_of = dict(state["partition_of"])
 
+    def train_spec(self, server_round: int) -> ReplySpec:
+        """What a valid train reply of ``server_round`` holds (subclasses)."""
+        raise NotImplementedError
+
+    def screen_train(self, server_round: int, replies: Iterable[Message]) -> Screened:
+        """The round's train replies through the screen; senders noted (:meth:`observe`)."""
+        screened = self.screen.screen(server_round, TRAIN, replies, self.train_spec(server_round))
+        for reply in screened.valid:
+            self.observe(reply)
+        return screened
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Aggregate evaluation metrics of the nodes that answered."""
-        valid = []
-        for msg in replies:
-            if msg.has_error():
-                log(WARNING, "round %d: evaluation failed on node %d: %s", server_round,
-                    msg.metadata.src_node_id, msg.error.reason)
-            else:
-                self.observe(msg)
-                valid.append(msg.content)
-        return self.evaluate_metrics_aggr_fn(valid, NUM_EXAMPLES) if valid else None
+        """Aggregate the evaluation metrics of the valid replies."""
+        spec = ReplySpec(evaluate_metrics(self.max_examples))
+        valid = self.screen.screen(server_round, EVALUATE, replies, spec).valid
+        for reply in valid:
+            self.observe(reply)
+        contents = [reply.msg.content for reply in valid]
+        return self.evaluate_metrics_aggr_fn(contents, NUM_EXAMPLES) if contents else None
 
     def train_metrics(self, contents: list[RecordDict], received: int, dropped: int) -> MetricRecord:
         """``replies``/``dropped`` counts plus the aggregated client train metrics."""
@@ -212,14 +237,17 @@ class NodeStrategy(EvaluateEvery, Strategy):
             metrics.update(self.train_metrics_aggr_fn(contents, NUM_EXAMPLES))
         return metrics
 
-    def sample(self, grid: Grid, fraction: float) -> list[int]:
+    def sample(self, grid: Grid, fraction: float, kind: str = TRAIN) -> list[int]:
         """A seeded sample of ``fraction`` of the connected nodes (at least one), after
-        waiting for ``min_nodes`` to connect (:func:`wait_for_nodes`). Nodes are ordered
-        by partition where known, so a resumed run samples the same partitions."""
+        waiting for ``min_nodes`` to connect (:func:`wait_for_nodes`); the screen expects
+        their ``kind`` replies. Nodes are ordered by partition where known, so a resumed
+        run samples the same partitions."""
         nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, self.min_round_nodes)
         nodes.sort(key=lambda n: (self.partition_of.get(n, 1 << 62), n))
         size = max(1, int(round(len(nodes) * fraction)))
-        return sorted(self._rng.sample(nodes, size))
+        sampled = sorted(self._rng.sample(nodes, size))
+        self.screen.expect(kind, sampled)
+        return sampled
 
     def stamp(self, config: ConfigRecord, server_round: int, **extra: str) -> ConfigRecord:
         """A copy of ``config`` with the round number, the lineage and ``extra`` entries."""

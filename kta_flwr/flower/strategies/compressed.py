@@ -8,8 +8,10 @@ Round ``r`` as seen by the server (:class:`CompressedUpdates`):
    compressed aggregates it missed, or the dense model when that is cheaper.
 2. Clients train and reply with their compressed update (Top-k with error feedback or
    SA-PEF, or SVD factors, :mod:`kta_flwr.maths.update_compression`).
-3. ``aggregate_train``: replies are checked (error, missing record, names, shapes, NaN)
-   and bad ones dropped with a warning naming the node; the example-weighted mean of the
+3. ``aggregate_train``: every reply passes the boundary checks
+   (:mod:`kta_flwr.flower.validation`: sender, records, metrics, the update's names,
+   shapes, entry count and bounded finite values) and bad ones are dropped with a
+   warning naming the node; the example-weighted mean of the
    decompressed updates is compressed for the downlink (Top-k: the union of the clients'
    positions, lossless; SVD: the round's energy threshold) and becomes version ``r``.
 
@@ -25,7 +27,7 @@ the dense model where that is smaller; both are counted at their real size.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any, Unpack
 
 import numpy as np
@@ -34,8 +36,18 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from kta_flwr.flower import protocol
-from kta_flwr.flower.strategies.base import NUM_EXAMPLES, NodeOptions, NodeStrategy
+from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
 from kta_flwr.flower.sync import UPDATE, ModelLog, from_record
+from kta_flwr.flower.validation import (
+    EVALUATE,
+    MAX_PARAMETER,
+    NUM_EXAMPLES,
+    InvalidReply,
+    ReplySpec,
+    check_bounded,
+    numpy_arrays,
+    train_metrics,
+)
 from kta_flwr.maths.payload import payload_bytes
 from kta_flwr.maths.update_compression import CompressionError, UpdateCodec
 
@@ -95,36 +107,26 @@ class CompressedUpdates(NodeStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the valid updates (weighted by examples) into the next version."""
-        total, weight_sum, contents = None, 0.0, []
-        received, dropped, up_bytes = 0, 0, 0
-        answered = set()
-        for msg in replies:
-            node_id = msg.metadata.src_node_id
-            answered.add(node_id)
-            if msg.has_error():
-                dropped += 1
-                self.log.lost(node_id)
-                log(WARNING, "round %d: node %d failed: %s", server_round, node_id, msg.error.reason)
-                continue
-            self.observe(msg)
-            try:
-                update, weight = self._read(msg.content)
-            except (CompressionError, KeyError, TypeError, ValueError) as err:
-                dropped += 1
-                self.log.acknowledge(node_id, self._sent.get(node_id, 0))
-                log(WARNING, "round %d: dropping reply of node %d: %s", server_round, node_id, err)
-                continue
+        """Average the valid updates (weighted by examples) into the next version; the
+        screen drops the others."""
+        screened = self.screen_train(server_round, replies)
+        for node_id in screened.errors:
+            self.log.lost(node_id)
+        for node_id in screened.rejected:  # it synced, but its update is not used
             self.log.acknowledge(node_id, self._sent.get(node_id, 0))
+        total, weight_sum, up_bytes = None, 0.0, 0
+        for reply in screened.valid:
+            self.log.acknowledge(reply.node_id, self._sent.get(reply.node_id, 0))
+            update, weight = reply.arrays[UPDATE], reply.metrics[NUM_EXAMPLES]
             total = update * weight if total is None else total + update * weight
             weight_sum += weight
-            received += 1
-            up_bytes += payload_bytes(from_record(msg.content.array_records[UPDATE]))
-            if protocol.METRICS in msg.content.metric_records:
-                contents.append(msg.content)
+            up_bytes += payload_bytes(from_record(reply.msg.content.array_records[UPDATE]))
+        answered = {r.node_id for r in screened.valid} | set(screened.errors) | set(screened.rejected)
         for node_id in set(self._sent) - answered:  # timed out: state unknown
             self.log.lost(node_id)
-        metrics = self.train_metrics(contents, received, dropped)
+        received = len(screened.valid)
+        metrics = self.train_metrics([r.msg.content for r in screened.valid], received,
+                                     len(screened.errors) + len(screened.rejected))
         if total is not None and weight_sum > 0:
             aggregate = self.codec.compress_aggregate(total / weight_sum, server_round)
             self.log.commit(aggregate)
@@ -132,6 +134,23 @@ class CompressedUpdates(NodeStrategy):
             metrics["downlink-update-bytes"] = payload_bytes(aggregate)
             metrics["model-version"] = self.log.version
         return None, metrics
+
+    def train_spec(self, server_round: int) -> ReplySpec:
+        """Train metrics (``residual-norm`` under Top-k) and the compressed update: at
+        most k Top-k entries or SVD factors of at most full rank, decompressing to
+        finite values within the parameter bound."""
+        del server_round
+
+        def update(record: ArrayRecord) -> np.ndarray:
+            payload = numpy_arrays(record, UPDATE)
+            try:
+                vector = self.codec.decompress_upload(payload)
+            except CompressionError as err:
+                raise InvalidReply(f"record '{UPDATE}'", str(err)) from None
+            check_bounded(vector, MAX_PARAMETER, f"record '{UPDATE}' (decompressed)")
+            return vector
+
+        return ReplySpec(train_metrics(self.max_examples, ("residual-norm",)), {UPDATE: update})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -142,7 +161,7 @@ class CompressedUpdates(NodeStrategy):
             return []
         config = self.stamp(config, server_round)
         messages = []
-        for node_id in self.sample(grid, 1.0):
+        for node_id in self.sample(grid, 1.0, EVALUATE):
             content = RecordDict({protocol.CONFIG: config})
             if self.evaluate_global:
                 content.update(self.log.records_for(node_id))
@@ -150,17 +169,6 @@ class CompressedUpdates(NodeStrategy):
                 Message(content, dst_node_id=node_id, message_type=MessageType.EVALUATE)
             )
         return messages
-
-    def _read(self, content: RecordDict) -> tuple[np.ndarray, float]:
-        """A reply's decompressed update ``[P]`` and its weight (examples)."""
-        if UPDATE not in content.array_records:
-            raise CompressionError(f"no '{UPDATE}' ArrayRecord in the reply")
-        update = self.codec.decompress(from_record(content.array_records[UPDATE]))
-        metrics = content.metric_records.get(protocol.METRICS, MetricRecord())
-        weight = float(metrics.get(NUM_EXAMPLES, 1.0))
-        if not weight > 0:
-            raise CompressionError(f"'{NUM_EXAMPLES}' = {weight} must be > 0")
-        return update, weight
 
     # --- node restarts and resumed runs ---------------------------------------------------
     def rekey(self, old: int, new: int) -> None:

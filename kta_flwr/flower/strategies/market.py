@@ -7,8 +7,9 @@ Round ``r`` of :class:`KnowledgeMarket` (kta, fedmd) as seen by the server:
    logits uploaded in earlier rounds (round ``r-1`` under full participation).
 2. Clients train (stage 1), distill toward ``q_k`` (stage 2) and reply with their logits
    on the reference set.
-3. ``aggregate_train``: replies are checked (error, missing record, shape, NaN) and bad
-   ones dropped with a warning naming the node; the market
+3. ``aggregate_train``: every reply passes the boundary checks
+   (:mod:`kta_flwr.flower.validation`: sender, records, metrics, logits' shape, dtype and
+   bounded finite values) and bad ones are dropped with a warning naming the node; the market
    (:func:`kta_flwr.maths.market.run_market`) runs on the latest valid logits of every client
    and stores the targets each client receives in round ``r+1``.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any, Unpack
 
 import numpy as np
@@ -31,6 +32,14 @@ from flwr.serverapp import Grid
 
 from kta_flwr.flower import protocol
 from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
+from kta_flwr.flower.validation import (
+    EVALUATE,
+    MAX_CENTRED_LOGIT,
+    InvalidReply,
+    ReplySpec,
+    check_bounded,
+    train_metrics,
+)
 from kta_flwr.maths.knowledge_codec import Codec
 from kta_flwr.maths.market import MarketOutput, MarketParams, run_market
 
@@ -125,39 +134,44 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Bank valid logits, drop bad replies, run the market for the next round."""
-        received, dropped, contents = 0, 0, []
-        for msg in replies:
-            node_id = msg.metadata.src_node_id
-            if msg.has_error():
-                dropped += 1
-                log(WARNING, "round %d: node %d failed: %s", server_round, node_id, msg.error.reason)
-                continue
-            self.observe(msg)
-            if protocol.METRICS in msg.content.metric_records:
-                contents.append(msg.content)
-            if self.params is None:
-                received += 1
-                continue
-            try:
-                logits = protocol.unpack(
-                    msg.content, protocol.LOGITS, len(self.rows(server_round + 1)),
-                    self.num_classes, self.codec,
-                )
-            except protocol.InvalidPayload as err:
-                dropped += 1
-                log(WARNING, "round %d: dropping reply of node %d: %s", server_round, node_id, err)
-                continue
-            self.bank[node_id] = logits
-            self.bank_subset[node_id] = server_round + 1
-            self.bank_round[node_id] = server_round
-            received += 1
-        metrics = self.train_metrics(contents, received, dropped)
+        """Bank the logits of the valid replies (the screen drops the others), run the
+        market for the next round."""
+        screened = self.screen_train(server_round, replies)
+        for reply in screened.valid:
+            if self.params is not None:
+                node_id = reply.node_id
+                self.bank[node_id] = reply.arrays[protocol.LOGITS]
+                self.bank_subset[node_id] = server_round + 1
+                self.bank_round[node_id] = server_round
+        metrics = self.train_metrics(
+            [reply.msg.content for reply in screened.valid], len(screened.valid),
+            len(screened.errors) + len(screened.rejected),
+        )
         if self.params is not None and self.bank:
             started = time.perf_counter()
             metrics.update(self._price(server_round))
             metrics["market-seconds"] = time.perf_counter() - started
         return None, metrics
+
+    def train_spec(self, server_round: int) -> ReplySpec:
+        """Train metrics (``distill-loss`` and stage 2's seconds only with targets) and,
+        unless local-only, the logits on round ``server_round + 1``'s reference subset."""
+        metrics = train_metrics(self.max_examples, ("distill-loss", "t-stage2", "t-predict"))
+        if self.params is None:
+            return ReplySpec(metrics)
+        num_rows = len(self.rows(server_round + 1))
+
+        def logits(record: ArrayRecord) -> np.ndarray:
+            try:
+                rows = protocol.decode_record(record, protocol.LOGITS, num_rows,
+                                              self.num_classes, self.codec)
+            except protocol.InvalidPayload as err:
+                raise InvalidReply(f"record '{protocol.LOGITS}'", str(err)) from None
+            check_bounded(rows - rows.mean(axis=1, keepdims=True), MAX_CENTRED_LOGIT,
+                          f"record '{protocol.LOGITS}' (centred logits)")
+            return rows
+
+        return ReplySpec(metrics, {protocol.LOGITS: logits})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -166,7 +180,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         rounds :meth:`evaluates_in` names."""
         if not self.evaluates_in(server_round):
             return []
-        node_ids = self.sample(grid, 1.0)
+        node_ids = self.sample(grid, 1.0, EVALUATE)
         config = self.stamp(config, server_round, **{protocol.FINGERPRINT: self.fingerprint})
         return [
             Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n,

@@ -1,18 +1,102 @@
-"""Flower's stock FedAvg and FedProx, unchanged but for evaluation every few rounds and
-waiting for nodes with a deadline."""
+"""Flower's stock parameter strategies (FedAvg, FedProx and the robust aggregators
+FedMedian, Krum, FedTrimmedAvg), their maths unchanged, with evaluation every few rounds,
+waiting for nodes with a deadline, and the boundary checks of every reply
+(:mod:`kta_flwr.flower.validation`) before their aggregation sees it."""
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAvg, FedProx
+from collections.abc import Iterable
+from typing import Any
 
-from kta_flwr.flower.strategies.base import EvaluateEvery, NodeWait
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+
+from kta_flwr.flower.strategies.base import DEFAULT_MAX_EXAMPLES, EvaluateEvery, NodeWait
+from kta_flwr.flower.validation import (
+    EVALUATE,
+    TRAIN,
+    ReplyScreen,
+    ReplySpec,
+    evaluate_metrics,
+    like_model,
+    train_metrics,
+)
 
 
-class FedAvgEvery(EvaluateEvery, NodeWait, FedAvg):
-    """Flower's FedAvg with :class:`~kta_flwr.flower.strategies.base.EvaluateEvery` and
-    :class:`~kta_flwr.flower.strategies.base.NodeWait`."""
+class BoundaryChecks:
+    """Strategy mixin for Flower's stock strategies: the nodes each round's instructions
+    went to are noted, and only replies that pass the screen reach the parent's
+    ``aggregate_train``/``aggregate_evaluate`` (train replies: the model's arrays with
+    its names, shapes and dtypes, bounded finite values; the client's metrics)."""
+
+    arrayrecord_key: str
+
+    def __init__(self, *args: Any, max_examples: int = DEFAULT_MAX_EXAMPLES, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The largest ``num-examples`` a reply may report.
+        self.max_examples = max_examples
+        #: The boundary every reply passes.
+        self.screen = ReplyScreen()
+        self._train_spec = ReplySpec(train_metrics(max_examples))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The parent's train messages; their replies must hold a model like ``arrays``."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        self._train_spec = ReplySpec(
+            train_metrics(self.max_examples),
+            {self.arrayrecord_key: like_model({k: v.numpy() for k, v in arrays.items()},
+                                              self.arrayrecord_key)},
+        )
+        self.screen.expect(TRAIN, (m.metadata.dst_node_id for m in messages))
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The parent's evaluate messages, noted for the screen."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        self.screen.expect(EVALUATE, (m.metadata.dst_node_id for m in messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The parent's aggregation of the replies that pass the screen."""
+        valid = self.screen.screen(server_round, TRAIN, replies, self._train_spec).valid
+        return super().aggregate_train(server_round, [r.msg for r in valid])  # type: ignore[misc]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """The parent's aggregation of the evaluation replies that pass the screen."""
+        spec = ReplySpec(evaluate_metrics(self.max_examples))
+        valid = self.screen.screen(server_round, EVALUATE, replies, spec).valid
+        return super().aggregate_evaluate(server_round, [r.msg for r in valid])  # type: ignore[misc]
 
 
-class FedProxEvery(EvaluateEvery, NodeWait, FedProx):
-    """Flower's FedProx with :class:`~kta_flwr.flower.strategies.base.EvaluateEvery` and
-    :class:`~kta_flwr.flower.strategies.base.NodeWait`."""
+class FedAvgEvery(EvaluateEvery, NodeWait, BoundaryChecks, FedAvg):
+    """Flower's FedAvg with our evaluation schedule, node wait and boundary checks."""
+
+
+class FedProxEvery(EvaluateEvery, NodeWait, BoundaryChecks, FedProx):
+    """Flower's FedProx with our evaluation schedule, node wait and boundary checks."""
+
+
+class FedMedianEvery(EvaluateEvery, NodeWait, BoundaryChecks, FedMedian):
+    """Flower's FedMedian (coordinate-wise median) with the same additions."""
+
+
+class KrumEvery(EvaluateEvery, NodeWait, BoundaryChecks, Krum):
+    """Flower's Krum with the same additions."""
+
+
+class FedTrimmedAvgEvery(EvaluateEvery, NodeWait, BoundaryChecks, FedTrimmedAvg):
+    """Flower's FedTrimmedAvg with the same additions."""
+
+
+#: Stock strategy name -> its class.
+STOCK = {"fedavg": FedAvgEvery, "fedprox": FedProxEvery, "fedmedian": FedMedianEvery,
+         "krum": KrumEvery, "fedtrimmedavg": FedTrimmedAvgEvery}

@@ -1,0 +1,161 @@
+"""Attacks, for research (run-config ``attack``, ``attack-fraction``, ``attack-scale``;
+off by default, and then nothing here runs). The threat model, each attack and the
+defences it meets: ``docs/robustness.md``.
+
+A seeded share of the partitions (:func:`attackers`) turns hostile; the others stay
+honest. Attackers are white-box: they know the code, the run config and seed, the
+reference set with its labels and hence the held-out rows.
+
+Market family (what the attacker uploads instead of its honest logits ``z``, ``[M, C]``;
+``s`` = ``attack-scale``):
+
+- ``gaming``: the true labels (one-hot x s) on the held-out rows, confident wrong
+  labels on every distilled row: a perfect teacher where the market scores, a poisoner
+  where clients learn;
+- ``rolled``: ``z`` with its classes rolled by one; ``sign-flip``: ``-z``;
+- ``cpa``: each row pushes (one-hot x s) the class least correlated, over the reference
+  set, with the class the attacker predicts; ``celmax``: the class it finds least likely
+  (Roux, Zimmer, Pokutta, arXiv 2402.12265);
+- ``scaled``: ``s * z``; ``confident-wrong``: the most likely wrong class, one-hot x s;
+- ``random``: Gaussian logits of standard deviation s;
+- ``sybil``: every attacker uploads the same confident wrong labels (one shared seeded
+  draw), to gain weight by numbers;
+- ``malformed``: broken replies (NaN logits, then metrics without ``num-examples``, then
+  oversized logits), for the boundary's end-to-end test.
+
+Every family: ``label-flip`` trains on private labels ``C - 1 - y``. Parameter family:
+``negated`` replies ``g - s (w - g)`` and ``scaled-update`` ``g + s (w - g)`` for the
+global model ``g`` and the trained ``w``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+from kta_flwr.client.node import Node
+from kta_flwr.config import RunConfig
+from kta_flwr.factory import knowledge_codec
+from kta_flwr.flower import protocol
+from kta_flwr.task.datasets import ArrayDataset
+
+#: Attacks that replace the uploaded logits.
+LOGIT_ATTACKS = ("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled", "confident-wrong",
+                 "random", "sybil")
+
+
+def attackers(cfg: RunConfig, num_partitions: int) -> frozenset[int]:
+    """The hostile partitions: ``round(attack-fraction * num_partitions)`` of them, drawn
+    from the run's seed (the same on every node, the server and the benchmarks)."""
+    if cfg.attack == "none":
+        return frozenset()
+    count = int(math.floor(cfg.attack_fraction * num_partitions + 0.5))
+    order = np.random.default_rng([cfg.seed, 4242]).permutation(num_partitions)
+    return frozenset(int(p) for p in order[:count])
+
+
+def is_attacker(node: Node) -> bool:
+    """True if this node's partition is hostile in this run."""
+    num = int(node.context.node_config["num-partitions"])
+    return node.partition_id in attackers(node.cfg, num)
+
+
+def poison_data(node: Node) -> None:
+    """``label-flip``: the node trains on labels ``C - 1 - y`` (its cached data is not
+    touched)."""
+    if node.cfg.attack != "label-flip" or not is_attacker(node):
+        return
+    train = node.data.train
+    flipped = ArrayDataset(train.x, train.num_classes - 1 - train.y, train.num_classes)
+    node.data = dataclasses.replace(node.data, train=flipped)
+
+
+def _one_hot(classes: np.ndarray, num_classes: int, scale: float) -> np.ndarray:
+    return (scale * np.eye(num_classes, dtype=np.float32)[classes]).astype(np.float32)
+
+
+def poisoned_logits(
+    cfg: RunConfig, attack: str, logits: np.ndarray, labels: np.ndarray, held_out: np.ndarray,
+    seed: int,
+) -> np.ndarray:
+    """What an attacker uploads instead of its honest ``logits`` (``[M, C]``) on reference
+    rows with ``labels`` (``[M]``) and held-out flags ``held_out`` (``[M]`` bool).
+
+    Args:
+        seed: the node's seed for this round (``random``); ``sybil`` uses the run's seed,
+            so every attacker uploads the same rows.
+    """
+    z = np.asarray(logits, np.float32)
+    num_classes, scale = z.shape[1], cfg.attack_scale
+    wrong = z.copy()
+    wrong[np.arange(len(labels)), labels] = -np.inf
+    most_likely_wrong = wrong.argmax(axis=1)
+    if attack == "gaming":
+        shifted = (labels + 1) % num_classes
+        return np.where(held_out[:, None], _one_hot(labels, num_classes, scale),
+                        _one_hot(shifted, num_classes, scale))
+    if attack == "rolled":
+        return np.roll(z, 1, axis=1)
+    if attack == "sign-flip":
+        return -z
+    if attack == "cpa":
+        probs = np.exp(z - z.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        corr = np.nan_to_num(np.corrcoef(probs.T), nan=0.0)
+        np.fill_diagonal(corr, np.inf)
+        return _one_hot(corr.argmin(axis=1)[z.argmax(axis=1)], num_classes, scale)
+    if attack == "celmax":
+        return _one_hot(z.argmin(axis=1), num_classes, scale)
+    if attack == "scaled":
+        return scale * z
+    if attack == "confident-wrong":
+        return _one_hot(most_likely_wrong, num_classes, scale)
+    if attack == "random":
+        return np.random.default_rng(seed).normal(0.0, scale, z.shape).astype(np.float32)
+    if attack == "sybil":
+        offset = np.random.default_rng([cfg.seed, 77]).integers(1, num_classes, len(labels))
+        return _one_hot((labels + offset) % num_classes, num_classes, scale)
+    raise ValueError(f"{attack!r} is not a logit attack; use one of {list(LOGIT_ATTACKS)}")
+
+
+def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[str, float]) -> None:
+    """Replace what an attacker's honest reply carries (in place): its logits (market),
+    its weights (parameters), or the whole reply (``malformed``)."""
+    cfg = node.cfg
+    if cfg.attack in ("none", "label-flip") or not is_attacker(node):
+        return
+    if cfg.attack in LOGIT_ATTACKS and protocol.LOGITS in content.array_records:
+        rows = node.reference_rows(protocol.LOGITS_SUBSET)
+        reference = node.data.splits.reference
+        held_out = protocol.held_out_mask(len(reference.y), cfg.holdout_fraction, cfg.seed)[rows]
+        codec = knowledge_codec(cfg)
+        honest = protocol.unpack(content, protocol.LOGITS, len(rows), reference.num_classes, codec)
+        content[protocol.LOGITS] = protocol.pack(poisoned_logits(
+            cfg, cfg.attack, honest, reference.y[rows], held_out, node.seed), codec)
+    elif cfg.attack in ("negated", "scaled-update"):
+        sign = -1.0 if cfg.attack == "negated" else 1.0
+        sent = msg.content.array_records["arrays"]
+        trained = content.array_records["arrays"]
+        poisoned = {}
+        for name, array in trained.items():
+            w, g = array.numpy(), sent[name].numpy()
+            if np.issubdtype(w.dtype, np.floating):
+                w = (g + sign * cfg.attack_scale * (w - g)).astype(w.dtype)
+            poisoned[name] = Array(np.ascontiguousarray(w))
+        content["arrays"] = ArrayRecord(poisoned)
+    elif cfg.attack == "malformed":
+        _malformed(node, content, metrics)
+
+
+def _malformed(node: Node, content: RecordDict, metrics: dict[str, float]) -> None:
+    """Round 1: NaN logits; round 2: no ``num-examples``; later: oversized logits."""
+    values = content.array_records[protocol.LOGITS][protocol.VALUES].numpy()
+    if node.server_round <= 1:
+        content[protocol.LOGITS] = ArrayRecord({protocol.VALUES: Array(np.full_like(values, np.nan))})
+    elif node.server_round == 2:
+        del metrics["num-examples"]
+    else:
+        content[protocol.LOGITS] = ArrayRecord({protocol.VALUES: Array(np.tile(values, (4, 1)))})
