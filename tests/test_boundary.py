@@ -133,15 +133,31 @@ def test_market_drops_every_malformed_reply_and_prices_only_the_honest(caplog):
     assert attacked.screen.drain() == len(corpus) + 2
 
 
-def test_one_partition_cannot_be_claimed_twice_in_a_round(caplog):
+def test_a_partition_is_claimed_once_and_a_node_keeps_its_own(caplog):
     rng = np.random.default_rng(2)
     strategy = _market()
-    replies = [reply(n, RecordDict({protocol.LOGITS: ArrayRecord({protocol.VALUES: Array(_logits(rng))}),
-                                    protocol.METRICS: client_metrics(7)})) for n in (1, 2)]
+
+    def logits_from(node: int, partition: int):
+        return reply(node, RecordDict({protocol.LOGITS: ArrayRecord({protocol.VALUES: Array(_logits(rng))}),
+                                       protocol.METRICS: client_metrics(partition)}))
+
     strategy.screen.expect(TRAIN, (1, 2))
     with caplog.at_level(logging.WARNING):
-        strategy.aggregate_train(1, replies)
-    assert sorted(strategy.bank) == [1] and "partition 7 was already reported by node 1" in caplog.text
+        strategy.aggregate_train(1, [logits_from(1, 7), logits_from(2, 7)])
+    assert not strategy.bank and "partition 7 is also claimed this round by node(s) [1]" in caplog.text
+    strategy.screen.expect(TRAIN, (1,))
+    strategy.aggregate_train(2, [logits_from(1, 7)])
+    assert strategy.partition_of == {1: 7}
+    caplog.clear()
+    strategy.screen.expect(TRAIN, (1, 2, 3))  # node 2 impersonates partition 7; node 1 moves
+    with caplog.at_level(logging.WARNING):
+        strategy.aggregate_train(3, [logits_from(2, 7), logits_from(1, 7), logits_from(3, 3)])
+    assert sorted(strategy.bank) == [1, 3] and strategy.partition_of == {1: 7, 3: 3}
+    assert "node(s) [1], its holder 1" in caplog.text
+    strategy.screen.expect(TRAIN, (1,))
+    with caplog.at_level(logging.WARNING):
+        strategy.aggregate_train(4, [logits_from(1, 8)])
+    assert "node 1 holds partition 7, not 8" in caplog.text
 
 
 def _low_rank(rng, size: int) -> np.ndarray:

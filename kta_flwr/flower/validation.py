@@ -9,7 +9,8 @@ A reply passes :meth:`ReplyScreen.screen` only if
 - every metric is a finite scalar within its documented bounds (:data:`TRAIN_METRICS`,
   :data:`EVALUATE_METRICS`): accuracies in [0, 1], ``num-examples`` a positive integer no
   larger than the run's data, seconds and losses non-negative and bounded; no unknown key;
-- its ``partition-id`` is not claimed by another reply of the same round;
+- its ``partition-id`` is the one the node reported before (if any), and no other reply
+  of the same round claims it (if several do, only the partition's known holder passes);
 - its arrays pass the strategy's checker (names, shapes, dtypes, finite values within
   :data:`MAX_CENTRED_LOGIT` / :data:`MAX_PARAMETER`, at most k Top-k entries, SVD rank
   at most the tensor's).
@@ -157,7 +158,7 @@ class ReplySpec:
     arrays: Mapping[str, ArrayChecker] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(eq=False)
 class Checked:
     """A reply that passed: its sender, message, checked metrics and checked arrays."""
 
@@ -183,11 +184,19 @@ class Screened:
 
 
 class ReplyScreen:
-    """The boundary of one strategy: who was asked what, and the checks of each reply."""
+    """The boundary of one strategy: who was asked what, and the checks of each reply.
 
-    def __init__(self) -> None:
+    Args:
+        holders: the strategy's current view of which node holds which partition (node
+            id -> partition); a known node must keep reporting its partition, and a
+            partition two nodes claim in one round goes to its known holder (neither,
+            if it has none among them).
+    """
+
+    def __init__(self, holders: Callable[[], Mapping[int, int]] | None = None) -> None:
         self._asked: dict[str, set[int]] = {}
         self._rejected = 0
+        self._holders = holders or dict
 
     def expect(self, kind: str, node_ids: Iterable[int]) -> None:
         """This round's ``kind`` instructions went to ``node_ids``."""
@@ -205,7 +214,15 @@ class ReplyScreen:
         asked = self._asked.pop(kind, set())
         out = Screened()
         seen: set[int] = set()
-        claimed: dict[int, int] = {}
+        passed: list[Checked] = []
+        holders = dict(self._holders())
+
+        def drop(node_id: int, first: bool, err: InvalidReply) -> None:
+            self._rejected += 1
+            if first:
+                out.rejected.append(node_id)
+            log(WARNING, "round %d: dropping %s reply of node %d: %s", server_round, kind, node_id, err)
+
         for msg in replies:
             node_id = msg.metadata.src_node_id
             first = node_id in asked and node_id not in seen
@@ -221,19 +238,30 @@ class ReplyScreen:
                         node_id, msg.error.reason)
                     continue
                 checked = _check(node_id, msg, spec)
-                partition = int(checked.metrics.get(PARTITION_ID, -1))
-                if partition in claimed:
-                    raise InvalidReply(f"metric '{PARTITION_ID}'", f"partition {partition} was "
-                                       f"already reported by node {claimed[partition]} this round")
-                claimed[partition] = node_id
+                if node_id in holders and holders[node_id] != checked.partition:
+                    raise InvalidReply(f"metric '{PARTITION_ID}'", f"node {node_id} holds partition "
+                                       f"{holders[node_id]}, not {checked.partition}")
             except InvalidReply as err:
-                self._rejected += 1
-                if first:
-                    out.rejected.append(node_id)
-                log(WARNING, "round %d: dropping %s reply of node %d: %s", server_round, kind,
-                    node_id, err)
+                drop(node_id, first, err)
                 continue
-            out.valid.append(checked)
+            passed.append(checked)
+        claims: dict[int, list[Checked]] = {}
+        for checked in passed:
+            claims.setdefault(checked.partition, []).append(checked)
+        for partition, claimants in claims.items():
+            if len(claimants) == 1:
+                out.valid.append(claimants[0])
+                continue
+            rightful = [c for c in claimants if holders.get(c.node_id) == partition]
+            for checked in claimants:
+                if checked in rightful:
+                    out.valid.append(checked)
+                else:
+                    others = sorted(c.node_id for c in claimants if c is not checked)
+                    drop(checked.node_id, True, InvalidReply(
+                        f"metric '{PARTITION_ID}'", f"partition {partition} is also claimed this "
+                        f"round by node(s) {others}" + (f", its holder {rightful[0].node_id}" if rightful else "")))
+        out.valid.sort(key=lambda c: passed.index(c))
         return out
 
 

@@ -163,8 +163,8 @@ class NodeStrategy(EvaluateEvery, Strategy):
         self.train_metrics_aggr_fn = options.get("train_metrics_aggr_fn")
         self.seed = options.get("seed", 0)
         self.max_examples = options.get("max_examples", DEFAULT_MAX_EXAMPLES)
-        #: The boundary every reply passes.
-        self.screen = ReplyScreen()
+        #: The boundary every reply passes (it checks claims against ``partition_of``).
+        self.screen = ReplyScreen(holders=lambda: self.partition_of)
         self._rng = random.Random(self.seed)
         #: Node id -> the partition it reported.
         self.partition_of: dict[int, int] = {}

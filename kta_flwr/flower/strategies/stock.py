@@ -16,6 +16,7 @@ from kta_flwr.flower.strategies.base import DEFAULT_MAX_EXAMPLES, EvaluateEvery,
 from kta_flwr.flower.validation import (
     EVALUATE,
     TRAIN,
+    Checked,
     ReplyScreen,
     ReplySpec,
     evaluate_metrics,
@@ -36,8 +37,10 @@ class BoundaryChecks:
         super().__init__(*args, **kwargs)
         #: The largest ``num-examples`` a reply may report.
         self.max_examples = max_examples
+        #: Node id -> the partition it reported (the boundary checks claims against it).
+        self.partition_of: dict[int, int] = {}
         #: The boundary every reply passes.
-        self.screen = ReplyScreen()
+        self.screen = ReplyScreen(holders=lambda: self.partition_of)
         self._train_spec = ReplySpec(train_metrics(max_examples))
 
     def configure_train(
@@ -66,6 +69,7 @@ class BoundaryChecks:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The parent's aggregation of the replies that pass the screen."""
         valid = self.screen.screen(server_round, TRAIN, replies, self._train_spec).valid
+        self._note_partitions(valid)
         return super().aggregate_train(server_round, [r.msg for r in valid])  # type: ignore[misc]
 
     def aggregate_evaluate(
@@ -74,7 +78,14 @@ class BoundaryChecks:
         """The parent's aggregation of the evaluation replies that pass the screen."""
         spec = ReplySpec(evaluate_metrics(self.max_examples))
         valid = self.screen.screen(server_round, EVALUATE, replies, spec).valid
+        self._note_partitions(valid)
         return super().aggregate_evaluate(server_round, [r.msg for r in valid])  # type: ignore[misc]
+
+    def _note_partitions(self, valid: list[Checked]) -> None:
+        """Each sender now holds the partition it reported (a restarted node takes over)."""
+        for reply in valid:
+            self.partition_of = {n: p for n, p in self.partition_of.items() if p != reply.partition}
+            self.partition_of[reply.node_id] = reply.partition
 
 
 class FedAvgEvery(EvaluateEvery, NodeWait, BoundaryChecks, FedAvg):
