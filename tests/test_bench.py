@@ -72,6 +72,10 @@ def test_robustness_runs_each_attack_where_it_applies_and_compares_like_with_lik
     _score(row, clean)  # the attacker's partition is left out of both means
     assert row["honest_accuracy"] == pytest.approx(0.825) and row["clean_accuracy"] == pytest.approx(0.85)
     assert row["drop_points"] == pytest.approx(-2.5)
-    table = markdown([{"strategy": "kta", "attack": "none", "share": 0.0, "honest_accuracy": 0.73,
-                       "drop_points": 0.0}, row])
+    clean_row = {"strategy": "kta", "attack": "none", "share": 0.0, "honest_accuracy": 0.73,
+                 "drop_points": 0.0}
+    table = markdown([clean_row, row])
     assert "| none (clean accuracy) | 0% | 0.7300 |" in table and "| gaming | 34% | -2.5 |" in table
+    destroyed = {**row, "clients": {}}  # no valid final evaluation: the model was destroyed
+    _score(destroyed, clean)
+    assert math.isnan(destroyed["drop_points"]) and "| collapsed |" in markdown([clean_row, row, destroyed])

@@ -17,8 +17,8 @@ def figure(size: tuple[float, float]) -> tuple[Any, Any]:
 
 
 def panels(count: int, size: tuple[float, float] = (3.6, 3.0), columns: int = 4) -> tuple[Any, list[Any]]:
-    """A headless figure of ``count`` panels (``columns`` per row, each ``size`` inches)
-    and the flat list of their axes (unused cells hidden)."""
+    """A headless figure of ``count`` panels (``columns`` per row, each ``size`` inches,
+    one y scale) and the flat list of their axes (unused cells hidden)."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
@@ -26,11 +26,27 @@ def panels(count: int, size: tuple[float, float] = (3.6, 3.0), columns: int = 4)
 
     cols = max(1, min(columns, count))
     rows = -(-max(count, 1) // cols)
-    fig, grid = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    fig, grid = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False,
+                             sharey=True)
     axes = list(grid.flat)
     for ax in axes[count:]:
         ax.set_visible(False)
     return fig, axes[:max(count, 1)]
+
+
+def save_panels(fig: Any, axes: list[Any], path: Path) -> None:
+    """Grids, one legend for all panels (below them), tight layout; write ``path`` and close."""
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=max(1, len(entries)))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def save_figure(fig: Any, ax: Any, path: Path, legend_beside: bool = False) -> None:

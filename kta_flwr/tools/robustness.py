@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ from kta_flwr.client.attacks import attackers
 from kta_flwr.config import ATTACK_FAMILIES, STRATEGY_FAMILIES, parse_run_config
 from kta_flwr.tools import cli
 from kta_flwr.tools.bench import slug, run_bench
-from kta_flwr.tools.plots import colours, panels, save_figure
+from kta_flwr.tools.plots import colours, panels, save_panels
 
 PERSONALIZED = "personalized-accuracy"
 
@@ -69,10 +70,15 @@ def _row(results_dir: Path, method: str, seed: int) -> dict[str, Any] | None:
 
 def _score(row: dict[str, Any], clean: dict[str, float]) -> None:
     """Add the honest clients' mean accuracy under attack and in the clean run (the same
-    partitions), and the change in points."""
-    honest = [p for p in row["clients"] if int(p) not in row["attackers"]]
-    row["honest_accuracy"] = statistics.fmean(row["clients"][p] for p in honest)
+    partitions), and the change in points; NaN when the last round has no valid
+    evaluation of every honest client (e.g. a destroyed global model whose replies the
+    boundary drops)."""
+    honest = [p for p in clean if int(p) not in row["attackers"]]
     row["clean_accuracy"] = statistics.fmean(clean[p] for p in honest)
+    if not all(p in row["clients"] for p in honest):  # evaluation replies missing or dropped
+        row["honest_accuracy"] = row["drop_points"] = math.nan
+        return
+    row["honest_accuracy"] = statistics.fmean(row["clients"][p] for p in honest)
     row["drop_points"] = round(100 * (row["honest_accuracy"] - row["clean_accuracy"]), 2)
 
 
@@ -97,12 +103,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         for share in shares:
             values = [cells.get((s, attack, share)) for s in strategies]
             if any(v is not None for v in values):
-                text = ["" if v is None else f"{statistics.fmean(v):+.1f}" + (f" ({len(v)})" if len(v) > 1 else "")
-                        for v in values]
+                text = ["" if v is None else _cell(v) for v in values]
                 lines.append(f"| {attack} | {share:.0%} | " + " | ".join(text) + " |")
     return "\n".join(lines) + ("\n\nCells: honest clients' final personalized accuracy change vs the "
                                "same partitions in the clean run, in points (mean over seeds; "
-                               "(n): seeds when more than one; empty: not run).\n")
+                               "(n): seeds when more than one; empty: not run; collapsed: no valid "
+                               "final evaluation of the honest clients, their replies out of bounds).\n")
+
+
+def _cell(drops: list[float]) -> str:
+    """Mean drop over seeds, ``collapsed`` when a seed's honest clients have no valid
+    final evaluation."""
+    if any(math.isnan(d) for d in drops):
+        return "collapsed"
+    return f"{statistics.fmean(drops):+.1f}" + (f" ({len(drops)})" if len(drops) > 1 else "")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -114,7 +128,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for strategy, colour in zip(strategies, colours(len(strategies))):
             points: dict[float, list[float]] = {0.0: [0.0]}
             for r in rows:
-                if r["strategy"] == strategy and r["attack"] == attack:
+                if r["strategy"] == strategy and r["attack"] == attack and not math.isnan(r["drop_points"]):
                     points.setdefault(r["share"], []).append(r["drop_points"])
             if len(points) > 1:
                 xs = sorted(points)
@@ -122,8 +136,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(attack)
         ax.set_xlabel("attacker share")
         ax.set_ylabel("honest accuracy change (points)")
-        ax.grid(True, alpha=0.3)
-    save_figure(fig, axes[0], path)
+    save_panels(fig, axes, path)
 
 
 def run_robustness(  # pylint: disable=too-many-arguments
