@@ -63,11 +63,13 @@ DIVERGENCES = ("js", "skl", "cosine")
 TARGET_SPACES = ("prob", "logit")
 MARKETS = ("adaptive", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
-#: Attack name -> the strategy families it applies to (:mod:`kta_flwr.client.attacks`).
+#: Attacks that replace the logits a market client uploads (:mod:`kta_flwr.client.attacks`).
+LOGIT_ATTACKS = ("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled", "confident-wrong",
+                 "random", "sybil")
+#: Attack name -> the strategy families it applies to.
 ATTACK_FAMILIES: dict[str, frozenset[str]] = {
     "none": frozenset({MARKET, PARAMETERS, COMPRESSED}),
-    **dict.fromkeys(("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled",
-                     "confident-wrong", "random", "sybil", "malformed"), frozenset({MARKET})),
+    **dict.fromkeys((*LOGIT_ATTACKS, "malformed"), frozenset({MARKET})),
     "label-flip": frozenset({MARKET, PARAMETERS, COMPRESSED}),
     **dict.fromkeys(("negated", "scaled-update"), frozenset({PARAMETERS})),
 }

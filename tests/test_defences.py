@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kta_flwr.client.attacks import LOGIT_ATTACKS, attackers, poisoned_logits
-from kta_flwr.config import RunConfig
+from kta_flwr.client.attacks import attackers, poisoned_logits
+from kta_flwr.config import LOGIT_ATTACKS, RunConfig
 from kta_flwr.factory import market_params
 from kta_flwr.flower.protocol import held_out_mask
 from kta_flwr.maths.market import cap_loudness, centre, consistent_accuracy, run_market, sybil_shares

@@ -37,14 +37,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from kta_flwr.client.node import Node
-from kta_flwr.config import RunConfig
+from kta_flwr.config import LOGIT_ATTACKS, RunConfig
 from kta_flwr.factory import knowledge_codec
 from kta_flwr.flower import protocol
 from kta_flwr.task.datasets import ArrayDataset
 
-#: Attacks that replace the uploaded logits.
-LOGIT_ATTACKS = ("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled", "confident-wrong",
-                 "random", "sybil")
 
 
 def attackers(cfg: RunConfig, num_partitions: int) -> frozenset[int]:

@@ -182,6 +182,11 @@ class Screened:
     errors: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
 
+    @property
+    def answered(self) -> set[int]:
+        """The asked nodes that replied this round, validly or not."""
+        return {c.node_id for c in self.valid} | set(self.errors) | set(self.rejected)
+
 
 class ReplyScreen:
     """The boundary of one strategy: who was asked what, and the checks of each reply.

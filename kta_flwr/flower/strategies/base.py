@@ -230,9 +230,12 @@ class NodeStrategy(EvaluateEvery, Strategy):
         contents = [reply.msg.content for reply in valid]
         return self.evaluate_metrics_aggr_fn(contents, NUM_EXAMPLES) if contents else None
 
-    def train_metrics(self, contents: list[RecordDict], received: int, dropped: int) -> MetricRecord:
-        """``replies``/``dropped`` counts plus the aggregated client train metrics."""
-        metrics = MetricRecord({"replies": received, "dropped": dropped})
+    def train_metrics(self, screened: Screened) -> MetricRecord:
+        """``replies`` (valid) and ``dropped`` (errors and rejected) counts plus the
+        aggregated train metrics of the valid replies."""
+        contents = [reply.msg.content for reply in screened.valid]
+        metrics = MetricRecord({"replies": len(screened.valid),
+                                "dropped": len(screened.errors) + len(screened.rejected)})
         if self.train_metrics_aggr_fn is not None and contents:
             metrics.update(self.train_metrics_aggr_fn(contents, NUM_EXAMPLES))
         return metrics

@@ -37,7 +37,7 @@ from flwr.serverapp import Grid
 
 from kta_flwr.flower import protocol
 from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
-from kta_flwr.flower.sync import UPDATE, ModelLog, from_record
+from kta_flwr.flower.sync import UPDATE, ModelLog
 from kta_flwr.flower.validation import (
     EVALUATE,
     MAX_PARAMETER,
@@ -117,20 +117,17 @@ class CompressedUpdates(NodeStrategy):
         total, weight_sum, up_bytes = None, 0.0, 0
         for reply in screened.valid:
             self.log.acknowledge(reply.node_id, self._sent.get(reply.node_id, 0))
-            update, weight = reply.arrays[UPDATE], reply.metrics[NUM_EXAMPLES]
+            (update, num_bytes), weight = reply.arrays[UPDATE], reply.metrics[NUM_EXAMPLES]
             total = update * weight if total is None else total + update * weight
             weight_sum += weight
-            up_bytes += payload_bytes(from_record(reply.msg.content.array_records[UPDATE]))
-        answered = {r.node_id for r in screened.valid} | set(screened.errors) | set(screened.rejected)
-        for node_id in set(self._sent) - answered:  # timed out: state unknown
+            up_bytes += num_bytes
+        for node_id in set(self._sent) - screened.answered:  # timed out: state unknown
             self.log.lost(node_id)
-        received = len(screened.valid)
-        metrics = self.train_metrics([r.msg.content for r in screened.valid], received,
-                                     len(screened.errors) + len(screened.rejected))
+        metrics = self.train_metrics(screened)
         if total is not None and weight_sum > 0:
             aggregate = self.codec.compress_aggregate(total / weight_sum, server_round)
             self.log.commit(aggregate)
-            metrics["uplink-bytes-per-client"] = up_bytes / received
+            metrics["uplink-bytes-per-client"] = up_bytes / len(screened.valid)
             metrics["downlink-update-bytes"] = payload_bytes(aggregate)
             metrics["model-version"] = self.log.version
         return None, metrics
@@ -138,17 +135,17 @@ class CompressedUpdates(NodeStrategy):
     def train_spec(self, server_round: int) -> ReplySpec:
         """Train metrics (``residual-norm`` under Top-k) and the compressed update: at
         most k Top-k entries or SVD factors of at most full rank, decompressing to
-        finite values within the parameter bound."""
+        finite values within the parameter bound; checked as (``[P]`` update, payload bytes)."""
         del server_round
 
-        def update(record: ArrayRecord) -> np.ndarray:
+        def update(record: ArrayRecord) -> tuple[np.ndarray, int]:
             payload = numpy_arrays(record, UPDATE)
             try:
                 vector = self.codec.decompress_upload(payload)
             except CompressionError as err:
                 raise InvalidReply(f"record '{UPDATE}'", str(err)) from None
             check_bounded(vector, MAX_PARAMETER, f"record '{UPDATE}' (decompressed)")
-            return vector
+            return vector, payload_bytes(payload)
 
         return ReplySpec(train_metrics(self.max_examples, ("residual-norm",)), {UPDATE: update})
 

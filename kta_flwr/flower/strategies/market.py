@@ -143,10 +143,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                 self.bank[node_id] = reply.arrays[protocol.LOGITS]
                 self.bank_subset[node_id] = server_round + 1
                 self.bank_round[node_id] = server_round
-        metrics = self.train_metrics(
-            [reply.msg.content for reply in screened.valid], len(screened.valid),
-            len(screened.errors) + len(screened.rejected),
-        )
+        metrics = self.train_metrics(screened)
         if self.params is not None and self.bank:
             started = time.perf_counter()
             metrics.update(self._price(server_round))
