@@ -148,6 +148,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     divergence: str = "js"
     similarity_tau: float = 0.02
     neighbours: int = 0
+    divergence_rows: int = 0
     self_weight: float = 0.0
     accuracy_exponent: float = 1.0
     target_space: str = "logit"
@@ -383,6 +384,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("reference-ce-weight", cfg.reference_ce_weight),
         ("private-ce-weight", cfg.private_ce_weight),
         ("neighbours", cfg.neighbours),
+        ("divergence-rows", cfg.divergence_rows),
         ("accuracy-exponent", cfg.accuracy_exponent),
         ("seed", cfg.seed),
         ("test-size", cfg.test_size),

@@ -50,6 +50,7 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
         divergence=cfg.divergence,
         tau=cfg.similarity_tau,
         neighbours=cfg.neighbours,
+        divergence_rows=cfg.divergence_rows,
         self_weight=cfg.self_weight,
         accuracy_exponent=cfg.accuracy_exponent,
         target_space=cfg.target_space,

@@ -52,6 +52,12 @@ weights as the adaptive rule) plus a symmetric Dirichlet prior that pulls it tow
 uniform with the strength of ``learn_prior`` (a fraction of the data's weight), fitted
 by ``learn_steps`` EM iterations from uniform (monotone, no step size). Similarity and
 accuracy play no part; targets are then formed exactly as in step 6.
+
+**Scale** (``docs/scaling.md``): the heavy steps (3, 6 and the adaptive scoring) run in
+:mod:`kta_flwr.maths.market_kernels`, without ``[K, N, C]`` temporaries per client and with
+the ``m`` nearest teachers gathered when ``neighbours`` is set; the direct transcription
+stays in :mod:`kta_flwr.maths.market_reference` as their oracle. ``divergence_rows``
+measures step 3 on that many evenly spaced rows only (an approximation, off by default).
 """
 
 from __future__ import annotations
@@ -60,7 +66,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_EPS = 1e-12
+from kta_flwr.maths.market_kernels import EPS as _EPS
+from kta_flwr.maths.market_kernels import (
+    FAST,
+    MarketKernels,
+    label_softmax,
+    pairwise_divergence,
+    soft_targets,
+)
+
+__all__ = ["pairwise_divergence", "soft_targets"]  # the fast kernels, re-exported
+
+#: Clients per chunk when a ``[K, N, C]`` array is transformed client by client.
+_CLIENT_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -86,6 +104,8 @@ class MarketParams:
     consistency: bool = False  # a teacher's accuracy: the lower of held-out and distilled rows
     sybil_divergence: float = 0.0  # teachers closer than this (mean JS, nats) share one weight
     loudness_cap: float = 0.0  # cap each teacher's centred logit row norm at this x the median
+    # --- scale (docs/scaling.md): 0 keeps the exact market
+    divergence_rows: int = 0  # divergences on this many evenly spaced reference rows (0: all)
 
 
 @dataclass(frozen=True)
@@ -122,41 +142,6 @@ def reference_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (np.asarray(logits).argmax(axis=-1) == np.asarray(labels)[None, :]).mean(axis=1)
 
 
-def pairwise_divergence(probs: np.ndarray, kind: str = "js") -> np.ndarray:
-    """Mean per-sample divergence between every pair of clients' predictions.
-
-    Args:
-        probs: ``[K, N, C]`` probability vectors.
-        kind: ``"js"`` (Jensen-Shannon, in nats, bounded by ln 2), ``"skl"``
-            (symmetric KL, ``(KL(p||q) + KL(q||p)) / 2``) or ``"cosine"`` (1 - cosine).
-
-    Returns:
-        ``[K, K]`` symmetric, non-negative matrix with a zero diagonal.
-    """
-    p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0)
-    num_clients = p.shape[0]
-    out = np.zeros((num_clients, num_clients))
-    logp = np.log(p)
-    for k in range(num_clients):
-        pk, lk = p[k][None], logp[k][None]  # [1, N, C] against all clients [K, N, C]
-        if kind == "js":
-            m = 0.5 * (pk + p)
-            logm = np.log(m)
-            per = 0.5 * (pk * (lk - logm)).sum(-1) + 0.5 * (p * (logp - logm)).sum(-1)
-        elif kind == "skl":
-            per = 0.5 * ((pk - p) * (lk - logp)).sum(-1)
-        elif kind == "cosine":
-            dot = (pk * p).sum(-1)
-            norms = np.linalg.norm(pk, axis=-1) * np.linalg.norm(p, axis=-1)
-            per = 1.0 - dot / np.maximum(norms, _EPS)
-        else:
-            raise ValueError(f"unknown divergence {kind!r}; use js, skl or cosine")
-        out[k] = per.mean(axis=-1)
-    out = np.maximum(0.5 * (out + out.T), 0.0)
-    np.fill_diagonal(out, 0.0)
-    return out
-
-
 def similarity_graph(divergence: np.ndarray, tau: float) -> np.ndarray:
     """``S = exp(-D / tau)``: ``[K, K]`` similarities in (0, 1], ones on the diagonal."""
     if tau <= 0:
@@ -172,6 +157,7 @@ def teacher_weights(
     neighbours: int = 0,
     self_weight: float = -1.0,
     shares: np.ndarray | None = None,
+    keep: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-client teacher mix ``W[k, j] ∝ S[k, j] * acc[j] ** gamma * share[j]``.
 
@@ -183,6 +169,8 @@ def teacher_weights(
         self_weight: fixed weight ``rho`` in [0, 1] on the client itself, or -1 to let
             the client compete by similarity and accuracy like any other teacher.
         shares: ``[K]`` weight share of each teacher (:func:`sybil_shares`; None: all 1).
+        keep: ``[K, K]`` bool, the other teachers allowed (:func:`neighbour_mask`; None:
+            computed from ``similarity`` and ``neighbours``).
 
     Returns:
         ``[K, K]`` non-negative weights, each row summing to 1.
@@ -194,14 +182,7 @@ def teacher_weights(
     if shares is not None:
         quality = quality * shares
     scores = sim * quality[None, :]
-    others = ~np.eye(num_clients, dtype=bool)
-    if 0 < neighbours < num_clients - 1:
-        masked = np.where(others, sim, -np.inf)
-        # Indices of all but the m most similar others, per row.
-        drop = np.argsort(-masked, axis=1, kind="stable")[:, neighbours:]
-        keep = np.ones_like(others)
-        np.put_along_axis(keep, drop, False, axis=1)
-        others &= keep
+    others = neighbour_mask(sim, neighbours) if keep is None else keep
     if self_weight < 0:
         scores = np.where(others | np.eye(num_clients, dtype=bool), scores, 0.0)
         return scores / scores.sum(axis=1, keepdims=True)
@@ -216,6 +197,20 @@ def teacher_weights(
     return weights
 
 
+def neighbour_mask(closeness: np.ndarray, neighbours: int) -> np.ndarray:
+    """``[K, K]`` bool: for each client, its ``neighbours`` closest other clients by
+    ``closeness`` (higher is closer; ties to the lower index), or every other client when
+    ``neighbours`` is 0 or at least K - 1. The diagonal is False."""
+    num_clients = closeness.shape[0]
+    others = ~np.eye(num_clients, dtype=bool)
+    if 0 < neighbours < num_clients - 1:
+        masked = np.where(others, closeness, -np.inf)
+        # Indices of all but the m closest others, per row.
+        drop = np.argsort(-masked, axis=1, kind="stable")[:, neighbours:]
+        np.put_along_axis(others, drop, False, axis=1)
+    return others
+
+
 def class_prior(logits: np.ndarray) -> np.ndarray:
     """Each client's class prior as its mean predicted distribution (at T = 1).
 
@@ -226,57 +221,36 @@ def class_prior(logits: np.ndarray) -> np.ndarray:
         ``[K, C]`` distributions, floored at 1e-4 of a class and renormalised (a log is
         taken of them).
     """
-    prior = np.maximum(softmax(logits, 1.0).mean(axis=1), 1e-4)
+    logits = np.asarray(logits)
+    prior = np.concatenate([
+        probabilities(logits[k:k + _CLIENT_CHUNK], 1.0).mean(axis=1, dtype=np.float64)
+        for k in range(0, len(logits), _CLIENT_CHUNK)
+    ])
+    prior = np.maximum(prior, 1e-4)
     return prior / prior.sum(axis=1, keepdims=True)
 
 
-def soft_targets(
-    logits: np.ndarray,
-    weights: np.ndarray,
-    *,
-    temperature: float = 1.0,
-    space: str = "prob",
-    priors: np.ndarray | None = None,
-) -> np.ndarray:
-    """Personalized soft targets ``[K, N, C]`` (float32, rows sum to 1).
-
-    Args:
-        logits: ``[K, N, C]`` client logits.
-        weights: ``[K, K]`` teacher weights (rows sum to 1).
-        temperature: softening temperature ``T``.
-        space: ``"prob"`` mixes softened probabilities; ``"logit"`` mixes logits, then
-            applies a softmax at ``T``.
-        priors: ``[K, C]`` class priors (:func:`class_prior`) to swap each teacher's prior
-            for its student's; None mixes the predictions as they are.
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    z = np.asarray(logits, np.float64)
-    log_prior = None if priors is None else np.log(np.asarray(priors, np.float64))
-    if space == "prob":
-        if log_prior is None:
-            targets = np.einsum("kj,jnc->knc", w, softmax(z, temperature))
-        else:  # each teacher's logits shifted to student k's prior, per student
-            targets = np.stack([
-                np.einsum("j,jnc->nc", w[k], softmax(z - log_prior[:, None] + log_prior[k], temperature))
-                for k in range(len(w))
-            ])
-    elif space == "logit":
-        mixed = np.einsum("kj,jnc->knc", w, z)
-        if log_prior is not None:
-            mixed += (log_prior[:, None, :] - (w @ log_prior)[:, None, :])
-        targets = softmax(mixed, temperature)
-    else:
-        raise ValueError(f"unknown target space {space!r}; use prob or logit")
-    targets = np.clip(targets, 0.0, None)
-    targets /= targets.sum(axis=-1, keepdims=True)
-    return targets.astype(np.float32)
+def probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """The market's predictions at ``T``: :func:`softmax` of ``[K, N, C]`` logits in
+    float32, client by client, floored at 1e-12 as every divergence floors them."""
+    out = np.array(logits, dtype=np.float32)  # softmax in place, chunk by chunk
+    for k in range(0, len(out), _CLIENT_CHUNK):
+        chunk = out[k:k + _CLIENT_CHUNK]
+        chunk /= temperature
+        chunk -= chunk.max(axis=-1, keepdims=True)
+        np.exp(chunk, out=chunk)
+        chunk /= chunk.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+        np.maximum(chunk, _EPS, out=chunk)
+    return out
 
 
 def centre(logits: np.ndarray) -> np.ndarray:
     """Logits minus their per-row mean over classes (the softmax is unchanged; a constant
-    row of any size becomes zeros). Same shape, float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    return z - z.mean(axis=-1, keepdims=True)
+    row of any size becomes zeros). Same shape; float32 stays float32 (the uploads are
+    float32, and a round at K = 1,000 clients holds several such arrays), else float64."""
+    z = np.asarray(logits)
+    z = z.astype(np.float32 if z.dtype == np.float32 else np.float64, copy=False)
+    return z - z.mean(axis=-1, keepdims=True, dtype=np.float64).astype(z.dtype)
 
 
 def cap_loudness(logits: np.ndarray, factor: float) -> np.ndarray:
@@ -295,7 +269,7 @@ def cap_loudness(logits: np.ndarray, factor: float) -> np.ndarray:
     norms = np.linalg.norm(logits, axis=-1)  # [K, N]
     cap = factor * np.median(norms, axis=0, keepdims=True)  # [1, N]
     scale = np.minimum(1.0, cap / np.maximum(norms, _EPS))
-    return logits * scale[..., None]
+    return (logits * scale[..., None]).astype(logits.dtype, copy=False)
 
 
 def consistent_accuracy(logits: np.ndarray, labels: np.ndarray, held_out: np.ndarray) -> np.ndarray:
@@ -336,17 +310,21 @@ def run_market(
     labels: np.ndarray,
     params: MarketParams,
     held_out: np.ndarray | None = None,
+    kernels: MarketKernels = FAST,
 ) -> MarketOutput:
     """One market round: accuracy, similarity graph, teacher weights and targets.
 
     Args:
-        logits: ``[K, N, C]`` finite logits of the K participating clients.
+        logits: ``[K, N, C]`` finite logits of the K participating clients (float32
+            stays float32).
         labels: ``[N]`` reference labels in ``[0, C)``.
         params: the market's knobs.
         held_out: ``[N]`` bool, the rows clients never distill on; the adaptive market
             scores its candidates there (None or no row set: on every row).
+        kernels: the heavy computations (:data:`kta_flwr.maths.market_kernels.FAST`, or
+            the direct transcription ``market_reference.REFERENCE``).
     """
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = np.asarray(logits)
     if logits.ndim != 3:
         raise ValueError(f"logits must be [K, N, C], got shape {logits.shape}")
     if logits.shape[1] != len(labels):
@@ -357,8 +335,11 @@ def run_market(
         accuracy = consistent_accuracy(logits, labels, np.asarray(held_out, bool))
     else:
         accuracy = reference_accuracy(logits, labels)
-    probs = softmax(logits, params.temperature)
-    divergence = pairwise_divergence(probs, params.divergence)
+    labels = np.asarray(labels)
+    divergence = kernels.divergence(
+        probabilities(logits[:, _divergence_rows(len(labels), params)], params.temperature),
+        params.divergence,
+    )
     shares = sybil_shares(divergence, params.sybil_divergence)
     similarity = similarity_graph(divergence, params.tau)
     num_clients = logits.shape[0]
@@ -369,7 +350,7 @@ def run_market(
         weights = np.full((num_clients, num_clients), 1.0 / num_clients)
         taus[:] = np.inf
     elif params.weighting == "learned":
-        weights = learned_weights(logits, labels, probs, params)
+        weights = learned_weights(logits, labels, probabilities(logits, params.temperature), params)
         taus[:] = np.nan
     elif params.weighting != "market":
         raise ValueError(
@@ -380,22 +361,30 @@ def run_market(
         if held_out is not None and np.any(held_out):
             rows = np.flatnonzero(held_out)
         taus, weights, distill = adaptive_weights(
-            logits[:, rows], np.asarray(labels)[rows], divergence, accuracy, params,
-            sample_weights=class_prior(logits)[:, np.asarray(labels)[rows]], priors=priors,
-            shares=shares,
+            logits[:, rows], labels[rows], divergence, accuracy, params,
+            sample_weights=(priors if priors is not None else class_prior(logits))[:, labels[rows]],
+            priors=priors, shares=shares, kernels=kernels,
         )
         similarity = np.exp(-divergence / taus[:, None])
     else:
         weights = _weights_at(similarity, accuracy, params, shares)
-    targets = soft_targets(
+    targets = kernels.targets(
         logits, weights, temperature=params.temperature, space=params.target_space, priors=priors
     )
     return MarketOutput(accuracy, divergence, similarity, weights, targets, taus, distill)
 
 
+def _divergence_rows(num_rows: int, params: MarketParams) -> slice | np.ndarray:
+    """The rows the divergences are measured on: all, or ``divergence_rows`` evenly
+    spaced ones (the same rows every round)."""
+    if not 0 < params.divergence_rows < num_rows:
+        return slice(None)
+    return np.unique(np.linspace(0, num_rows - 1, params.divergence_rows).round().astype(int))
+
+
 def _weights_at(
     similarity: np.ndarray, accuracy: np.ndarray, params: MarketParams,
-    shares: np.ndarray | None = None,
+    shares: np.ndarray | None = None, keep: np.ndarray | None = None,
 ) -> np.ndarray:
     return teacher_weights(
         similarity,
@@ -404,6 +393,7 @@ def _weights_at(
         neighbours=params.neighbours,
         self_weight=params.self_weight,
         shares=shares,
+        keep=keep,
     )
 
 
@@ -421,8 +411,14 @@ def label_likelihood(
         ``[K]`` values ``sum_i w[k, i] log q[k, i, y_i] / sum_i w[k, i]`` (<= 0).
     """
     picked = np.take_along_axis(targets, np.asarray(labels)[None, :, None], axis=-1)[..., 0]
-    logq = np.log(np.clip(picked.astype(np.float64), _EPS, 1.0))
-    return (sample_weights * logq).sum(axis=1) / np.maximum(sample_weights.sum(axis=1), _EPS)
+    return weighted_log_likelihood(picked, sample_weights)
+
+
+def weighted_log_likelihood(picked: np.ndarray, sample_weights: np.ndarray) -> np.ndarray:
+    """``[..., K]`` values ``sum_i w[k, i] log p[..., k, i] / sum_i w[k, i]`` of the
+    probabilities ``picked`` (``[..., K, M]``) given to the true labels."""
+    logq = np.log(np.clip(np.asarray(picked, np.float64), _EPS, 1.0))
+    return (sample_weights * logq).sum(axis=-1) / np.maximum(sample_weights.sum(axis=-1), _EPS)
 
 
 def adaptive_weights(  # pylint: disable=too-many-arguments
@@ -435,6 +431,7 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
     sample_weights: np.ndarray,
     priors: np.ndarray | None = None,
     shares: np.ndarray | None = None,
+    kernels: MarketKernels = FAST,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-client sharpness: the ``tau`` in ``params.tau_grid`` whose targets maximise
     :func:`label_likelihood` on the scoring rows; with ``params.gate``, whether that mix
@@ -447,22 +444,24 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
             predicted class marginal at the row's label).
         priors: ``[K, C]`` class priors for the prior correction (None: none).
         shares: ``[K]`` teacher weight shares (:func:`sybil_shares`; None: all 1).
+        kernels: computes each candidate's probability of the labels.
 
     Returns:
         ``([K] chosen tau, [K, K] teacher weights at each client's tau, [K] bool: the
         client gets targets)``.
     """
     grid = np.asarray(params.tau_grid, dtype=np.float64)
-    scores = np.empty((len(grid), logits.shape[0]))
-    candidates = []
-    for g, tau in enumerate(grid):
-        weights = _weights_at(similarity_graph(divergence, tau), accuracy, params, shares)
-        # Scored at T = 1: the mix is judged as a predictor, not at the (flatter)
-        # distillation temperature, which would favour single over-confident teachers.
-        targets = soft_targets(logits, weights, temperature=1.0, space=params.target_space,
-                               priors=priors)
-        scores[g] = label_likelihood(targets, labels, sample_weights)
-        candidates.append(weights)
+    # The m nearest teachers are the same at every tau (S is monotone in D).
+    keep = neighbour_mask(-divergence, params.neighbours)
+    candidates = np.stack([
+        _weights_at(similarity_graph(divergence, tau), accuracy, params, shares, keep)
+        for tau in grid
+    ])  # [G, K, K]
+    # Scored at T = 1: the mix is judged as a predictor, not at the (flatter)
+    # distillation temperature, which would favour single over-confident teachers.
+    picked = kernels.label_probability(logits, labels, candidates, space=params.target_space,
+                                       priors=priors)
+    scores = weighted_log_likelihood(picked, sample_weights[None])  # [G, K]
     # Among near-ties (within ``tie_tolerance`` nats of the best) take the broadest tau:
     # a sharper, more personal mix must earn its place with clearly better evidence.
     good = scores >= scores.max(axis=0, keepdims=True) - params.tie_tolerance
@@ -470,9 +469,9 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
     rows = np.arange(logits.shape[0])
     distill = np.ones(logits.shape[0], dtype=bool)
     if params.gate:
-        own = label_likelihood(softmax(logits, 1.0), labels, sample_weights)
+        own = weighted_log_likelihood(label_softmax(logits, labels), sample_weights)
         distill = scores[best, rows] > own
-    return grid[best], np.stack(candidates)[best, rows], distill
+    return grid[best], candidates[best, rows], distill
 
 
 def learned_weights(
@@ -492,7 +491,7 @@ def learned_weights(
     num_clients = logits.shape[0]
     if num_clients == 1:
         return np.ones((1, 1))
-    marginal = probs.mean(axis=1)
+    marginal = probs.mean(axis=1, dtype=np.float64)
     sample_weights = marginal[:, np.asarray(labels)]  # [K, N]
     sample_weights /= sample_weights.sum(axis=1, keepdims=True)
     # Probability each client's T=1 prediction gives the true label: [K, N]

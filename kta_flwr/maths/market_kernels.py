@@ -1,0 +1,335 @@
+"""The market's heavy kernels in pure numpy, at a cost that grows like BLAS.
+
+K clients, N reference rows, C classes. The market needs, per round, the ``[K, K]``
+pairwise divergences of the clients' predictions and, for every client k, a mix of the
+other clients' predictions (the targets, and the probability each candidate mix gives the
+true labels). Written directly, each is a ``[K, K, N, C]`` computation with ``[K, N, C]``
+temporaries per client. Here:
+
+- **Divergences**: the symmetric KL and cosine are matrix products (``[K, N·C] x [N·C, K]``,
+  by column chunks). Jensen-Shannon needs ``sum (p+q) log (p+q)`` for every pair, which
+  no product gives: it runs over cache-sized tiles of the upper triangle on all cores
+  (numpy releases the GIL), in float32 with float64 accumulation (the entropies stay
+  float64); its error is ~1e-9 nats (``tests/test_market_scale.py``).
+- **Mixtures with the prior correction** (``prob`` space): student k's mix of teacher j's
+  prior-shifted softmax is ``q_k[i, c] = rho_k[c] sum_j W[k, j] E_j[i, c] / Z[j, i, k]``
+  with ``E_j = exp((z_j - log pi_j) / T)``, ``rho_k = pi_k ** (1 / T)`` and
+  ``Z[j, i, k] = sum_c E_j[i, c] rho_k[c]``: two batched matrix products per block of
+  rows, never a ``[K, N, C]`` array per student.
+- **Top-m teachers** (``neighbours``): when each row of W has few non-zeros, the mixes
+  gather only those teachers (``K·m`` instead of ``K²`` work).
+
+Every kernel equals the direct transcription (:mod:`kta_flwr.maths.market_reference`) to
+float rounding. Working memory per step is bounded by ``block_bytes``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+EPS = 1e-12
+#: Working memory of one blocked step (bytes).
+BLOCK_BYTES = 64 * 2**20
+#: Tile of the Jensen-Shannon kernel: at most this many columns, and teachers x columns
+#: of about this many float32 values (a core's L2 cache holds two such tiles).
+_JS_COLUMNS, _JS_TILE = 8192, 131072
+
+
+def threads(workers: int | None = None) -> int:
+    """Worker threads for the kernels: ``workers``, or every CPU of this process."""
+    if workers:
+        return max(1, workers)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _row_blocks(num_rows: int, bytes_per_row: int, block_bytes: int) -> Iterator[slice]:
+    step = max(1, block_bytes // max(1, bytes_per_row))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(num_rows, start + step))
+
+
+# --- divergences -------------------------------------------------------------------------
+def pairwise_divergence(
+    probs: np.ndarray, kind: str = "js", *, workers: int | None = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> np.ndarray:
+    """Mean per-row divergence between every pair of clients' predictions.
+
+    Args:
+        probs: ``[K, N, C]`` probability vectors (float32 or float64; clipped at 1e-12).
+        kind: ``"js"`` (Jensen-Shannon, nats), ``"skl"`` (symmetric KL) or ``"cosine"``
+            (1 - cosine), as in :func:`kta_flwr.maths.market_reference.pairwise_divergence`.
+        workers: threads for ``js`` (None: every CPU).
+
+    Returns:
+        ``[K, K]`` float64, symmetric, non-negative, zero diagonal.
+    """
+    if kind not in ("js", "skl", "cosine"):
+        raise ValueError(f"unknown divergence {kind!r}; use js, skl or cosine")
+    num_clients, num_rows = probs.shape[:2]
+    flat = np.asarray(probs).reshape(num_clients, -1)
+    if kind == "js":
+        out = _js_sums(flat, workers, block_bytes) / num_rows
+    else:
+        out = _product_divergence(flat, kind, probs.shape[-1], block_bytes) / num_rows
+    out = np.maximum(0.5 * (out + out.T), 0.0)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+def _column_chunks(flat: np.ndarray, block_bytes: int, row_length: int) -> Iterator[np.ndarray]:
+    """float64 column chunks of ``flat`` [K, L], clipped at EPS, whole rows of ``row_length``."""
+    width = max(row_length, (block_bytes // (8 * flat.shape[0])) // row_length * row_length)
+    for start in range(0, flat.shape[1], width):
+        yield np.clip(flat[:, start:start + width].astype(np.float64), EPS, 1.0)
+
+
+def _product_divergence(flat: np.ndarray, kind: str, num_classes: int, block_bytes: int) -> np.ndarray:
+    num_clients = flat.shape[0]
+    out = np.zeros((num_clients, num_clients))
+    if kind == "skl":  # 0.5 sum (p - q)(log p - log q) = 0.5 (H_p + H_q - X_pq - X_qp)
+        self_terms = np.zeros(num_clients)
+        for chunk in _column_chunks(flat, block_bytes, num_classes):
+            logs = np.log(chunk)
+            out -= chunk @ logs.T
+            self_terms += np.einsum("kl,kl->k", chunk, logs)
+        return 0.5 * (out + out.T + self_terms[:, None] + self_terms[None, :])
+    for chunk in _column_chunks(flat, block_bytes, num_classes):  # 1 - cosine, per row
+        rows = chunk.reshape(num_clients, -1, num_classes)
+        rows = rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), EPS)
+        rows = rows.reshape(num_clients, -1)
+        out += rows.shape[1] // num_classes - rows @ rows.T
+    return out
+
+
+def _js_sums(flat: np.ndarray, workers: int | None, block_bytes: int) -> np.ndarray:
+    """``sum_rows js(p_j, p_k)`` for every pair, via
+    ``js = (H_j + H_k) / 2 - (1/2) sum s log s + (ln 2 / 2) sum s`` with ``s = p_j + p_k``
+    and ``H = sum p log p`` (float64)."""
+    num_clients, length = flat.shape
+    p32 = flat.astype(np.float32, copy=False)
+    if p32.min() < EPS or p32.max() > 1.0:  # (the market's own predictions are floored)
+        p32 = np.clip(p32, EPS, 1.0)
+    entropy, mass = np.zeros(num_clients), np.zeros(num_clients)
+    for chunk in _column_chunks(p32, block_bytes, 1):
+        entropy += np.einsum("kl,kl->k", chunk, np.log(chunk))
+        mass += chunk.sum(axis=1)
+    cols = min(length, _JS_COLUMNS)
+    teachers = max(1, _JS_TILE // cols)
+
+    def upper_row(k: int) -> np.ndarray:
+        """``sum s log s`` of client k against every client after it (float64)."""
+        others = p32[k + 1:]
+        acc = np.zeros(len(others))
+        buf = np.empty((teachers, cols), np.float32)
+        logs = np.empty((teachers, cols), np.float32)
+        for a in range(0, len(others), teachers):
+            rows = others[a:a + teachers]
+            for c in range(0, length, cols):
+                block = rows[:, c:c + cols]
+                s, ls = buf[:len(rows), :block.shape[1]], logs[:len(rows), :block.shape[1]]
+                np.add(block, p32[k, c:c + cols], out=s)
+                np.log(s, out=ls)
+                np.multiply(s, ls, out=s)
+                acc[a:a + len(rows)] += s.sum(axis=1, dtype=np.float64)
+        return acc
+
+    sums = np.zeros((num_clients, num_clients))
+    with ThreadPoolExecutor(threads(workers)) as pool:
+        for k, row in enumerate(pool.map(upper_row, range(num_clients))):
+            sums[k, k + 1:] = row
+    sums += sums.T
+    pair_entropy = entropy[:, None] + entropy[None, :]
+    pair_mass = mass[:, None] + mass[None, :]
+    return 0.5 * pair_entropy - 0.5 * sums + 0.5 * math.log(2.0) * pair_mass
+
+
+# --- teacher mixtures --------------------------------------------------------------------
+def _shifted(logits: np.ndarray, log_prior: np.ndarray | None, temperature: float,
+             dtype: type = np.float64) -> np.ndarray:
+    """``exp((z - log pi - max) / T)`` of a block ``[K, b, C]`` in row-major ``[b, K, C]``
+    (max 1 per row)."""
+    a = logits.transpose(1, 0, 2).astype(dtype)
+    if log_prior is not None:
+        a -= log_prior.astype(dtype)[None]
+    a -= a.max(axis=-1, keepdims=True)
+    a /= temperature
+    return np.exp(a, out=a)
+
+
+def _student_scales(priors: np.ndarray | None, num_clients: int, num_classes: int,
+                    temperature: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """``(log pi or None, rho = pi ** (1/T) scaled to max 1)``, ``[K, C]`` each."""
+    if priors is None:
+        return None, np.ones((num_clients, num_classes))
+    log_prior = np.log(np.asarray(priors, np.float64))
+    scaled = (log_prior - log_prior.max(axis=1, keepdims=True)) / temperature
+    return log_prior, np.exp(scaled)
+
+
+def _support(weights: np.ndarray) -> np.ndarray | None:
+    """``[K, m]`` the teachers of each student (rows of ``weights`` ``[..., K, K]``, padded
+    with teachers of weight 0) when no row has more than m non-zeros and m is small enough
+    to pay off; None for dense weights."""
+    nonzero = (weights != 0).reshape(-1, *weights.shape[-2:]).any(axis=0)
+    width = int(nonzero.sum(axis=1).max())
+    if width * 4 > weights.shape[-1]:
+        return None
+    return np.argsort(~nonzero, axis=1, kind="stable")[:, :width]
+
+
+def soft_targets(
+    logits: np.ndarray,
+    weights: np.ndarray,
+    *,
+    temperature: float = 1.0,
+    space: str = "prob",
+    priors: np.ndarray | None = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> np.ndarray:
+    """Personalized soft targets ``[K, N, C]`` (float32, rows sum to 1); the same
+    definition and arguments as :func:`kta_flwr.maths.market_reference.soft_targets`."""
+    if space not in ("prob", "logit"):
+        raise ValueError(f"unknown target space {space!r}; use prob or logit")
+    num_clients, num_rows, num_classes = logits.shape
+    w = np.asarray(weights, np.float64)
+    log_prior, rho = _student_scales(priors, num_clients, num_classes, temperature)
+    out = np.empty(logits.shape, np.float32)
+    support = _support(w)
+    if support is not None and space == "prob":
+        return _sparse_mixture(logits, w, support, log_prior, rho, temperature)
+    w32, rho32 = w.astype(np.float32), rho.astype(np.float32)
+    if support is not None:  # float32 mixes of float32 logits: targets within ~1e-6
+        for k, teachers in enumerate(support):
+            mixed = np.tensordot(w32[k, teachers], logits[teachers], axes=1)  # [N, C]
+            if log_prior is not None:
+                mixed += log_prior[k] - w[k, teachers] @ log_prior[teachers]
+            mixed -= mixed.max(axis=-1, keepdims=True)
+            targets = np.exp(mixed / temperature)
+            out[k] = targets / targets.sum(axis=-1, keepdims=True)
+        return out
+    width = num_clients
+    # The prob-space mixes are float32 products (the targets are float32) of positive terms.
+    for rows in _row_blocks(num_rows, 4 * num_clients * max(width, num_classes) * 2, block_bytes):
+        block = logits[:, rows]
+        if space == "logit":
+            mixed = (w @ block.reshape(num_clients, -1).astype(np.float64)).reshape(block.shape)
+            if log_prior is not None:
+                mixed += (log_prior - w @ log_prior)[:, None, :]
+            mixed -= mixed.max(axis=-1, keepdims=True)
+            targets = np.exp(mixed / temperature)
+        else:
+            expd = _shifted(block, log_prior, temperature, np.float32)  # [b, K(j), C]
+            mix = rho32 @ expd.transpose(0, 2, 1)  # Z: [b, K(k), K(j)]
+            np.divide(w32[None], mix, out=mix)
+            targets = (mix @ expd).transpose(1, 0, 2) * rho32[:, None, :]  # [K(k), b, C]
+        targets /= targets.sum(axis=-1, keepdims=True)
+        out[:, rows] = targets
+    return out
+
+
+def _sparse_mixture(logits: np.ndarray, weights: np.ndarray, support: np.ndarray,
+                    log_prior: np.ndarray | None, rho: np.ndarray, temperature: float) -> np.ndarray:
+    """Prob-space targets ``[K, N, C]`` (float32) of students with few teachers each
+    (``support``: ``[K, m]``), student by student."""
+    expd = _shifted(logits, log_prior, temperature, np.float32).transpose(1, 0, 2)  # [K, N, C]
+    rho32 = rho.astype(np.float32)
+    out = np.empty(expd.shape, np.float32)
+    for k, teachers in enumerate(support):
+        mine = expd[teachers]  # [m, N, C]
+        share = weights[k, teachers, None].astype(np.float32) / (mine @ rho32[k])  # [m, N]
+        mixed = np.einsum("jn,jnc->nc", share, mine) * rho32[k]
+        out[k] = mixed / mixed.sum(axis=-1, keepdims=True)
+    return out
+
+
+def label_probability(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
+    *,
+    space: str = "prob",
+    priors: np.ndarray | None = None,
+    block_bytes: int = BLOCK_BYTES,
+) -> np.ndarray:
+    """Probability each candidate mix gives the true label (at T = 1), for scoring.
+
+    Args:
+        logits: ``[K, M, C]`` on the M scoring rows; labels: ``[M]``.
+        weights: ``[G, K, K]`` candidate teacher weights (one matrix per candidate).
+        space, priors: as for :func:`soft_targets`.
+
+    Returns:
+        ``[G, K, M]``: ``q_g[k, i, y_i]`` of the targets at T = 1.
+    """
+    num_clients, num_rows, num_classes = logits.shape
+    w = np.asarray(weights, np.float64)
+    labels = np.asarray(labels)
+    log_prior, rho = _student_scales(priors, num_clients, num_classes, 1.0)
+    out = np.empty((len(w), num_clients, num_rows))
+    support = _support(w)
+    if support is not None and space == "logit":
+        for k, teachers in enumerate(support):
+            mine = w[:, k, teachers]  # [G, m]
+            mixed = (mine.astype(np.float32) @ logits[teachers].reshape(len(teachers), -1)).reshape(
+                len(w), num_rows, num_classes)  # [G, M, C], float32 as the dense path
+            shift = 0.0 if log_prior is None else (log_prior[k] - mine @ log_prior[teachers])[:, None, :]
+            out[:, k] = label_softmax(mixed + shift, labels)
+        return out
+    if support is not None:  # few teachers per student: gather them
+        expd = _shifted(logits, log_prior, 1.0).transpose(1, 0, 2)  # [K, M, C]
+        hit = np.take_along_axis(expd, labels[None, :, None], axis=-1)[..., 0]  # [K, M]
+        for k, teachers in enumerate(support):
+            ratio = hit[teachers] / (expd[teachers] @ rho[k])  # [m, M]
+            out[:, k] = (w[:, k, teachers] @ ratio) * rho[k, labels]
+        return out
+    if space == "logit":  # a log-sum-exp per candidate: no shortcut to the label alone
+        # float32 products (scores move by ~1e-7 nats; the tau rule's ties are 1e-3 wide)
+        flat = logits.reshape(num_clients, -1).astype(np.float32)  # [K, M * C]
+        shift = np.zeros((len(w), num_clients, num_classes))
+        if log_prior is not None:
+            shift = log_prior[None] - w @ log_prior  # [G, K, C]
+        for g in range(len(w)):
+            mixed = (w[g].astype(np.float32) @ flat).reshape(num_clients, num_rows, num_classes)
+            out[g] = label_softmax(mixed + shift[g][:, None, :], labels)  # float64 from here
+        return out
+    by_student = np.ascontiguousarray(w.transpose(1, 0, 2))  # [K(k), G, K(j)]
+    for rows in _row_blocks(num_rows, 8 * num_clients * num_clients, block_bytes):
+        expd = _shifted(logits[:, rows], log_prior, 1.0)  # [b, K(j), C]
+        ratio = rho @ expd.transpose(0, 2, 1)  # Z: [b, K(k), K(j)]
+        hit = np.take_along_axis(expd, labels[rows][:, None, None], axis=-1)  # [b, K(j), 1]
+        np.divide(hit.transpose(0, 2, 1), ratio, out=ratio)
+        mixed = np.matmul(by_student, ratio.transpose(1, 2, 0))  # [K(k), G, b]
+        out[:, :, rows] = mixed.transpose(1, 0, 2) * rho[:, labels[rows]][None]
+    return out
+
+
+def label_softmax(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``softmax(logits)[..., i, y_i]``, ``[..., M]`` (float64) of logits ``[..., M, C]``."""
+    mixed = logits - logits.max(axis=-1, keepdims=True).astype(np.float64)
+    index = labels.reshape((1,) * (mixed.ndim - 2) + (-1, 1))
+    hit = np.take_along_axis(mixed, index, axis=-1)[..., 0]
+    np.exp(mixed, out=mixed)
+    return np.exp(hit) / mixed.sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class MarketKernels:
+    """The three heavy computations of a market round, as one swappable set (the fast
+    numpy kernels here; the direct transcription in :mod:`kta_flwr.maths.market_reference`)."""
+
+    divergence: Callable[..., np.ndarray]
+    targets: Callable[..., np.ndarray]
+    label_probability: Callable[..., np.ndarray]
+
+
+FAST = MarketKernels(pairwise_divergence, soft_targets, label_probability)

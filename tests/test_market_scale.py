@@ -1,0 +1,129 @@
+"""The fast market kernels equal the direct transcription of the formulas (the market every
+result up to v0.18 came from): same divergences, teacher weights, targets, tau and gate
+decisions, on random and constructed cases up to K = 50 (issue 19)."""
+
+import numpy as np
+import pytest
+
+from kta_flwr.maths import market_kernels as fast
+from kta_flwr.maths import market_reference as reference
+from kta_flwr.maths.market import (
+    MarketParams,
+    class_prior,
+    label_likelihood,
+    probabilities,
+    run_market,
+    softmax,
+)
+
+TOLERANCE = 1e-5
+KTA = {"temperature": 3.0, "consistency": True, "sybil_divergence": 1e-5}
+VARIANTS = {
+    "kta default": MarketParams(**KTA),
+    "logit space": MarketParams(**KTA, target_space="logit"),
+    "top-3 teachers": MarketParams(**KTA, neighbours=3),
+    "self weight 0.3": MarketParams(**KTA, self_weight=0.3),
+    "no prior correction, T=1": MarketParams(prior_correction=False),
+    "fixed tau": MarketParams(adaptive=False, tau=0.01, temperature=2.0),
+    "skl": MarketParams(**{**KTA, "divergence": "skl"}),
+    "cosine": MarketParams(**{**KTA, "divergence": "cosine"}),
+    "fedmd (uniform)": MarketParams(weighting="uniform", temperature=3.0),
+    "kt-pfl (learned)": MarketParams(weighting="learned", temperature=3.0),
+}
+
+
+def _clients(seed: int, num_clients: int, rows: int = 60, classes: int = 10):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, rows)
+    logits = rng.normal(0, 2, (num_clients, rows, classes)).astype(np.float32)
+    skill = rng.uniform(0, 5, (num_clients, 1)).astype(np.float32)
+    logits[:, np.arange(rows), labels] += skill  # clients of every quality
+    favoured = rng.integers(0, classes, num_clients)
+    logits[np.arange(num_clients), :, favoured] += 2.0  # and label skews
+    held_out = np.zeros(rows, bool)
+    held_out[::4] = True
+    return logits, labels, held_out
+
+
+def _gate_margin(logits, labels, held_out, out, params):
+    """|score of the chosen mix - the client's own score|: the gate's decision is only
+    defined away from a tie (a mix that is the client itself scores as the client)."""
+    rows = np.flatnonzero(held_out)
+    z = logits[:, rows] - logits[:, rows].mean(-1, keepdims=True)
+    weights_for = class_prior(logits)[:, labels[rows]]
+    priors = class_prior(logits) if params.prior_correction else None
+    chosen = reference.soft_targets(z, out.weights, temperature=1.0, space=params.target_space,
+                                    priors=priors)
+    return np.abs(label_likelihood(chosen, labels[rows], weights_for)
+                  - label_likelihood(softmax(z, 1.0), labels[rows], weights_for))
+
+
+def assert_same_market(logits, labels, held_out, params):
+    new = run_market(logits, labels, params, held_out)
+    old = run_market(logits, labels, params, held_out, kernels=reference.REFERENCE)
+    np.testing.assert_allclose(new.divergence, old.divergence, atol=TOLERANCE)
+    np.testing.assert_allclose(new.weights, old.weights, atol=TOLERANCE)
+    np.testing.assert_allclose(new.targets, old.targets, atol=TOLERANCE)
+    np.testing.assert_array_equal(new.tau, old.tau)
+    decided = _gate_margin(logits, labels, held_out, old, params) > 1e-6
+    np.testing.assert_array_equal(new.distill[decided], old.distill[decided])
+    return new
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("num_clients", [2, 9, 50])
+def test_fast_market_equals_reference_on_random_clients(variant, num_clients):
+    logits, labels, held_out = _clients(num_clients, num_clients)
+    assert_same_market(logits, labels, held_out, VARIANTS[variant])
+
+
+def test_fast_market_equals_reference_on_constructed_cases():
+    logits, labels, held_out = _clients(7, 12)
+    sybils = np.concatenate([logits, np.repeat(logits[:1], 5, axis=0)])  # 6 identical uploads
+    loud = logits.copy()
+    loud[3] *= 40.0  # a client shouting near the boundary's logit bound
+    confident = np.where(np.eye(10, dtype=bool)[labels][None], 50.0, -50.0).astype(np.float32)
+    disjoint = np.concatenate([logits, np.roll(confident, 1, axis=-1), confident])
+    for case in (sybils, loud, disjoint, logits[:1]):
+        for params in (VARIANTS["kta default"], VARIANTS["top-3 teachers"]):
+            out = assert_same_market(case, labels, held_out, params)
+            np.testing.assert_allclose(out.targets.sum(-1), 1.0, atol=1e-5)
+    out = assert_same_market(sybils, labels, held_out, VARIANTS["kta default"])
+    assert out.weights[0, -1] == pytest.approx(out.weights[0, -2])  # the copies share alike
+
+
+@pytest.mark.parametrize("kind", ["js", "skl", "cosine"])
+def test_divergence_kernel_on_floored_and_peaked_predictions(kind):
+    probs = softmax(np.random.default_rng(3).normal(0, 8, (20, 30, 7)))  # many ~0 entries
+    probs[0, :5] = np.eye(7)[:5]  # exact zeros: floored at 1e-12 by both
+    want = reference.pairwise_divergence(probs, kind)
+    for workers in (1, 2):
+        got = fast.pairwise_divergence(probs.astype(np.float32), kind, workers=workers,
+                                       block_bytes=4096)  # many small blocks
+        np.testing.assert_allclose(got, want, atol=1e-7)
+
+
+def test_blocked_targets_and_scores_do_not_depend_on_block_size():
+    logits, labels, _ = _clients(11, 30)
+    weights = np.random.default_rng(4).dirichlet(np.ones(30), size=(3, 30))
+    priors = class_prior(logits)
+    whole = fast.soft_targets(logits, weights[0], temperature=3.0, priors=priors)
+    blocked = fast.soft_targets(logits, weights[0], temperature=3.0, priors=priors, block_bytes=1)
+    np.testing.assert_allclose(blocked, whole, atol=1e-7)
+    scores = fast.label_probability(logits, labels, weights, priors=priors)
+    np.testing.assert_allclose(
+        fast.label_probability(logits, labels, weights, priors=priors, block_bytes=1), scores, atol=1e-12)
+    np.testing.assert_allclose(
+        scores, reference.label_probability(logits, labels, weights, priors=priors), atol=1e-6)
+
+
+def test_divergence_rows_measures_the_graph_on_those_rows_only():
+    logits, labels, held_out = _clients(5, 8, rows=100)
+    params = MarketParams(**KTA, divergence_rows=20)
+    out = run_market(logits, labels, params, held_out)
+    rows = np.unique(np.linspace(0, 99, 20).round().astype(int))
+    z = logits - logits.mean(-1, keepdims=True)
+    want = reference.pairwise_divergence(probabilities(z, 3.0)[:, rows], "js")
+    np.testing.assert_allclose(out.divergence, want, atol=1e-7)
+    exact = run_market(logits, labels, MarketParams(**KTA), held_out)
+    assert not np.allclose(out.divergence, exact.divergence)  # an approximation, as documented
