@@ -111,6 +111,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     strategy: str = "kta"
     num_server_rounds: int = 10
     fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
     min_nodes: int = 2
     round_timeout: float = 600.0
     evaluate_every: int = 1
@@ -423,10 +424,10 @@ def _validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"run-config 'holdout-fraction' = {cfg.holdout_fraction!r} must be in [0, 1)"
         )
-    if not 0.0 < cfg.fraction_train <= 1.0:
-        raise ConfigError(
-            f"run-config 'fraction-train' = {cfg.fraction_train!r} must be in (0, 1]"
-        )
+    for key, fraction in (("fraction-train", cfg.fraction_train),
+                          ("fraction-evaluate", cfg.fraction_evaluate)):
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"run-config '{key}' = {fraction!r} must be in (0, 1]")
     if not (cfg.self_weight == -1.0 or 0.0 <= cfg.self_weight <= 1.0):
         raise ConfigError(
             f"run-config 'self-weight' = {cfg.self_weight!r} must be in [0, 1], "

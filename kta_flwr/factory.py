@@ -99,7 +99,7 @@ def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, f
 
 def _stock(cfg: RunConfig, **common: object) -> EvaluateEvery:
     options: dict[str, object] = {
-        "fraction_evaluate": 1.0, "min_train_nodes": 1, "min_evaluate_nodes": 1,
+        "min_train_nodes": 1, "min_evaluate_nodes": 1,
         "min_available_nodes": cfg.min_nodes,
         **{"fedprox": {"proximal_mu": cfg.proximal_mu},
            "krum": {"num_malicious_nodes": cfg.krum_malicious},
@@ -140,6 +140,7 @@ def build_strategy(  # pylint: disable=too-many-arguments
     """
     common: dict[str, object] = {
         "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
         "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
     }
     if train_metrics_aggr_fn is not None:

@@ -186,3 +186,29 @@ def test_targets_skip_held_out_rows_and_the_gate_keeps_some_back():
     assert payload_bytes(msgs[2].content) == (N - N // 4) * C * 4
     rows = protocol.distill_rows(np.arange(N), held_out)
     assert len(rows) == N - N // 4 and not held_out[rows].any()
+
+
+def test_cross_device_rounds_keep_the_bank_bounded():
+    """1,000 nodes, 10 % sampled per round: the market prices the nodes banked within the
+    staleness bound, and the bank never holds more than the last rounds' senders."""
+    rng = np.random.default_rng(5)
+    cfg = RunConfig(strategy="kta").replace(distill_gate=False)
+    strategy = KnowledgeMarket(
+        params=market_params(cfg), reference_labels=rng.integers(0, C, N), num_classes=C,
+        fingerprint="abc", evaluate_metrics_aggr_fn=lambda recs, key: MetricRecord({}),
+        fraction_train=0.1, max_staleness=2, min_nodes=1000,
+    )
+    grid = FixedGrid(list(range(1, 1001)))
+    senders = []
+    for rnd in range(1, 7):
+        messages = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord({}), grid))
+        sampled = [m.metadata.dst_node_id for m in messages]
+        assert len(sampled) == 100
+        senders.append(set(sampled))
+        replies = [logits_reply(n, rng.normal(size=(N, C)).astype(np.float32)) for n in sampled]
+        _, metrics = train_round(strategy, rnd, replies)
+        recent = set().union(*senders[-3:])  # uploads of this round and the 2 before
+        assert set(strategy.bank) == recent
+        assert metrics["market-clients"] == len(recent) <= 300
+        assert metrics["market-seconds"] >= 0.0
+        assert set(strategy.targets) == recent

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import resource
+import sys
 import time
 from datetime import datetime
 from logging import INFO
@@ -154,18 +156,22 @@ class RunRecorder:
             **{k: round(v, 4) for k, v in seconds.items()},
             "seconds": round(self.elapsed(), 3),
         }
-        stale = self.train_metrics.get(str(server_round), {}).get("market-stale")
+        market = self.train_metrics.get(str(server_round), {})
+        stale, market_seconds = market.get("market-stale"), market.get("market-seconds")
         if stale is not None:
             row["stale"] = int(stale)
+        if market_seconds is not None:
+            row["market_seconds"] = round(market_seconds, 4)
         self.rows.append(row)
         self.clients_last_round = clients
         log(
             INFO,
             "[%s] round %d/%d | pers-acc %.4f | global-acc %.4f | clients %d, failed %d%s | "
-            "MiB up %.4f down %.4f | cum MiB up %.4f down %.4f total %.4f | %.1f s",
+            "%sMiB up %.4f down %.4f | cum MiB up %.4f down %.4f total %.4f | %.1f s",
             self.cfg.strategy, server_round, self.cfg.num_server_rounds,
             row[PERSONALIZED], row[GLOBAL], len(clients), row["failed"],
             "" if stale is None else f", stale {int(stale)}",
+            "" if market_seconds is None else f"market {market_seconds:.2f} s | ",
             _mib(row["bytes_up"]), _mib(row["bytes_down"]),
             _mib(row["cum_bytes_up"]), _mib(row["cum_bytes_down"]),
             _mib(row["cum_bytes_up"] + row["cum_bytes_down"]), row["seconds"],
@@ -200,6 +206,7 @@ class RunRecorder:
             "samples": int(sum(row[SAMPLES] for row in self.rows)),
             "failed": int(sum(row["failed"] for row in self.rows)),
             "seconds": round(self.elapsed(), 3),
+            "server_peak_rss_mib": round(peak_rss_mib(), 1),
             "started_at": self.started_at,
             "finished_at": time.time(),
         }
@@ -256,6 +263,13 @@ class RunRecorder:
         self._elapsed_before = float(state["elapsed"])
         self.started_at = float(state["started_at"])
         self.meter.cumulative = Traffic.from_state(state["meter"])
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB; the ServerApp's, in simulation
+    the process that also drives Ray)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes / KiB
 
 
 def _mean(clients: list[dict[str, float]], key: str) -> float:

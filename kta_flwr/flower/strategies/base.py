@@ -124,6 +124,7 @@ class NodeOptions(TypedDict):
         evaluate_metrics_aggr_fn: aggregates the evaluation replies' metrics.
         train_metrics_aggr_fn: aggregates the train replies' metrics (default None: not at all).
         fraction_train: fraction of connected nodes sampled per training round (default 1).
+        fraction_evaluate: fraction sampled per evaluation round (default 1).
         min_nodes: wait for this many connected nodes before sampling (default 2).
         node_wait_timeout: seconds to wait for them (default 300).
         min_round_nodes: after that, proceed with at least this many (default 1).
@@ -135,6 +136,7 @@ class NodeOptions(TypedDict):
     evaluate_metrics_aggr_fn: MetricsAggregator
     train_metrics_aggr_fn: NotRequired[MetricsAggregator | None]
     fraction_train: NotRequired[float]
+    fraction_evaluate: NotRequired[float]
     min_nodes: NotRequired[int]
     node_wait_timeout: NotRequired[float]
     min_round_nodes: NotRequired[int]
@@ -156,6 +158,7 @@ class NodeStrategy(EvaluateEvery, Strategy):
 
     def __init__(self, **options: Unpack[NodeOptions]) -> None:
         self.fraction_train = options.get("fraction_train", 1.0)
+        self.fraction_evaluate = options.get("fraction_evaluate", 1.0)
         self.min_nodes = options.get("min_nodes", 2)
         self.node_wait_timeout = options.get("node_wait_timeout", 300.0)
         self.min_round_nodes = options.get("min_round_nodes", 1)

@@ -158,7 +158,7 @@ class CompressedUpdates(NodeStrategy):
             return []
         config = self.stamp(config, server_round)
         messages = []
-        for node_id in self.sample(grid, 1.0, EVALUATE):
+        for node_id in self.sample(grid, self.fraction_evaluate, EVALUATE):
             content = RecordDict({protocol.CONFIG: config})
             if self.evaluate_global:
                 content.update(self.log.records_for(node_id))

@@ -177,7 +177,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         rounds :meth:`evaluates_in` names."""
         if not self.evaluates_in(server_round):
             return []
-        node_ids = self.sample(grid, 1.0, EVALUATE)
+        node_ids = self.sample(grid, self.fraction_evaluate, EVALUATE)
         config = self.stamp(config, server_round, **{protocol.FINGERPRINT: self.fingerprint})
         return [
             Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n,
