@@ -63,6 +63,10 @@ DIVERGENCES = ("js", "skl", "cosine")
 TARGET_SPACES = ("prob", "logit")
 MARKETS = ("adaptive", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
+#: Where a node keeps its models between messages: in its Context (and on disk), or on
+#: disk only (a simulation of many stateful clients holds no model in memory).
+NODE_STATE_MEMORY, NODE_STATE_DISK = "memory", "disk"
+NODE_STATES = (NODE_STATE_MEMORY, NODE_STATE_DISK)
 #: Attacks that replace the logits a market client uploads (:mod:`kta_flwr.client.attacks`).
 LOGIT_ATTACKS = ("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled", "confident-wrong",
                  "random", "sybil")
@@ -179,6 +183,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     # --- what training produces -------------------------------------------------------
     model_dir: str = "~/kta-flwr/models"
     warm_start: bool = False
+    node_state: str = NODE_STATE_MEMORY
     resume_from: str = ""
     # --- fault injection (tests and fault benchmarks; 0 = off) ---------------------------
     fault_dropout: float = 0.0
@@ -342,6 +347,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
     _choice("dataset", cfg.dataset, DATASETS)
     _choice("partitioner", cfg.partitioner, PARTITIONERS)
     _choice("market", cfg.market, MARKETS)
+    _choice("node-state", cfg.node_state, NODE_STATES)
     _choice("divergence", cfg.divergence, DIVERGENCES)
     _choice("target-space", cfg.target_space, TARGET_SPACES)
     _choice("device", cfg.device, DEVICES)

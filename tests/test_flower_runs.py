@@ -52,14 +52,18 @@ def _targets_sent(res: dict) -> list[int]:
 def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     out = tmp_path / "out"
     runs = [("kta", {}), ("fedavg", {}), ("kta", {"codec": "topk", "codec-topk": 2}),
-            ("kta", {"reference-fraction": 0.5})]
+            ("kta", {"reference-fraction": 0.5}), ("kta", {"node-state": "disk"})]
     with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
         for i, (strategy, extra) in enumerate(runs):
             cfg = {**SMALL, **extra, "strategy": strategy, "output-dir": str(out / str(i))}
             proc = fed.submit(app_dir, cfg)
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
-    kta, fedavg, topk, half = (read_results(out / str(i))[0] for i in range(len(runs)))
+    kta, fedavg, topk, half, on_disk = (read_results(out / str(i))[0] for i in range(len(runs)))
+
+    # Models kept on disk only (node-state = disk): the same run, round for round.
+    for key in ("personalized-accuracy", "global-accuracy", "bytes_up", "bytes_down"):
+        assert [row[key] for row in on_disk["rounds"]] == [row[key] for row in kta["rounds"]]
 
     # kta on a rotating half of the reference set: half the rows up; down, the half's rows
     # that are not held out, to the clients the gate let through.

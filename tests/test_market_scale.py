@@ -22,6 +22,8 @@ VARIANTS = {
     "kta default": MarketParams(**KTA),
     "logit space": MarketParams(**KTA, target_space="logit"),
     "top-3 teachers": MarketParams(**KTA, neighbours=3),
+    "run default (logit, self 0)": MarketParams(**KTA, target_space="logit", self_weight=0.0),
+    "run default, top-3": MarketParams(**KTA, target_space="logit", self_weight=0.0, neighbours=3),
     "self weight 0.3": MarketParams(**KTA, self_weight=0.3),
     "no prior correction, T=1": MarketParams(prior_correction=False),
     "fixed tau": MarketParams(adaptive=False, tau=0.01, temperature=2.0),
@@ -85,7 +87,8 @@ def test_fast_market_equals_reference_on_constructed_cases():
     confident = np.where(np.eye(10, dtype=bool)[labels][None], 50.0, -50.0).astype(np.float32)
     disjoint = np.concatenate([logits, np.roll(confident, 1, axis=-1), confident])
     for case in (sybils, loud, disjoint, logits[:1]):
-        for params in (VARIANTS["kta default"], VARIANTS["top-3 teachers"]):
+        for params in (VARIANTS["kta default"], VARIANTS["top-3 teachers"],
+                       VARIANTS["run default, top-3"]):
             out = assert_same_market(case, labels, held_out, params)
             np.testing.assert_allclose(out.targets.sum(-1), 1.0, atol=1e-5)
     out = assert_same_market(sybils, labels, held_out, VARIANTS["kta default"])

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from torch import nn
 
-from kta_flwr.config import PARAMETERS, ConfigError, RunConfig, parse_run_config
+from kta_flwr.config import NODE_STATE_DISK, PARAMETERS, ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import update_codec
 from kta_flwr.flower import protocol, sync
 from kta_flwr.flower.timing import PhaseTimer
@@ -285,6 +285,10 @@ class Node:  # pylint: disable=too-many-instance-attributes
             extra["version"] = np.asarray(int(state.config_records[VERSION_STATE]["version"]))
         architecture = self.cfg.model_for_partition(self.partition_id) if model else self.cfg.shared_model
         save_checkpoint(self.checkpoint_path, self._meta(architecture, counters), model, extra)
+        if self.cfg.node_state == NODE_STATE_DISK:  # the next message restores it from disk
+            for key in (MODEL_STATE, GLOBAL_STATE, VERSION_STATE, RESIDUAL_STATE, META_STATE):
+                if key in state:
+                    del state[key]
 
     def _restore(self) -> None:
         """Fill the empty node state from disk: the newest checkpoint of this run's lineage

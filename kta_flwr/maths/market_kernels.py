@@ -281,9 +281,10 @@ def label_probability(
         for k, teachers in enumerate(support):
             mine = w[:, k, teachers]  # [G, m]
             mixed = (mine.astype(np.float32) @ logits[teachers].reshape(len(teachers), -1)).reshape(
-                len(w), num_rows, num_classes)  # [G, M, C], float32 as the dense path
-            shift = 0.0 if log_prior is None else (log_prior[k] - mine @ log_prior[teachers])[:, None, :]
-            out[:, k] = label_softmax(mixed + shift, labels)
+                len(w), num_rows, num_classes)  # [G, M, C], float32 products as the dense path
+            if log_prior is not None:
+                mixed += (log_prior[k] - mine @ log_prior[teachers]).astype(np.float32)[:, None, :]
+            out[:, k] = label_softmax(mixed, labels)
         return out
     if support is not None:  # few teachers per student: gather them
         expd = _shifted(logits, log_prior, 1.0).transpose(1, 0, 2)  # [K, M, C]
@@ -314,12 +315,13 @@ def label_probability(
 
 
 def label_softmax(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``softmax(logits)[..., i, y_i]``, ``[..., M]`` (float64) of logits ``[..., M, C]``."""
-    mixed = logits - logits.max(axis=-1, keepdims=True).astype(np.float64)
+    """``softmax(logits)[..., i, y_i]``, ``[..., M]`` (float64) of logits ``[..., M, C]``,
+    computed in their precision."""
+    mixed = logits - logits.max(axis=-1, keepdims=True)
     index = labels.reshape((1,) * (mixed.ndim - 2) + (-1, 1))
     hit = np.take_along_axis(mixed, index, axis=-1)[..., 0]
     np.exp(mixed, out=mixed)
-    return np.exp(hit) / mixed.sum(axis=-1)
+    return np.exp(hit.astype(np.float64)) / mixed.sum(axis=-1, dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from kta_flwr.config import DATA_ROOT, RunConfig, parse_run_config
 from kta_flwr.flower.timing import EVALUATE_PHASES, TRAIN_PHASES
 from kta_flwr.tools import cli
 from kta_flwr.tools.federation import LocalFederation
+from kta_flwr.tools.memory import PeakRss
 from kta_flwr.tools.paths import REPO_ROOT
 from kta_flwr.tools.plots import figure, save_figure
 from kta_flwr.tools.presets import load_preset
@@ -150,8 +151,10 @@ def run_plain(cfg: RunConfig, num_clients: int) -> dict[str, Any]:
 
 # --- the Flower run ------------------------------------------------------------------
 def run_flower(cfg: RunConfig, num_clients: int, engine: str, out_dir: Path) -> dict[str, Any]:
-    """kta through the real Flower app from a cold start; returns its results.json plus
-    the outer wall clock and timestamps."""
+    """``cfg`` through the real Flower app from a cold start; returns its results.json plus
+    the outer wall clock, timestamps and the federation's peak memory (the SuperLink and
+    every process under it: with the simulation engine, the ServerApp, Ray and its
+    workers)."""
     run_dir = out_dir / "runs" / f"{cfg.strategy}-{engine}-{num_clients}c"
     cfg = cfg.replace(output_dir=str(run_dir.resolve()), min_nodes=num_clients,
                       model_dir=str((run_dir / "models").resolve()))
@@ -159,7 +162,7 @@ def run_flower(cfg: RunConfig, num_clients: int, engine: str, out_dir: Path) -> 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kta-eff-") as work, LocalFederation(
         Path(work), num_clients, simulation=engine == "simulation"
-    ) as fed:
+    ) as fed, PeakRss(lambda: [p.pid for p in fed.processes]) as rss:
         proc = fed.submit(REPO_ROOT, cfg.to_flwr(), timeout=24 * 3600)
         returned_at = time.time()
     wall = time.monotonic() - start
@@ -168,7 +171,8 @@ def run_flower(cfg: RunConfig, num_clients: int, engine: str, out_dir: Path) -> 
         raise RuntimeError(f"Flower run failed (rc {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
     res = json.loads(found[-1].read_text())
     return {"results": res, "wall_seconds": wall, "launched_at": started_at,
-            "returned_at": returned_at, "results_json": str(found[-1])}
+            "returned_at": returned_at, "results_json": str(found[-1]),
+            "federation_peak_rss_mib": rss.peak_mib}
 
 
 def breakdown(flower: dict[str, Any]) -> dict[str, float]:
@@ -246,7 +250,7 @@ def scaling_point(flower: dict[str, Any], num_clients: int) -> dict[str, Any]:
 
 
 # --- report --------------------------------------------------------------------------
-def _hardware() -> str:
+def hardware() -> str:
     import torch  # pylint: disable=import-outside-toplevel
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -335,7 +339,7 @@ def run_efficiency(  # pylint: disable=too-many-arguments,too-many-locals
     results_dir = out_dir / "efficiency" / name
     results_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
-        "preset": name, "clients": clients, "engine": engine, "hardware": _hardware(),
+        "preset": name, "clients": clients, "engine": engine, "hardware": hardware(),
         "date": time.strftime("%Y-%m-%d"), "config": base.to_flwr(), "ratio": {},
         "breakdown": {}, "scaling": [], "scaling_preset": "",
     }

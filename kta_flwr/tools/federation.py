@@ -230,7 +230,7 @@ class LocalFederation:
 
     def kill_supernode(self, proc: subprocess.Popen) -> None:
         """SIGKILL one SuperNode (and its ClientApp processes), as a crashed device."""
-        for pid in _descendants(proc.pid):
+        for pid in descendants(proc.pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         _signal_group(proc, signal.SIGKILL)
@@ -241,7 +241,7 @@ class LocalFederation:
         return self._supernodes[partition_id]
 
     def _end(self, sig: int, grace: float) -> None:
-        orphans = [pid for proc in self.processes for pid in _descendants(proc.pid)]
+        orphans = [pid for proc in self.processes for pid in descendants(proc.pid)]
         for proc in reversed(self.processes):
             if proc.poll() is None:
                 _signal_group(proc, sig)
@@ -302,7 +302,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """All descendant process ids of ``pid`` (Linux ``/proc``; empty elsewhere)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
