@@ -63,6 +63,8 @@ DIVERGENCES = ("js", "skl", "cosine")
 TARGET_SPACES = ("prob", "logit")
 MARKETS = ("adaptive", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
+#: Where the server runs the market's heavy steps: numpy on the CPU, or torch on a GPU.
+MARKET_DEVICES = ("cpu", "auto", "cuda")
 #: Where a node keeps its models between messages: in its Context (and on disk), or on
 #: disk only (a simulation of many stateful clients holds no model in memory).
 NODE_STATE_MEMORY, NODE_STATE_DISK = "memory", "disk"
@@ -154,6 +156,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     similarity_tau: float = 0.02
     neighbours: int = 0
     divergence_rows: int = 0
+    market_device: str = "cpu"
     self_weight: float = 0.0
     accuracy_exponent: float = 1.0
     target_space: str = "logit"
@@ -348,6 +351,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
     _choice("partitioner", cfg.partitioner, PARTITIONERS)
     _choice("market", cfg.market, MARKETS)
     _choice("node-state", cfg.node_state, NODE_STATES)
+    _choice("market-device", cfg.market_device, MARKET_DEVICES)
     _choice("divergence", cfg.divergence, DIVERGENCES)
     _choice("target-space", cfg.target_space, TARGET_SPACES)
     _choice("device", cfg.device, DEVICES)

@@ -20,6 +20,7 @@ from kta_flwr.flower.strategies.market import KnowledgeMarket
 from kta_flwr.flower.strategies.stock import STOCK
 from kta_flwr.maths.knowledge_codec import Codec
 from kta_flwr.maths.market import MarketParams
+from kta_flwr.maths.market_kernels import FAST, MarketKernels
 from kta_flwr.maths.update_compression import ParamLayout, UpdateCodec
 
 #: Market strategy -> how its teachers are weighted (:class:`~kta_flwr.maths.market.MarketParams`).
@@ -88,12 +89,13 @@ def _compressed(cfg: RunConfig, initial_arrays: ArrayRecord, **common: object) -
 
 
 def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, fingerprint: str,
-            **common: object) -> EvaluateEvery:
+            kernels: MarketKernels, **common: object) -> EvaluateEvery:
     return KnowledgeMarket(
         params=market_params(cfg), reference_labels=reference_labels, num_classes=num_classes,
         fingerprint=fingerprint, codec=knowledge_codec(cfg),
         reference_fraction=cfg.reference_fraction, holdout_fraction=cfg.holdout,
-        max_staleness=cfg.max_staleness, **_node_options(cfg), **common,  # type: ignore[arg-type]
+        max_staleness=cfg.max_staleness, kernels=kernels,
+        **_node_options(cfg), **common,  # type: ignore[arg-type]
     )
 
 
@@ -122,6 +124,7 @@ def build_strategy(  # pylint: disable=too-many-arguments
     evaluate_metrics_aggr_fn: MetricsAggregator,
     train_metrics_aggr_fn: MetricsAggregator | None = None,
     max_examples: int | None = None,
+    market_kernels: MarketKernels = FAST,
 ) -> Strategy:
     """The Strategy for ``cfg.strategy``: the market (kta, fedmd, ktpfl, local), Flower's
     stock FedAvg/FedProx, or a compressed-update baseline (fedavg-topk, sapef, fedkd, on
@@ -137,6 +140,8 @@ def build_strategy(  # pylint: disable=too-many-arguments
         evaluate_metrics_aggr_fn, train_metrics_aggr_fn: Flower's metric hooks.
         max_examples: the largest ``num-examples`` a reply may report (None: the
             strategies' default bound).
+        market_kernels: the market's heavy computations (the ServerApp passes the torch
+            kernels for ``market-device``).
     """
     common: dict[str, object] = {
         "fraction_train": cfg.fraction_train,
@@ -150,7 +155,7 @@ def build_strategy(  # pylint: disable=too-many-arguments
     builders: dict[str, Callable[[], EvaluateEvery]] = {
         COMPRESSED: lambda: _compressed(cfg, initial_arrays, **common),
         MARKET: lambda: _market(cfg, reference_labels=reference_labels, num_classes=num_classes,
-                                fingerprint=fingerprint, **common),
+                                fingerprint=fingerprint, kernels=market_kernels, **common),
         PARAMETERS: lambda: _stock(cfg, **common),
     }
     strategy = builders[cfg.family]()

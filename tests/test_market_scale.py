@@ -4,9 +4,12 @@ decisions, on random and constructed cases up to K = 50 (issue 19)."""
 
 import numpy as np
 import pytest
+import torch
 
 from kta_flwr.maths import market_kernels as fast
 from kta_flwr.maths import market_reference as reference
+from kta_flwr.config import ConfigError
+from kta_flwr.task.market_torch import market_kernels, torch_kernels
 from kta_flwr.maths.market import (
     MarketParams,
     class_prior,
@@ -17,6 +20,8 @@ from kta_flwr.maths.market import (
 )
 
 TOLERANCE = 1e-5
+#: The numpy kernels (the default) and the torch ones (``market-device``), here on the CPU.
+KERNELS = {"numpy": fast.FAST, "torch": torch_kernels(torch.device("cpu"))}
 KTA = {"temperature": 3.0, "consistency": True, "sybil_divergence": 1e-5}
 VARIANTS = {
     "kta default": MarketParams(**KTA),
@@ -60,8 +65,8 @@ def _gate_margin(logits, labels, held_out, out, params):
                   - label_likelihood(softmax(z, 1.0), labels[rows], weights_for))
 
 
-def assert_same_market(logits, labels, held_out, params):
-    new = run_market(logits, labels, params, held_out)
+def assert_same_market(logits, labels, held_out, params, kernels=fast.FAST):
+    new = run_market(logits, labels, params, held_out, kernels=kernels)
     old = run_market(logits, labels, params, held_out, kernels=reference.REFERENCE)
     np.testing.assert_allclose(new.divergence, old.divergence, atol=TOLERANCE)
     np.testing.assert_allclose(new.weights, old.weights, atol=TOLERANCE)
@@ -72,14 +77,16 @@ def assert_same_market(logits, labels, held_out, params):
     return new
 
 
+@pytest.mark.parametrize("kernels", list(KERNELS))
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("num_clients", [2, 9, 50])
-def test_fast_market_equals_reference_on_random_clients(variant, num_clients):
+def test_fast_market_equals_reference_on_random_clients(variant, num_clients, kernels):
     logits, labels, held_out = _clients(num_clients, num_clients)
-    assert_same_market(logits, labels, held_out, VARIANTS[variant])
+    assert_same_market(logits, labels, held_out, VARIANTS[variant], KERNELS[kernels])
 
 
-def test_fast_market_equals_reference_on_constructed_cases():
+@pytest.mark.parametrize("kernels", list(KERNELS))
+def test_fast_market_equals_reference_on_constructed_cases(kernels):
     logits, labels, held_out = _clients(7, 12)
     sybils = np.concatenate([logits, np.repeat(logits[:1], 5, axis=0)])  # 6 identical uploads
     loud = logits.copy()
@@ -89,9 +96,9 @@ def test_fast_market_equals_reference_on_constructed_cases():
     for case in (sybils, loud, disjoint, logits[:1]):
         for params in (VARIANTS["kta default"], VARIANTS["top-3 teachers"],
                        VARIANTS["run default, top-3"]):
-            out = assert_same_market(case, labels, held_out, params)
+            out = assert_same_market(case, labels, held_out, params, KERNELS[kernels])
             np.testing.assert_allclose(out.targets.sum(-1), 1.0, atol=1e-5)
-    out = assert_same_market(sybils, labels, held_out, VARIANTS["kta default"])
+    out = assert_same_market(sybils, labels, held_out, VARIANTS["kta default"], KERNELS[kernels])
     assert out.weights[0, -1] == pytest.approx(out.weights[0, -2])  # the copies share alike
 
 
@@ -130,3 +137,12 @@ def test_divergence_rows_measures_the_graph_on_those_rows_only():
     np.testing.assert_allclose(out.divergence, want, atol=1e-7)
     exact = run_market(logits, labels, MarketParams(**KTA), held_out)
     assert not np.allclose(out.divergence, exact.divergence)  # an approximation, as documented
+
+
+def test_market_device_cuda_fails_fast_without_a_gpu():
+    assert market_kernels("cpu") is fast.FAST
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert market_kernels("auto") is fast.FAST  # no GPU: the numpy kernels
+    with pytest.raises(ConfigError, match="'market-device' = 'cuda'"):
+        market_kernels("cuda")

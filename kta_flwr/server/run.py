@@ -33,6 +33,7 @@ from kta_flwr.flower.strategies.rounds import RoundsFrom
 from kta_flwr.flower.validation import QUERY, QUERY_METRICS, ReplyScreen, ReplySpec
 from kta_flwr.maths.update_compression import ParamLayout
 from kta_flwr.task.checkpoint import ModelMeta, save_checkpoint
+from kta_flwr.task.market_torch import market_kernels
 from kta_flwr.task.models import build_model
 from kta_flwr.task.splits import CentralSplits, load_splits, partition_indices
 from kta_flwr.task.text import minilm_path
@@ -73,6 +74,7 @@ def run(grid: Grid, context: Context) -> None:
         cfg = parse_run_config(context.run_config)
         splits = load_splits(cfg)
         _check_federation(cfg, splits, grid)
+        kernels = market_kernels(cfg.market_device)  # ConfigError: 'cuda' without a GPU
         saved = _resumable_state(cfg)
     except ConfigError as err:
         log(ERROR, "Invalid configuration, nothing was trained: %s", err)
@@ -93,6 +95,7 @@ def run(grid: Grid, context: Context) -> None:
         evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
         train_metrics_aggr_fn=recorder.aggregate_train,
         max_examples=max(len(splits.train.y), len(splits.test.y)),
+        market_kernels=kernels,
     )
     metered = MeteredGrid(grid, meter)
     lineage, first = grid.run.run_id, 1

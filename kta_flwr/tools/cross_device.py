@@ -147,7 +147,8 @@ def run_cross_device(  # pylint: disable=too-many-arguments
                   f"pers-acc {row['personalized_accuracy']:.4f}", flush=True)
             (results_dir / "cross_device.json").write_text(json.dumps(report, indent=2, default=str))
     plot(report["points"], results_dir / "cost_vs_clients.png",
-         f"Cost per round vs fleet size: {name}, {report['overrides']}")
+         f"Cost per round vs fleet size: {name}, {report['overrides']}\n"
+         f"(fleets above {full_participation} clients sample {SAMPLED_FRACTION:.0%} per round)")
     table = markdown(report)
     (results_dir / "cross_device.md").write_text(table)
     print(table)

@@ -42,6 +42,7 @@ from kta_flwr.flower.validation import (
 )
 from kta_flwr.maths.knowledge_codec import Codec
 from kta_flwr.maths.market import MarketOutput, MarketParams, run_market
+from kta_flwr.maths.market_kernels import FAST, MarketKernels
 
 class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attributes
     """Prediction-space knowledge market: personalized soft targets per client.
@@ -60,6 +61,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         max_staleness: the market uses a node's banked logits for at most this many
             rounds after it uploaded them (absent, failed or unsampled nodes); older ones
             are dropped from the bank.
+        kernels: the market's heavy computations (numpy by default; the ServerApp passes
+            torch kernels for ``market-device``).
         options: sampling and metric hooks, :class:`~kta_flwr.flower.strategies.base.NodeOptions`
             (``seed`` also seeds the reference subsets and held-out rows).
     """
@@ -75,6 +78,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         reference_fraction: float = 1.0,
         holdout_fraction: float = 0.0,
         max_staleness: int = 3,
+        kernels: MarketKernels = FAST,
         **options: Unpack[NodeOptions],
     ) -> None:
         super().__init__(**options)
@@ -92,6 +96,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         #: The round each node's banked logits were uploaded in.
         self.bank_round: dict[int, int] = {}
         self.max_staleness = max_staleness
+        self.kernels = kernels
         #: Targets ``[M, C]`` each node receives with its next instruction, and their subset.
         self.targets: dict[int, np.ndarray] = {}
         self.target_subset: dict[int, int] = {}
@@ -214,7 +219,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         stacked = np.stack([self.bank[n] for n in self.market_nodes])
         rows = self.rows(subset_id)
         held_out = self.held_out[rows]
-        out = run_market(stacked, self.reference_labels[rows], self.params, held_out=held_out)
+        out = run_market(stacked, self.reference_labels[rows], self.params, held_out=held_out,
+                         kernels=self.kernels)
         self.last_market = out
         # The gate may keep targets back; targets never cover held-out rows.
         self.targets = {n: q[~held_out] for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
