@@ -61,9 +61,11 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
             assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
     kta, fedavg, topk, half, on_disk = (read_results(out / str(i))[0] for i in range(len(runs)))
 
-    # Models kept on disk only (node-state = disk): the same run, round for round.
+    # Models kept on disk only (node-state = disk): the same run, round for round (the
+    # means over clients may add them in another order: equal to the last bits).
     for key in ("personalized-accuracy", "global-accuracy", "bytes_up", "bytes_down"):
-        assert [row[key] for row in on_disk["rounds"]] == [row[key] for row in kta["rounds"]]
+        assert [row[key] for row in on_disk["rounds"]] == pytest.approx(
+            [row[key] for row in kta["rounds"]], rel=1e-12, abs=0)
 
     # kta on a rotating half of the reference set: half the rows up; down, the half's rows
     # that are not held out, to the clients the gate let through.

@@ -75,7 +75,29 @@ from kta_flwr.maths.market_kernels import (
     soft_targets,
 )
 
-__all__ = ["pairwise_divergence", "soft_targets"]  # the fast kernels, re-exported
+#: Public names; steps 3 and 6 are the fast kernels, re-exported under the market's names.
+__all__ = [
+    "MarketOutput",
+    "MarketParams",
+    "adaptive_weights",
+    "cap_loudness",
+    "centre",
+    "class_prior",
+    "consistent_accuracy",
+    "label_likelihood",
+    "learned_weights",
+    "neighbour_mask",
+    "pairwise_divergence",
+    "probabilities",
+    "reference_accuracy",
+    "run_market",
+    "similarity_graph",
+    "soft_targets",
+    "softmax",
+    "sybil_shares",
+    "teacher_weights",
+    "weighted_log_likelihood",
+]
 
 #: Clients per chunk when a ``[K, N, C]`` array is transformed client by client.
 _CLIENT_CHUNK = 32
