@@ -66,8 +66,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kta_flwr.maths.market_kernels import EPS as _EPS
 from kta_flwr.maths.market_kernels import (
+    EPS as _EPS,
     FAST,
     MarketKernels,
     label_softmax,

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kta_flwr.maths.market_kernels import EPS as _EPS
 from kta_flwr.maths.market import softmax
-from kta_flwr.maths.market_kernels import MarketKernels
+from kta_flwr.maths.market_kernels import EPS as _EPS, MarketKernels
 
 
 def pairwise_divergence(probs: np.ndarray, kind: str = "js") -> np.ndarray:

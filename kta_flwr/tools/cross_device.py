@@ -33,7 +33,7 @@ from typing import Any
 
 from kta_flwr.config import DATA_ROOT
 from kta_flwr.tools import cli
-from kta_flwr.tools.efficiency import client_seconds, hardware, round_seconds, run_flower
+from kta_flwr.tools.efficiency import hardware, run_flower, scaling_point
 from kta_flwr.tools.plots import figure, save_figure
 from kta_flwr.tools.presets import load_preset
 
@@ -42,24 +42,22 @@ SAMPLED_FRACTION = 0.1
 
 def point(flower: dict[str, Any], strategy: str, clients: int, fraction: float) -> dict[str, Any]:
     """One row of the table from a finished run."""
-    res = flower["results"]
-    rows, summary = res["rounds"], res["summary"]
-    secs = round_seconds(res)
-    later = list(zip(secs, rows))[1:] or list(zip(secs, rows))
-    market = [r.get("market_seconds", 0.0) for _, r in later]
-    compute = [client_seconds(r) for _, r in later]
-    messages = sum(r["messages"] for _, r in later)
-    rest = sum(s for s, _ in later) - sum(compute) - sum(market)
+    rows, summary = flower["results"]["rounds"], flower["results"]["summary"]
+    times = scaling_point(flower, clients)  # round and client seconds of rounds 2..R
+    later = rows[1:] or rows
+    market = statistics.fmean(r.get("market_seconds", 0.0) for r in later)
+    messages = statistics.fmean(r["messages"] for r in later)
+    rest = times["round_seconds"] - times["client_seconds_per_round"] - market
     last = rows[-1]
     return {
         "strategy": strategy, "clients": clients, "fraction": fraction,
-        "messages_per_round": round(messages / len(later)) if later else 0,
-        "first_round_seconds": secs[0],
-        "round_seconds": statistics.fmean(s for s, _ in later),
-        "client_seconds_per_round": statistics.fmean(compute),
-        "market_seconds_per_round": statistics.fmean(market),
-        "rest_seconds_per_round": rest / len(later),
-        "rest_ms_per_message": 1000 * rest / max(1, messages),
+        "messages_per_round": round(messages),
+        "first_round_seconds": times["first_round_seconds"],
+        "round_seconds": times["round_seconds"],
+        "client_seconds_per_round": times["client_seconds_per_round"],
+        "market_seconds_per_round": market,
+        "rest_seconds_per_round": rest,
+        "rest_ms_per_message": 1000 * rest / max(1.0, messages),
         "server_peak_rss_mib": summary.get("server_peak_rss_mib", float("nan")),
         "simulation_peak_rss_mib": flower["federation_peak_rss_mib"],
         "personalized_accuracy": summary["final_personalized_accuracy"],

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ import numpy as np
 from kta_flwr.config import RunConfig
 from kta_flwr.factory import market_params
 from kta_flwr.flower.protocol import held_out_mask
+from kta_flwr.flower.results import peak_rss_mib
 from kta_flwr.maths.market import run_market
 from kta_flwr.maths.market_kernels import FAST
 from kta_flwr.maths.market_reference import REFERENCE
@@ -62,12 +62,11 @@ def market_round(clients: int, rows: int, classes: int, variant: str,
         cfg = cfg.replace(**{key.replace("-", "_"): value for key, value in fast_set.items()})
     params = market_params(cfg)
     held_out = held_out_mask(rows, cfg.holdout, cfg.seed)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mib()
     start = time.perf_counter()
     run_market(logits, labels, params, held_out, kernels=REFERENCE if variant == "reference" else FAST)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "peak_rss_mib": peak, "rss_before_mib": before,
+    return {"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "rss_before_mib": before,
             "input_mib": logits.nbytes / 2**20}
 
 
