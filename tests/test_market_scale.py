@@ -127,6 +127,36 @@ def test_blocked_targets_and_scores_do_not_depend_on_block_size():
         scores, reference.label_probability(logits, labels, weights, priors=priors), atol=1e-6)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_for_each_visits_every_index_once_on_any_number_of_threads(workers):
+    seen = np.zeros(37, int)
+
+    def body(i: int) -> None:
+        seen[i] += 1
+
+    fast.for_each(37, body, workers=workers)
+    np.testing.assert_array_equal(seen, 1)
+
+
+def test_threaded_student_loops_equal_one_thread(monkeypatch):
+    logits, labels, _ = _clients(12, 40)
+    weights = np.random.default_rng(5).dirichlet(np.ones(40), size=(3, 40))
+    weights[weights < np.sort(weights, axis=-1)[..., -4:-3]] = 0.0  # 4 teachers each: sparse paths
+    weights /= weights.sum(-1, keepdims=True)
+    priors = class_prior(logits)
+
+    def run() -> list[np.ndarray]:
+        return [fast.soft_targets(logits, weights[0], temperature=3.0, priors=priors, space=space)
+                for space in ("prob", "logit")] + [
+            fast.label_probability(logits, labels, weights, priors=priors, space=space)
+            for space in ("prob", "logit")]
+
+    threaded = run()
+    monkeypatch.setattr(fast, "threads", lambda workers=None: 1)
+    for got, want in zip(threaded, run()):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_divergence_rows_measures_the_graph_on_those_rows_only():
     logits, labels, held_out = _clients(5, 8, rows=100)
     params = MarketParams(**KTA, divergence_rows=20)

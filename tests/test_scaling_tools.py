@@ -25,8 +25,9 @@ def test_peak_rss_counts_the_children_of_the_process_tree():
 
 
 def test_market_round_reports_time_and_memory():
-    exact = market_round(12, 50, 5, "exact", {})
+    exact = market_round(12, 50, 5, "exact", {}, repeats=3)
     assert exact["seconds"] > 0 and exact["peak_rss_mib"] >= exact["rss_before_mib"] > 0
+    assert exact["rounds"] == 3 and exact["first_seconds"] > 0
     assert exact["input_mib"] == pytest.approx(12 * 50 * 5 * 4 / 2**20)
     with pytest.raises(TypeError):  # a bad option fails loudly, not silently ignored
         market_round(12, 50, 5, "fast", {"no-such-key": 1})

@@ -70,6 +70,7 @@ from kta_flwr.maths.market_kernels import (
     EPS as _EPS,
     FAST,
     MarketKernels,
+    for_each,
     label_softmax,
     pairwise_divergence,
     soft_targets,
@@ -211,7 +212,8 @@ def teacher_weights(
     weights = np.where(others, scores, 0.0)
     row = weights.sum(axis=1, keepdims=True)
     lonely = row[:, 0] <= 0  # a single client, or every other teacher masked out
-    weights = np.divide(weights, row, out=np.zeros_like(weights), where=row > 0)
+    # (a row summing to 0 holds only zeros: it stays as it is)
+    np.divide(weights, row, out=weights, where=~lonely[:, None])
     weights *= 1.0 - self_weight
     weights[np.arange(num_clients), np.arange(num_clients)] += np.where(
         lonely, 1.0, self_weight
@@ -244,10 +246,13 @@ def class_prior(logits: np.ndarray) -> np.ndarray:
         taken of them).
     """
     logits = np.asarray(logits)
-    prior = np.concatenate([
-        probabilities(logits[k:k + _CLIENT_CHUNK], 1.0).mean(axis=1, dtype=np.float64)
-        for k in range(0, len(logits), _CLIENT_CHUNK)
-    ])
+    prior = np.empty((logits.shape[0], logits.shape[-1]))
+
+    def chunk(i: int) -> None:
+        part = slice(i * _CLIENT_CHUNK, (i + 1) * _CLIENT_CHUNK)
+        prior[part] = probabilities(logits[part], 1.0).mean(axis=1, dtype=np.float64)
+
+    for_each(-(-len(logits) // _CLIENT_CHUNK), chunk)
     prior = np.maximum(prior, 1e-4)
     return prior / prior.sum(axis=1, keepdims=True)
 
@@ -271,8 +276,15 @@ def centre(logits: np.ndarray) -> np.ndarray:
     row of any size becomes zeros). Same shape; float32 stays float32 (the uploads are
     float32, and a round at K = 1,000 clients holds several such arrays), else float64."""
     z = np.asarray(logits)
-    z = z.astype(np.float32 if z.dtype == np.float32 else np.float64, copy=False)
-    return z - z.mean(axis=-1, keepdims=True, dtype=np.float64).astype(z.dtype)
+    out = np.empty(z.shape, np.float32 if z.dtype == np.float32 else np.float64)
+
+    def chunk(i: int) -> None:
+        part = z[i * _CLIENT_CHUNK:(i + 1) * _CLIENT_CHUNK]
+        mean = part.mean(axis=-1, keepdims=True, dtype=np.float64).astype(out.dtype)
+        np.subtract(part, mean, out=out[i * _CLIENT_CHUNK:(i + 1) * _CLIENT_CHUNK])
+
+    for_each(-(-len(z) // _CLIENT_CHUNK), chunk)
+    return out
 
 
 def cap_loudness(logits: np.ndarray, factor: float) -> np.ndarray:

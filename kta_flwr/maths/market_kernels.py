@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 EPS = 1e-12
 #: Working memory of one blocked step (bytes).
@@ -49,6 +50,27 @@ def threads(workers: int | None = None) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def for_each(count: int, body: Callable[[int], None], workers: int | None = None) -> None:
+    """Run ``body(i)`` for ``i`` in ``range(count)`` on :func:`threads` threads, in
+    contiguous runs of ``i`` per task. Each call must write only its own slice of the
+    output, so the result does not depend on the schedule (numpy releases the GIL in its
+    loops and products)."""
+    num_threads = threads(workers)
+    if num_threads == 1 or count < 2 * num_threads:
+        for i in range(count):
+            body(i)
+        return
+    step = -(-count // (4 * num_threads))
+
+    def run(start: int) -> None:
+        for i in range(start, min(count, start + step)):
+            body(i)
+
+    # One BLAS thread per worker: BLAS's own threads on top would oversubscribe the cores.
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(num_threads) as pool:
+        list(pool.map(run, range(0, count, step)))
 
 
 def _row_blocks(num_rows: int, bytes_per_row: int, block_bytes: int) -> Iterator[slice]:
@@ -209,11 +231,15 @@ def soft_targets(
     out = np.empty(logits.shape, np.float32)
     w32, rho32 = w.astype(np.float32), rho.astype(np.float32)
     if support is not None:  # float32 mixes of float32 logits: targets within ~1e-6
-        for k, teachers in enumerate(support):
+
+        def student(k: int) -> None:
+            teachers = support[k]
             mixed = np.tensordot(w32[k, teachers], logits[teachers], axes=1)  # [N, C]
             if log_prior is not None:
                 mixed += log_prior[k] - w[k, teachers] @ log_prior[teachers]
             out[k] = _softmax_rows(mixed, temperature)
+
+        for_each(num_clients, student)
         return out
     # The prob-space mixes are float32 products (the targets are float32) of positive terms.
     bytes_per_row = 4 * num_clients * max(num_clients, num_classes) * 2
@@ -234,10 +260,13 @@ def soft_targets(
 
 
 def _softmax_rows(mixed: np.ndarray, temperature: float) -> np.ndarray:
-    """``softmax(mixed / T)`` over the last axis (overwrites ``mixed``)."""
+    """``softmax(mixed / T)`` over the last axis, in ``mixed``'s memory."""
     mixed -= mixed.max(axis=-1, keepdims=True)
-    targets = np.exp(mixed / temperature)
-    return targets / targets.sum(axis=-1, keepdims=True)
+    if temperature != 1.0:
+        mixed /= temperature
+    np.exp(mixed, out=mixed)
+    mixed /= mixed.sum(axis=-1, keepdims=True)
+    return mixed
 
 
 def _sparse_mixture(logits: np.ndarray, weights: np.ndarray, support: np.ndarray,
@@ -247,11 +276,15 @@ def _sparse_mixture(logits: np.ndarray, weights: np.ndarray, support: np.ndarray
     expd = _shifted(logits, log_prior, temperature, np.float32).transpose(1, 0, 2)  # [K, N, C]
     rho32 = rho.astype(np.float32)
     out = np.empty(expd.shape, np.float32)
-    for k, teachers in enumerate(support):
+
+    def student(k: int) -> None:
+        teachers = support[k]
         mine = expd[teachers]  # [m, N, C]
         share = weights[k, teachers, None].astype(np.float32) / (mine @ rho32[k])  # [m, N]
         mixed = np.einsum("jn,jnc->nc", share, mine) * rho32[k]
         out[k] = mixed / mixed.sum(axis=-1, keepdims=True)
+
+    for_each(len(support), student)
     return out
 
 
@@ -281,20 +314,28 @@ def label_probability(
     out = np.empty((len(w), num_clients, num_rows))
     support = _support(w)
     if support is not None and space == "logit":
-        for k, teachers in enumerate(support):
+
+        def logit_student(k: int) -> None:
+            teachers = support[k]
             mine = w[:, k, teachers]  # [G, m]
             mixed = (mine.astype(np.float32) @ logits[teachers].reshape(len(teachers), -1)).reshape(
                 len(w), num_rows, num_classes)  # [G, M, C], float32 products as the dense path
             if log_prior is not None:
                 mixed += (log_prior[k] - mine @ log_prior[teachers]).astype(np.float32)[:, None, :]
             out[:, k] = label_softmax(mixed, labels)
+
+        for_each(num_clients, logit_student)
         return out
     if support is not None:  # few teachers per student: gather them
         expd = _shifted(logits, log_prior, 1.0).transpose(1, 0, 2)  # [K, M, C]
         hit = np.take_along_axis(expd, labels[None, :, None], axis=-1)[..., 0]  # [K, M]
-        for k, teachers in enumerate(support):
+
+        def prob_student(k: int) -> None:
+            teachers = support[k]
             ratio = hit[teachers] / (expd[teachers] @ rho[k])  # [m, M]
             out[:, k] = (w[:, k, teachers] @ ratio) * rho[k, labels]
+
+        for_each(num_clients, prob_student)
         return out
     if space == "logit":  # a log-sum-exp per candidate: no shortcut to the label alone
         # float32 products (scores move by ~1e-7 nats; the tau rule's ties are 1e-3 wide)

@@ -4,9 +4,10 @@
 
     python -m kta_flwr.tools.market_scaling --clients 10,100,300,1000 --rows 1000 --classes 62
 
-Each point runs :func:`kta_flwr.maths.market.run_market` once, in a fresh Python process
-(its peak RSS, and the rise over the RSS the process had with the inputs built and the
-libraries loaded: the round's own memory), on seeded random
+Each point runs :func:`kta_flwr.maths.market.run_market` ``--repeats`` times in a fresh
+Python process (the median round, as a server sees from its second round on, and the
+first; the peak RSS, and the rise over the RSS the process had with the inputs built and
+the libraries loaded: the round's own memory), on seeded random
 float32 logits ``[K, N, C]`` with labels and the default held-out rows, with kta's
 default market (``market_params`` of the default run config: adaptive tau, prior
 correction, gate, defences). Variants:
@@ -50,9 +51,11 @@ from kta_flwr.tools.presets import parse_override
 VARIANTS = ("reference", "exact", "fast")
 
 
-def market_round(clients: int, rows: int, classes: int, variant: str,
-                 fast_set: dict[str, Any]) -> dict[str, float]:
-    """Time one market round in this process; returns seconds and peak RSS (MiB)."""
+def market_round(clients: int, rows: int, classes: int, variant: str,  # pylint: disable=too-many-arguments
+                 fast_set: dict[str, Any], repeats: int = 1) -> dict[str, float]:
+    """Time ``repeats`` market rounds on the same inputs in this process; returns the
+    median and the first round's seconds (the first one also pays for the process's
+    first touch of its memory) and the peak RSS (MiB)."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, classes, rows)
     logits = rng.normal(0, 2, (clients, rows, classes)).astype(np.float32)
@@ -62,19 +65,24 @@ def market_round(clients: int, rows: int, classes: int, variant: str,
         cfg = cfg.replace(**{key.replace("-", "_"): value for key, value in fast_set.items()})
     params = market_params(cfg)
     held_out = held_out_mask(rows, cfg.holdout, cfg.seed)
+    kernels = REFERENCE if variant == "reference" else FAST
     before = peak_rss_mib()
-    start = time.perf_counter()
-    run_market(logits, labels, params, held_out, kernels=REFERENCE if variant == "reference" else FAST)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mib": peak_rss_mib(), "rss_before_mib": before,
+    seconds = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        run_market(logits, labels, params, held_out, kernels=kernels)
+        seconds.append(time.perf_counter() - start)
+    return {"seconds": float(np.median(seconds)), "first_seconds": seconds[0],
+            "rounds": len(seconds), "peak_rss_mib": peak_rss_mib(), "rss_before_mib": before,
             "input_mib": logits.nbytes / 2**20}
 
 
-def measure(clients: int, rows: int, classes: int, variant: str, fast_set: dict[str, Any]) -> dict[str, Any]:
+def measure(clients: int, rows: int, classes: int, variant: str,  # pylint: disable=too-many-arguments
+            fast_set: dict[str, Any], repeats: int) -> dict[str, Any]:
     """:func:`market_round` in a fresh Python process."""
     proc = subprocess.run(
         [sys.executable, "-m", "kta_flwr.tools.market_scaling", "--worker",
-         json.dumps([clients, rows, classes, variant, fast_set])],
+         json.dumps([clients, rows, classes, variant, fast_set, repeats])],
         capture_output=True, text=True, check=False, cwd=REPO_ROOT,
     )
     if proc.returncode != 0:
@@ -88,7 +96,8 @@ def markdown(report: dict[str, Any]) -> str:
     head = "| K | " + " | ".join(f"{v} s | {v} peak MiB (+ round)" for v in VARIANTS) + " |"
     lines = [
         f"N = {report['rows']:,} reference rows, C = {report['classes']} classes, kta's default "
-        f"market; fast = {report['fast_set']}; {report['hardware']}, {report['date']}.", "",
+        f"market; fast = {report['fast_set']}; seconds: median of {report['repeats']} rounds "
+        f"in one process; {report['hardware']}, {report['date']}.", "",
         head, "|" + "---|" * (1 + 2 * len(VARIANTS)),
     ]
     for clients in report["clients"]:
@@ -119,7 +128,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def run_market_scaling(  # pylint: disable=too-many-arguments
     clients: list[int], rows: int, classes: int, out_dir: Path,
-    fast_set: dict[str, Any], reference_budget: float,
+    fast_set: dict[str, Any], reference_budget: float, repeats: int = 3,
 ) -> dict[str, Any]:
     """Every point; writes the report files."""
     results_dir = out_dir / "market_scaling"
@@ -127,6 +136,7 @@ def run_market_scaling(  # pylint: disable=too-many-arguments
     report: dict[str, Any] = {
         "rows": rows, "classes": classes, "clients": clients, "hardware": hardware(),
         "date": time.strftime("%Y-%m-%d"), "reference_budget_seconds": reference_budget,
+        "repeats": repeats,
         "fast_set": " ".join(f"{k}={v}" for k, v in fast_set.items()), "points": [],
     }
     last_reference: dict[str, Any] | None = None
@@ -134,15 +144,16 @@ def run_market_scaling(  # pylint: disable=too-many-arguments
         for variant in VARIANTS:
             if variant == "reference" and last_reference is not None:
                 guess = last_reference["seconds"] * (num / last_reference["clients"]) ** 2
-                if guess > reference_budget:
+                if guess * repeats > reference_budget:
                     print(f"[market-scaling] reference at K = {num}: ~{guess:.0f} s by K², skipped")
                     continue
-            point = measure(num, rows, classes, variant, fast_set)
+            point = measure(num, rows, classes, variant, fast_set, repeats)
             report["points"].append(point)
             if variant == "reference":
                 last_reference = point
             print(f"[market-scaling] K = {num:5d} {variant:9s} {point['seconds']:8.2f} s "
-                  f"peak {point['peak_rss_mib']:7.0f} MiB", flush=True)
+                  f"(first {point['first_seconds']:.2f} s) peak {point['peak_rss_mib']:7.0f} MiB",
+                  flush=True)
     (results_dir / "market_scaling.json").write_text(json.dumps(report, indent=2))
     with (results_dir / "market_scaling.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(report["points"][0]))
@@ -160,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; see the module docstring."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:  # internal: one point in its own process
-        clients, rows, classes, variant, fast_set = json.loads(argv[1])
-        print(json.dumps(market_round(clients, rows, classes, variant, fast_set)))
+        print(json.dumps(market_round(*json.loads(argv[1]))))
         return 0
     parser = argparse.ArgumentParser(prog="python -m kta_flwr.tools.market_scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,12 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast-set", nargs="*", default=["divergence-rows=32", "neighbours=16"],
                         metavar="KEY=VALUE")
     parser.add_argument("--reference-budget", type=float, default=600.0,
-                        help="skip the reference market where K² extrapolation exceeds this (s)")
+                        help="skip the reference market where K² extrapolation of its "
+                             "rounds exceeds this (s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="market rounds per point, in one process (the median is reported)")
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args(argv)
     run_market_scaling([int(n) for n in args.clients.split(",") if n.strip()], args.rows,
                        args.classes, args.out, dict(parse_override(s) for s in args.fast_set),
-                       args.reference_budget)
+                       args.reference_budget, args.repeats)
     return 0
 
 
