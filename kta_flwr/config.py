@@ -31,6 +31,9 @@ MARKET = "market"
 PARAMETERS = "parameters"
 #: Family: parameter baselines that send compressed updates of a shared model.
 COMPRESSED = "compressed"
+#: Family: parameter-sharing personalization: Flower's FedAvg on the shared weights, and a
+#: personal model (or head) that each node keeps (fedavg-ft, Ditto, FedRep).
+PERSONAL = "personal"
 
 #: Strategy name -> family.
 STRATEGY_FAMILIES: dict[str, str] = {
@@ -38,11 +41,13 @@ STRATEGY_FAMILIES: dict[str, str] = {
     "fedavg": PARAMETERS, "fedprox": PARAMETERS,
     "fedmedian": PARAMETERS, "krum": PARAMETERS, "fedtrimmedavg": PARAMETERS,
     "fedavg-topk": COMPRESSED, "sapef": COMPRESSED, "fedkd": COMPRESSED,
+    "fedavg-ft": PERSONAL, "ditto": PERSONAL, "fedrep": PERSONAL,
 }
 STRATEGIES = tuple(STRATEGY_FAMILIES)
 MARKET_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == MARKET)
 PARAMETER_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PARAMETERS)
 COMPRESSED_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == COMPRESSED)
+PERSONAL_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PERSONAL)
 #: Compressed strategy -> the compressor of its updates (:mod:`kta_flwr.maths.update_compression`).
 UPDATE_COMPRESSORS: dict[str, str] = {"fedavg-topk": "topk", "sapef": "topk", "fedkd": "svd"}
 #: Strategies whose clients keep a private model next to the shared one (FedKD's teacher).
@@ -74,10 +79,10 @@ LOGIT_ATTACKS = ("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled", "co
                  "random", "sybil")
 #: Attack name -> the strategy families it applies to.
 ATTACK_FAMILIES: dict[str, frozenset[str]] = {
-    "none": frozenset({MARKET, PARAMETERS, COMPRESSED}),
+    "none": frozenset({MARKET, PARAMETERS, COMPRESSED, PERSONAL}),
     **dict.fromkeys((*LOGIT_ATTACKS, "malformed"), frozenset({MARKET})),
-    "label-flip": frozenset({MARKET, PARAMETERS, COMPRESSED}),
-    **dict.fromkeys(("negated", "scaled-update"), frozenset({PARAMETERS})),
+    "label-flip": frozenset({MARKET, PARAMETERS, COMPRESSED, PERSONAL}),
+    **dict.fromkeys(("negated", "scaled-update"), frozenset({PARAMETERS, PERSONAL})),
 }
 ATTACKS = tuple(ATTACK_FAMILIES)
 
@@ -146,6 +151,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     momentum: float = 0.9
     weight_decay: float = 5e-4
     proximal_mu: float = 0.01
+    # --- parameter-sharing personalization (fedavg-ft, ditto, fedrep) --------------
+    finetune_epochs: int = 1
+    ditto_lambda: float = 0.1
+    head_epochs: int = 10
     # --- knowledge market -------------------------------------------------------
     market: str = "adaptive"
     temperature: float = 3.0
@@ -216,6 +225,16 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     def is_market(self) -> bool:
         """True for strategies whose clients keep their own models (no weights sent)."""
         return self.family == MARKET
+
+    @property
+    def is_personal(self) -> bool:
+        """True for parameter-sharing personalization (fedavg-ft, Ditto, FedRep)."""
+        return self.family == PERSONAL
+
+    @property
+    def shares_body_only(self) -> bool:
+        """True when only the model's body crosses the wire (FedRep; the head is personal)."""
+        return self.strategy == "fedrep"
 
     @property
     def is_compressed(self) -> bool:
@@ -391,6 +410,9 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("momentum", cfg.momentum),
         ("weight-decay", cfg.weight_decay),
         ("proximal-mu", cfg.proximal_mu),
+        ("finetune-epochs", cfg.finetune_epochs),
+        ("ditto-lambda", cfg.ditto_lambda),
+        ("head-epochs", cfg.head_epochs),
         ("distill-weight", cfg.distill_weight),
         ("reference-ce-weight", cfg.reference_ce_weight),
         ("private-ce-weight", cfg.private_ce_weight),
@@ -460,12 +482,19 @@ def _validate(cfg: RunConfig) -> RunConfig:
                 f"run-config '{key}' names {name!r}, which cannot read the {kind} inputs "
                 f"of dataset {cfg.dataset!r}; use one of {fits}"
             )
-    shares_weights = cfg.family == PARAMETERS or (cfg.is_compressed and not cfg.has_private_teacher)
+    shares_weights = cfg.family in (PARAMETERS, PERSONAL) or (
+        cfg.is_compressed and not cfg.has_private_teacher)
     if shares_weights and len(set(names)) > 1:
         raise ConfigError(
             f"run-config 'models' = {cfg.models!r} mixes architectures, but strategy "
             f"{cfg.strategy!r} averages weights and needs one architecture; use a "
             f"market strategy {list(MARKET_STRATEGIES)} or 'fedkd' for mixed models"
+        )
+    if cfg.strategy == "ditto" and cfg.ditto_lambda * cfg.learning_rate >= 2.0:
+        raise ConfigError(
+            f"run-config 'ditto-lambda' = {cfg.ditto_lambda!r} times 'learning-rate' = "
+            f"{cfg.learning_rate!r} must be < 2: gradient steps on Ditto's penalty "
+            "lambda/2 ||v - w||² diverge beyond that"
         )
     if cfg.strategy == "kta" and cfg.distill_epochs == 0:
         raise ConfigError(

@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from kta_flwr.config import COMPRESSED, MARKET, PARAMETERS, RunConfig
+from kta_flwr.config import COMPRESSED, MARKET, PARAMETERS, PERSONAL, RunConfig
 from kta_flwr.flower.strategies.base import EvaluateEvery, MetricsAggregator
 from kta_flwr.flower.strategies.compressed import CompressedUpdates
 from kta_flwr.flower.strategies.market import KnowledgeMarket
@@ -100,6 +100,8 @@ def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, f
 
 
 def _stock(cfg: RunConfig, **common: object) -> EvaluateEvery:
+    """Flower's stock strategy of ``cfg.strategy``; FedAvg for the personalization family
+    (whose clients keep the personal part)."""
     options: dict[str, object] = {
         "min_train_nodes": 1, "min_evaluate_nodes": 1,
         "min_available_nodes": cfg.min_nodes,
@@ -107,7 +109,7 @@ def _stock(cfg: RunConfig, **common: object) -> EvaluateEvery:
            "krum": {"num_malicious_nodes": cfg.krum_malicious},
            "fedtrimmedavg": {"beta": cfg.trim_beta}}.get(cfg.strategy, {}),
     }
-    strategy = STOCK[cfg.strategy](**options, **common)
+    strategy = STOCK["fedavg" if cfg.is_personal else cfg.strategy](**options, **common)
     strategy.min_nodes = cfg.min_nodes
     strategy.node_wait_timeout = cfg.node_wait_timeout
     strategy.min_round_nodes = cfg.min_round_nodes
@@ -127,7 +129,8 @@ def build_strategy(  # pylint: disable=too-many-arguments
     market_kernels: MarketKernels = FAST,
 ) -> Strategy:
     """The Strategy for ``cfg.strategy``: the market (kta, fedmd, ktpfl, local), Flower's
-    stock FedAvg/FedProx, or a compressed-update baseline (fedavg-topk, sapef, fedkd, on
+    stock FedAvg/FedProx (and FedAvg under fedavg-ft, ditto and fedrep, whose clients keep
+    the personal part), or a compressed-update baseline (fedavg-topk, sapef, fedkd, on
     the shared model ``initial_arrays``), each evaluating every ``cfg.evaluate_every``
     rounds.
 
@@ -157,6 +160,7 @@ def build_strategy(  # pylint: disable=too-many-arguments
         MARKET: lambda: _market(cfg, reference_labels=reference_labels, num_classes=num_classes,
                                 fingerprint=fingerprint, kernels=market_kernels, **common),
         PARAMETERS: lambda: _stock(cfg, **common),
+        PERSONAL: lambda: _stock(cfg, **common),
     }
     strategy = builders[cfg.family]()
     strategy.evaluate_every = cfg.evaluate_every

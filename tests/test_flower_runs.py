@@ -192,3 +192,29 @@ def test_simulation_compressed_update_baselines_bytes(tmp_path, app_dir):
     assert any(key.startswith("train/up update.") and key.split()[1].endswith(".u") for key in manifest)
     assert fedkd["summary"]["eval_bytes_down"] == 0
     assert fedkd["summary"]["bytes_up"] < ROUNDS * CLIENTS * 4 * (16 * 9 + 16 + 32 * 16 * 9 + 32 + 32 * 16 * 10 + 10)
+
+
+def test_simulation_personalization_baselines_bytes(tmp_path, app_dir):
+    """fedavg-ft, Ditto and FedRep in the simulation engine: FedAvg's bytes for the first
+    two, exactly the body (the mlp without its last layer) each way for FedRep; every
+    node keeps its personal model on disk."""
+    out, models = tmp_path / "out", tmp_path / "models"
+    runs = ["fedavg-ft", "ditto", "fedrep"]
+    with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
+        for i, strategy in enumerate(runs):
+            cfg = {**SMALL, "strategy": strategy, "output-dir": str(out / str(i)),
+                   "model-dir": str(models / strategy), "head-epochs": 1}
+            proc = fed.submit(app_dir, cfg)
+            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+            assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
+    results = {name: read_results(out / str(i))[0] for i, name in enumerate(runs)}
+    mlp = 4 * (64 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10)
+    body = mlp - 4 * (512 * 10 + 10)
+    for name, res in results.items():
+        _check_common(res, name)
+        size = body if name == "fedrep" else mlp
+        for key in ("bytes_up", "bytes_down", "eval_bytes_down"):
+            assert res["summary"][key] == ROUNDS * CLIENTS * size, (name, key)
+        assert len(list((models / name).glob(f"*/{name}.pt"))) == CLIENTS  # a model per node
+    assert (next((out / "0").glob("*/global-model.pt"))).is_file()  # fedavg-ft's global model
+    assert not list((out / "2").glob("*/global-model.pt"))  # FedRep has no whole global model

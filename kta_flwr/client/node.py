@@ -166,12 +166,16 @@ class Node:  # pylint: disable=too-many-instance-attributes
         """SGD at ``lr`` with the run's momentum and weight decay."""
         return Optim(lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
 
-    def train_stage1(self, model: nn.Module, proximal_mu: float = 0.0) -> float:
-        """``local-epochs`` of cross-entropy on the private data; the mean loss."""
+    def train_stage1(self, model: nn.Module, proximal_mu: float = 0.0,
+                     proximal_to: nn.Module | None = None, epochs: int | None = None) -> float:
+        """``epochs`` (default ``local-epochs``) of cross-entropy on the private data, with
+        the proximal term ``mu/2 ||w - w0||²`` toward ``proximal_to`` (default: the
+        weights on entry) when ``proximal_mu`` > 0; the mean loss."""
         train = self.data.train
         return train_supervised(
-            model, train.x, train.y, epochs=self.cfg.local_epochs, batch_size=self.cfg.batch_size,
-            optim=self.optim(self.cfg.learning_rate), device=self.device, seed=self.seed, proximal_mu=proximal_mu,
+            model, train.x, train.y, epochs=self.cfg.local_epochs if epochs is None else epochs,
+            batch_size=self.cfg.batch_size, optim=self.optim(self.cfg.learning_rate),
+            device=self.device, seed=self.seed, proximal_mu=proximal_mu, proximal_to=proximal_to,
         )
 
     def reference_rows(self, key: str) -> np.ndarray:

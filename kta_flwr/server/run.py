@@ -12,6 +12,7 @@ restores its model of that round from disk. See ``docs/running.md``.
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from kta_flwr.flower.validation import QUERY, QUERY_METRICS, ReplyScreen, ReplyS
 from kta_flwr.maths.update_compression import ParamLayout
 from kta_flwr.task.checkpoint import ModelMeta, save_checkpoint
 from kta_flwr.task.market_torch import market_kernels
-from kta_flwr.task.models import build_model
+from kta_flwr.task.models import build_model, head_keys
 from kta_flwr.task.splits import CentralSplits, load_splits, partition_indices
 from kta_flwr.task.text import minilm_path
 from kta_flwr.task.training import load_vector
@@ -53,12 +54,14 @@ def _check_federation(cfg: RunConfig, splits: CentralSplits, grid: Grid) -> None
 
 
 def _initial_arrays(cfg: RunConfig, splits: CentralSplits) -> ArrayRecord:
-    """The shared model built from the run's seed (FedAvg/FedProx send it; the compressed
-    strategies keep it as version 0, which clients build alike); nothing for the market."""
+    """The shared model built from the run's seed (FedAvg/FedProx send it, FedRep its body;
+    the compressed strategies keep it as version 0, which clients build alike); nothing
+    for the market."""
     if cfg.is_market:
         return ArrayRecord()
     model = build_model(cfg.shared_model, splits.spec_for(cfg), cfg.seed)
-    return ArrayRecord(model.state_dict())
+    head = head_keys(model) if cfg.shares_body_only else frozenset()
+    return ArrayRecord(OrderedDict((k, v) for k, v in model.state_dict().items() if k not in head))
 
 
 def run(grid: Grid, context: Context) -> None:
@@ -193,9 +196,10 @@ def _save_global_model(  # pylint: disable=too-many-arguments
     cfg: RunConfig, splits: CentralSplits, strategy: Strategy, recorder: RunRecorder,
     arrays: ArrayRecord, ids: tuple[int, int],
 ) -> None:
-    """The final global model of FedAvg/FedProx (the last aggregate) or fedavg-topk/SA-PEF
-    (the model log's last version) next to ``results.json``."""
-    if cfg.is_market or cfg.has_private_teacher or not recorder.rows:
+    """The final global model of FedAvg/FedProx, fedavg-ft and Ditto (the last aggregate)
+    or fedavg-topk/SA-PEF (the model log's last version) next to ``results.json`` (FedRep
+    has no whole global model: the heads stay on the nodes)."""
+    if cfg.is_market or cfg.has_private_teacher or cfg.shares_body_only or not recorder.rows:
         return
     spec = splits.spec_for(cfg)
     model = build_model(cfg.shared_model, spec, cfg.seed)

@@ -191,3 +191,19 @@ def build_model(name: str, spec: ModelSpec, seed: int) -> nn.Module:
 def num_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def head_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys of the model's head: its last ``nn.Linear`` (the classifier, ``C``
+    outputs: ``mlp``/``simplecnn``/``femnist_cnn`` the last of their linear layers, ``cnn``
+    its only one, ``resnet18`` ``fc``, ``textbag``/``minilm`` ``head``). Everything else is
+    the body, which FedRep shares (Collins et al., 2021: the head is the final layer).
+    """
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no linear classifier to use as the head")
+    prefix = f"{last}." if last else ""
+    return frozenset(key for key in model.state_dict() if key.startswith(prefix))

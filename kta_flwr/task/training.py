@@ -35,9 +35,10 @@ class Optim:
     weight_decay: float = 0.0
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
-        """A fresh SGD optimizer over ``model``'s parameters."""
+        """A fresh SGD optimizer over ``model``'s trainable parameters."""
         return torch.optim.SGD(
-            model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            [p for p in model.parameters() if p.requires_grad],
+            lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
         )
 
 
@@ -118,10 +119,13 @@ def train_supervised(
     device: torch.device,
     seed: int,
     proximal_mu: float = 0.0,
+    proximal_to: nn.Module | None = None,
 ) -> float:
     """Stage 1: cross-entropy on private data, plus ``mu/2 * ||w - w0||^2`` if ``mu > 0``.
 
-    ``w0`` is the model's weights on entry (the global model under FedProx).
+    ``w0`` is ``proximal_to``'s weights (Ditto's global model for the personal one), by
+    default the model's weights on entry (the global model under FedProx). Parameters with
+    ``requires_grad`` off stay fixed (FedRep trains head and body in turn).
 
     Returns:
         Mean training loss over all batches (0.0 if there is no data).
@@ -129,7 +133,10 @@ def train_supervised(
     if len(y) == 0 or epochs == 0:
         return 0.0
     xs, ys = _as_tensor(x, device), _as_tensor(y, device)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    anchor = []
+    if proximal_mu > 0:
+        source = model if proximal_to is None else proximal_to
+        anchor = [p.detach().to(device).clone() for p in source.parameters()]
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(model(xs[idx]), ys[idx])
