@@ -6,6 +6,7 @@ assertion fails. Checked through the results files the ServerApp writes.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,9 @@ from kta_flwr.config import RunConfig
 from kta_flwr.task.checkpoint import load_personalized
 from kta_flwr.task.splits import load_client_data, load_splits
 from kta_flwr.task.training import evaluate
+from kta_flwr.flower.round_log import dense_weights, read_rounds
 from kta_flwr.tools.federation import LocalFederation
+from kta_flwr.tools.inspect import inspect_run
 from kta_flwr.task.models import build_model
 from kta_flwr.tools.presets import load_preset
 from tests.conftest import read_results
@@ -60,6 +63,24 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
     kta, fedavg, topk, half, on_disk = (read_results(out / str(i))[0] for i in range(len(runs)))
+
+    # Each round's decisions are kept in the run folder, and the inspect tool draws them.
+    (kta_dir,) = [p.parent for p in (out / "0").glob("*/results.json")]
+    rounds = read_rounds(kta_dir)
+    assert list(rounds) == list(range(1, ROUNDS + 1))
+    for server_round, arrays in rounds.items():
+        assert sorted(arrays["partition"]) == list(range(CLIENTS))
+        assert sorted(arrays["eval_partition"]) == list(range(CLIENTS))
+        np.testing.assert_allclose(dense_weights(arrays).sum(axis=1), 1.0, rtol=1e-6)
+        assert arrays["prior"].shape == (CLIENTS, C)
+        assert arrays["bytes_up"].sum() == kta["rounds"][server_round - 1]["bytes_up"]
+        if server_round < ROUNDS:  # the targets priced in round r are sent in round r + 1
+            assert arrays["bytes_down"].sum() == kta["rounds"][server_round]["bytes_down"]
+        assert arrays["distill"].sum() == kta["train_metrics"][str(server_round)]["distilling-clients"]
+    drawn = inspect_run(kta_dir)["drawn"]
+    assert all((kta_dir / name).stat().st_size > 5_000 for name in drawn) and len(drawn) == 4
+    (fedavg_dir,) = [p.parent for p in (out / "1").glob("*/results.json")]
+    assert inspect_run(fedavg_dir)["drawn"] == ["client_accuracy.png"]  # no market: accuracy only
 
     # Models kept on disk only (node-state = disk): the same run, round for round (the
     # means over clients may add them in another order: equal to the last bits).
@@ -113,7 +134,6 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     assert fedavg["summary"]["bytes_total"] > 10 * kta["summary"]["bytes_total"]
 
     # ... and the ServerApp kept the final global model; it scores what the run reported
-    (fedavg_dir,) = [p.parent for p in (out / "1").glob("*/results.json")]
     kept = load_personalized(fedavg_dir / "global-model.pt", {"strategy": "fedavg", "partition_id": -1})
     data = load_client_data(cfg.replace(reference_size=N_REF, test_size=200), 0, CLIENTS)
     ours = evaluate(kept, data.test.x, data.test.y, data.label_distribution, torch.device("cpu"))

@@ -4,7 +4,8 @@
 (stock or ours) already has: ``evaluate_metrics_aggr_fn`` (sees each client's evaluation
 metrics) and ``evaluate_fn`` (called once at the end of each round). After every round
 the ServerApp has it write ``<output-dir>/<timestamp>-<strategy>/results.json`` and
-``rounds.csv`` (atomically), so a run that dies keeps every completed round.
+``rounds.csv`` (atomically), so a run that dies keeps every completed round, and after
+each round ``rounds/round-<r>.npz`` (:mod:`kta_flwr.flower.round_log`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 from datetime import datetime
 from logging import INFO
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from kta_flwr.config import RunConfig
 from kta_flwr.storage import atomic_path, write_text_atomic
 from kta_flwr.flower.metering import DOWN, UP, ByteMeter, Traffic
+from kta_flwr.flower.round_log import evaluation_arrays, write_round
 from kta_flwr.flower.timing import EVALUATE_PHASES, PREFIX, TRAIN_PHASES
 
 MIB = 1024 * 1024
@@ -129,10 +132,13 @@ class RunRecorder:
 
     # Hook: evaluate_fn ----------------------------------------------------------------
     def end_round(
-        self, server_round: int, arrays: ArrayRecord, rejected: int = 0
+        self, server_round: int, arrays: ArrayRecord, rejected: int = 0,
+        decisions: Mapping[str, np.ndarray] | None = None,
     ) -> MetricRecord | None:
-        """Close round ``server_round``: one row, one log line. ``rejected``: replies the
-        boundary checks dropped this round (counted as failed with the error replies)."""
+        """Close round ``server_round``: one row, one log line, and the round's file
+        (:mod:`kta_flwr.flower.round_log`: the market's ``decisions``, each client's
+        evaluation). ``rejected``: replies the boundary checks dropped this round
+        (counted as failed with the error replies)."""
         del arrays
         if server_round == 0:  # called once before the first round
             return None
@@ -164,6 +170,8 @@ class RunRecorder:
             row["market_seconds"] = round(market_seconds, 4)
         self.rows.append(row)
         self.clients_last_round = clients
+        write_round(self.ensure_run_dir(), server_round,
+                    {**(decisions or {}), **evaluation_arrays(clients)})
         log(
             INFO,
             "[%s] round %d/%d | pers-acc %.4f | global-acc %.4f | clients %d, failed %d%s | "

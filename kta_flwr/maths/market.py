@@ -142,6 +142,7 @@ class MarketOutput:
     targets: np.ndarray  # [K, N, C] float32 soft targets, rows sum to 1
     tau: np.ndarray  # [K] similarity temperature used for each client
     distill: np.ndarray  # [K] bool: the client gets targets (False: the gate kept them back)
+    priors: np.ndarray  # [K, C] each client's class prior (mean predicted distribution)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -379,7 +380,8 @@ def run_market(
     num_clients = logits.shape[0]
     taus = np.full(num_clients, params.tau)
     distill = np.ones(num_clients, dtype=bool)
-    priors = class_prior(logits) if params.prior_correction else None
+    estimated_priors = class_prior(logits)
+    priors = estimated_priors if params.prior_correction else None
     if params.weighting == "uniform":
         weights = np.full((num_clients, num_clients), 1.0 / num_clients)
         taus[:] = np.inf
@@ -396,7 +398,7 @@ def run_market(
             rows = np.flatnonzero(held_out)
         taus, weights, distill = adaptive_weights(
             logits[:, rows], labels[rows], divergence, accuracy, params,
-            sample_weights=(priors if priors is not None else class_prior(logits))[:, labels[rows]],
+            sample_weights=estimated_priors[:, labels[rows]],
             priors=priors, shares=shares, kernels=kernels,
         )
         similarity = np.exp(-divergence / taus[:, None])
@@ -405,7 +407,8 @@ def run_market(
     targets = kernels.targets(
         logits, weights, temperature=params.temperature, space=params.target_space, priors=priors
     )
-    return MarketOutput(accuracy, divergence, similarity, weights, targets, taus, distill)
+    return MarketOutput(accuracy, divergence, similarity, weights, targets, taus, distill,
+                        estimated_priors)
 
 
 def _divergence_rows(num_rows: int, params: MarketParams) -> slice | np.ndarray:

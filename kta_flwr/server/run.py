@@ -30,6 +30,7 @@ from kta_flwr.flower.results import RunRecorder
 from kta_flwr.flower.run_state import RunState, check_resumable, load_run_state, save_run_state
 from kta_flwr.flower.strategies.base import FederationError, NodeStrategy, wait_for_nodes
 from kta_flwr.flower.strategies.compressed import CompressedUpdates
+from kta_flwr.flower.strategies.market import KnowledgeMarket
 from kta_flwr.flower.strategies.rounds import RoundsFrom
 from kta_flwr.flower.validation import QUERY, QUERY_METRICS, ReplyScreen, ReplySpec
 from kta_flwr.maths.update_compression import ParamLayout
@@ -119,7 +120,9 @@ def run(grid: Grid, context: Context) -> None:
         if local_round == 0:  # Strategy.start calls it once before the first round
             return None
         server_round = rounds.true_round(local_round)
-        out = recorder.end_round(server_round, arrays, rejected=strategy.screen.drain())
+        decisions = strategy.take_round_record() if isinstance(strategy, KnowledgeMarket) else None
+        out = recorder.end_round(server_round, arrays, rejected=strategy.screen.drain(),
+                                 decisions=decisions)
         save_run_state(recorder.ensure_run_dir(), RunState.capture(
             round=server_round, lineage=lineage, config=cfg.to_flwr(),
             strategy=strategy.state_dict() if isinstance(strategy, NodeStrategy) else {},

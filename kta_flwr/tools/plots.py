@@ -6,14 +6,26 @@ from pathlib import Path
 from typing import Any
 
 
-def figure(size: tuple[float, float]) -> tuple[Any, Any]:
-    """A matplotlib figure and axes, headless (Agg); ``size`` in inches."""
+def figure(size: tuple[float, float], rows: int = 1, columns: int = 1, **options: Any) -> tuple[Any, Any]:
+    """A matplotlib figure and its axes (one, or a ``rows x columns`` array), headless
+    (Agg); ``size`` in inches; ``options`` go to ``plt.subplots``."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    return plt.subplots(figsize=size)
+    return plt.subplots(rows, columns, figsize=size, **options)
+
+
+def close_figure(fig: Any, path: Path, tight_layout: bool = True) -> None:
+    """Tight layout (else a tight bounding box, e.g. for a colour bar shared by several
+    axes); write ``path`` (PNG, 120 dpi) and close."""
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    if tight_layout:
+        fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches=None if tight_layout else "tight")
+    plt.close(fig)
 
 
 def panels(count: int, size: tuple[float, float] = (3.6, 3.0), columns: int = 4) -> tuple[Any, list[Any]]:
@@ -52,16 +64,12 @@ def save_panels(fig: Any, axes: list[Any], path: Path) -> None:
 def save_figure(fig: Any, ax: Any, path: Path, legend_beside: bool = False) -> None:
     """Grid, legend (beside the axes when asked or with many entries), tight layout;
     write ``path`` (PNG, 120 dpi) and close."""
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
     ax.grid(True, which="both", alpha=0.3)
     if legend_beside or len(ax.get_legend_handles_labels()[1]) > 8:
         ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     else:
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    close_figure(fig, path)
 
 
 def colours(count: int) -> list[Any]:

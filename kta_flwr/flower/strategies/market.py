@@ -31,6 +31,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from kta_flwr.flower import protocol
+from kta_flwr.flower.round_log import market_arrays
 from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
 from kta_flwr.flower.validation import (
     EVALUATE,
@@ -103,6 +104,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         #: The last market computation (node ids in ``self.market_nodes`` order).
         self.last_market: MarketOutput | None = None
         self.market_nodes: list[int] = []
+        #: The last round's decisions as arrays for the run folder
+        #: (:func:`kta_flwr.flower.round_log.market_arrays`); taken by :meth:`take_round_record`.
+        self.round_record: dict[str, np.ndarray] = {}
 
     # --- Strategy interface -----------------------------------------------------------
     def summary(self) -> None:
@@ -225,6 +229,13 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         # The gate may keep targets back; targets never cover held-out rows.
         self.targets = {n: q[~held_out] for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
         self.target_subset = dict.fromkeys(self.targets, subset_id)
+        row_bytes = self.codec.row_bytes(self.num_classes)
+        uploaded = [self.bank_round[n] == server_round for n in self.market_nodes]
+        self.round_record = market_arrays(
+            out, [self.partition_of.get(n, -1) for n in self.market_nodes], uploaded,
+            bytes_up=[row_bytes * len(rows) * up for up in uploaded],
+            bytes_down=[row_bytes * int((~held_out).sum()) * go for go in out.distill],
+        )
         weights = out.weights
         entropy = -(weights * np.log(np.clip(weights, 1e-12, 1.0))).sum(axis=1)
         return {
@@ -237,6 +248,11 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             "teacher-entropy": float(entropy.mean()),
             "effective-teachers": float(np.exp(entropy).mean()),
         }
+
+    def take_round_record(self) -> dict[str, np.ndarray]:
+        """The last market round's arrays (empty if the market did not run since)."""
+        record, self.round_record = self.round_record, {}
+        return record
 
     # --- node restarts and resumed runs ---------------------------------------------------
     def rekey(self, old: int, new: int) -> None:
