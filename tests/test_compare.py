@@ -41,3 +41,13 @@ def test_cli_writes_files_and_rejects_a_missing_folder(tmp_path, capsys):
         "comparison.md", "comparison.json", "comparison.png"}
     assert compare.main([f"B={tmp_path / 'missing'}", "--out", str(tmp_path / "out")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_pareto_front_keeps_the_methods_nothing_cheaper_beats():
+    from kta_flwr.tools.bench import pareto_front
+
+    points = {"local": (0.0, 0.48), "kta": (7.2, 0.44), "kta:int8": (1.0, 0.49),
+              "fedavg": (47.3, 0.36), "fedkd": (2.9, 0.50), "tie": (2.9, 0.50)}
+    # kta and fedavg are beaten by cheaper methods; equal points both stay on the front.
+    assert pareto_front(points) == ["local", "kta:int8", "fedkd", "tie"]
+    assert pareto_front({}) == []

@@ -181,20 +181,29 @@ def test_presets_shortened_in_simulation(tmp_path, app_dir, shared_datasets, pre
     assert res["summary"]["bytes_up"] == 2 * 100 * classes * 4
 
 
-def test_simulation_compressed_update_baselines_bytes(tmp_path, app_dir):
-    """fedavg-topk, sapef and fedkd in the simulation engine: exact uplink bytes (k int32
-    indices + k float32 values), downlink = the per-round compressed aggregates, nothing
-    dense after version 0 (built from the seed on both sides)."""
-    out = tmp_path / "out"
+def test_simulation_parameter_baselines_bytes(tmp_path, app_dir):
+    """The compressed-update and personalization baselines in one simulation federation."""
+    out, models = tmp_path / "out", tmp_path / "models"
     runs = [("fedavg-topk", {"topk-fraction": 0.01}), ("sapef", {"sapef-alpha": 0.5}),
-            ("fedkd", {"models": "mlp", "student-model": "cnn"})]
+            ("fedkd", {"models": "mlp", "student-model": "cnn"}),
+            ("fedavg-ft", {}), ("ditto", {}), ("fedrep", {"head-epochs": 1})]
     with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
-        for i, (strategy, extra) in enumerate(runs):
-            cfg = {**SMALL, **extra, "strategy": strategy, "output-dir": str(out / str(i))}
+        for strategy, extra in runs:
+            cfg = {**SMALL, **extra, "strategy": strategy, "output-dir": str(out / strategy),
+                   "model-dir": str(models / strategy)}
             proc = fed.submit(app_dir, cfg)
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
-    topk, sapef, fedkd = (read_results(out / str(i))[0] for i in range(len(runs)))
+    results = {name: read_results(out / name)[0] for name, _ in runs}
+    _check_compressed(results)
+    _check_personalization(results, out, models)
+
+
+def _check_compressed(results: dict) -> None:
+    """fedavg-topk, sapef and fedkd: exact uplink bytes (k int32 indices + k float32
+    values), downlink = the per-round compressed aggregates, nothing dense after version 0
+    (built from the seed on both sides)."""
+    topk, sapef, fedkd = results["fedavg-topk"], results["sapef"], results["fedkd"]
     mlp_size = 64 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
     k = round(0.01 * mlp_size)
     for res, name in ((topk, "fedavg-topk"), (sapef, "sapef"), (fedkd, "fedkd")):
@@ -214,27 +223,18 @@ def test_simulation_compressed_update_baselines_bytes(tmp_path, app_dir):
     assert fedkd["summary"]["bytes_up"] < ROUNDS * CLIENTS * 4 * (16 * 9 + 16 + 32 * 16 * 9 + 32 + 32 * 16 * 10 + 10)
 
 
-def test_simulation_personalization_baselines_bytes(tmp_path, app_dir):
-    """fedavg-ft, Ditto and FedRep in the simulation engine: FedAvg's bytes for the first
-    two, exactly the body (the mlp without its last layer) each way for FedRep; every
-    node keeps its personal model on disk."""
-    out, models = tmp_path / "out", tmp_path / "models"
-    runs = ["fedavg-ft", "ditto", "fedrep"]
-    with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
-        for i, strategy in enumerate(runs):
-            cfg = {**SMALL, "strategy": strategy, "output-dir": str(out / str(i)),
-                   "model-dir": str(models / strategy), "head-epochs": 1}
-            proc = fed.submit(app_dir, cfg)
-            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-            assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
-    results = {name: read_results(out / str(i))[0] for i, name in enumerate(runs)}
+def _check_personalization(results: dict, out, models) -> None:
+    """fedavg-ft, Ditto and FedRep: FedAvg's bytes for the first two, exactly the body (the
+    mlp without its last layer) each way for FedRep; every node keeps its personal model
+    on disk."""
     mlp = 4 * (64 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10)
     body = mlp - 4 * (512 * 10 + 10)
-    for name, res in results.items():
+    for name in ("fedavg-ft", "ditto", "fedrep"):
+        res = results[name]
         _check_common(res, name)
         size = body if name == "fedrep" else mlp
         for key in ("bytes_up", "bytes_down", "eval_bytes_down"):
             assert res["summary"][key] == ROUNDS * CLIENTS * size, (name, key)
         assert len(list((models / name).glob(f"*/{name}.pt"))) == CLIENTS  # a model per node
-    assert (next((out / "0").glob("*/global-model.pt"))).is_file()  # fedavg-ft's global model
-    assert not list((out / "2").glob("*/global-model.pt"))  # FedRep has no whole global model
+    assert (next((out / "fedavg-ft").glob("*/global-model.pt"))).is_file()  # fedavg-ft's global model
+    assert not list((out / "fedrep").glob("*/global-model.pt"))  # FedRep has no whole global model

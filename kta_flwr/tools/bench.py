@@ -148,6 +148,22 @@ def aggregate(runs: list[RunResult], target: float) -> dict[str, dict[str, Any]]
     return out
 
 
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The methods no other method beats: none with at most their traffic has a higher
+    accuracy. ``points``: method -> (MiB, accuracy); returned by increasing MiB."""
+    front = []
+    for method, (mib, acc) in sorted(points.items(), key=lambda item: (item[1][0], -item[1][1])):
+        if not any(other <= mib and better > acc for other, better in points.values()):
+            front.append(method)
+    return front
+
+
+def front_of(stats: dict[str, dict[str, Any]]) -> list[str]:
+    """:func:`pareto_front` of the mean total MiB and mean personalized accuracy."""
+    return pareto_front({m: (s["mib_total"][0], s["personalized"][0]) for m, s in stats.items()
+                         if not math.isnan(s["personalized"][0])})
+
+
 def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]], target: float) -> str:
     """The summary table, with the paper's figures and the known setting differences."""
     paper = PAPER.get(preset, {})
@@ -157,16 +173,18 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
         return "—" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
     lines = [
-        f"| method | personalized acc. | global acc. | total MiB | MiB to {target:.2f} pers. | wall s | paper |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | personalized acc. | global acc. | total MiB | MiB to {target:.2f} pers. | wall s "
+        "| Pareto | paper |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    front = front_of(stats)
     for method, s in stats.items():
         reach = pm(s["mib_to_target"], 3) + f" ({s['reached_target']}/{len(s['seeds'])})"
         fig = paper.get(method)
         paper_txt = "—" if fig is None else f"{fig[0]}%" + (f" @ {fig[1]} MiB" if fig[1] else "")
         lines.append(
             f"| {method} | {pm(s['personalized'])} | {pm(s['global'])} | {pm(s['mib_total'], 3)} "
-            f"| {reach} | {pm(s['wall_seconds'], 0)} | {paper_txt} |"
+            f"| {reach} | {pm(s['wall_seconds'], 0)} | {'✓' if method in front else ''} | {paper_txt} |"
         )
     notes = SETTING_NOTES.get(cfg.dataset, [])
     lines += ["", f"Preset `{preset}`: {cfg.num_server_rounds} rounds, models `{cfg.models}`, "
@@ -174,13 +192,16 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
               + (f" (alpha {cfg.dirichlet_alpha})" if cfg.partitioner == "dirichlet" else "")
               + f", max-train-size {cfg.max_train_size or 'all'}; mean ± std over seeds "
               f"{sorted({seed for s in stats.values() for seed in s['seeds']})}."]
+    lines += ["Pareto: no method with at most its mean traffic has a higher mean personalized "
+              "accuracy."]
     lines += [f"- differs from the paper: {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[RunResult], path: Path, title: str) -> None:
+def plot(runs: list[RunResult], path: Path, title: str, front: list[str] | None = None) -> None:
     """Mean personalized accuracy against cumulative MiB (log x), one curve per method;
-    methods that send nothing (local) are a dashed horizontal line at their final mean."""
+    methods that send nothing (local) are a dashed horizontal line at their final mean;
+    the final points of the ``front`` methods joined by a black step line (Pareto front)."""
     methods = list(dict.fromkeys(r.method for r in runs))
     fig, ax = figure((7, 4.5) if len(methods) <= 8 else (11, 5.5))
     palette = colours(len(methods))
@@ -194,6 +215,15 @@ def plot(runs: list[RunResult], path: Path, title: str) -> None:
         else:  # knowledge (market) methods solid, parameter methods dashed
             style = "-" if method.split(":")[0] in MARKET_STRATEGIES else "--"
             ax.plot(mib, acc, style, marker="o", markersize=3, label=method, color=colour)
+    finals = {}
+    for method in front or []:
+        mine = [r for r in runs if r.method == method]
+        finals[method] = (statistics.fmean(r.mib_total for r in mine),
+                          statistics.fmean(r.final_personalized for r in mine))
+    sent = sorted(p for p in finals.values() if p[0] > 0)
+    if sent:
+        ax.step(*zip(*sent), where="post", color="black", lw=1.2, alpha=0.7, label="Pareto front")
+        ax.scatter(*zip(*sent), s=60, facecolors="none", edgecolors="black", zorder=5)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative traffic, up + down (MiB, log scale)")
     ax.set_ylabel("mean personalized test accuracy")
@@ -272,7 +302,8 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     summary = {
         "preset": preset, "clients": clients, "engine": engine, "target": target,
         "missing_runs": missing,
-        "config": base.to_flwr(), "methods": stats, "paper": PAPER.get(preset, {}),
+        "config": base.to_flwr(), "methods": stats, "pareto_front": front_of(stats),
+        "paper": PAPER.get(preset, {}),
         "setting_notes": SETTING_NOTES.get(base.dataset, []),
         "runs": [run.__dict__ for run in runs],
     }
@@ -281,7 +312,8 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     if missing:
         table += f"- not run yet: {', '.join(missing)}\n"
     (results_dir / "summary.md").write_text(table)
-    plot(runs, results_dir / "accuracy_vs_mib.png", f"{preset}: {clients} clients, seeds {seeds}")
+    plot(runs, results_dir / "accuracy_vs_mib.png", f"{preset}: {clients} clients, seeds {seeds}",
+         summary["pareto_front"])
     print(table)
     print(f"[bench] wrote {results_dir}/summary.json, summary.md, accuracy_vs_mib.png")
     return summary
