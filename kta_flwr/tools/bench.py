@@ -192,8 +192,8 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
               + (f" (alpha {cfg.dirichlet_alpha})" if cfg.partitioner == "dirichlet" else "")
               + f", max-train-size {cfg.max_train_size or 'all'}; mean ± std over seeds "
               f"{sorted({seed for s in stats.values() for seed in s['seeds']})}."]
-    lines += ["Pareto: no method with at most its mean traffic has a higher mean personalized "
-              "accuracy."]
+    lines += ["- Pareto ✓: no method with at most its mean traffic has a higher mean "
+              "personalized accuracy."]
     lines += [f"- differs from the paper: {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
