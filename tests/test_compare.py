@@ -51,3 +51,18 @@ def test_pareto_front_keeps_the_methods_nothing_cheaper_beats():
     # kta and fedavg are beaten by cheaper methods; equal points both stay on the front.
     assert pareto_front(points) == ["local", "kta:int8", "fedkd", "tie"]
     assert pareto_front({}) == []
+
+
+def test_bench_reuses_only_finished_runs_of_the_same_config(tmp_path):
+    from kta_flwr.config import RunConfig
+    from kta_flwr.tools.bench import reusable_run
+
+    cfg = RunConfig(num_server_rounds=3)
+    folder = tmp_path / "20261130-000000-kta"
+    folder.mkdir()
+    results = folder / "results.json"
+    results.write_text(json.dumps({"config": cfg.to_flwr(), "rounds": [{}, {}]}))
+    assert reusable_run(tmp_path, cfg) is None  # cut short after 2 of 3 rounds
+    results.write_text(json.dumps({"config": cfg.to_flwr(), "rounds": [{}, {}, {}]}))
+    assert reusable_run(tmp_path, cfg) == results
+    assert reusable_run(tmp_path, cfg.replace(seed=1)) is None  # another config

@@ -111,12 +111,15 @@ def read_run(results_json: Path, method: str, seed: int, wall: float) -> RunResu
 
 def reusable_run(run_dir: Path, cfg: RunConfig) -> Path | None:
     """The ``results.json`` of an earlier run in ``run_dir`` made with ``cfg`` (``output-dir``
-    and ``model-dir`` aside; keys the earlier run did not have must be at their defaults),
-    else None."""
+    and ``model-dir`` aside; keys the earlier run did not have must be at their defaults)
+    that completed all its rounds (a run cut short writes one after every round), else None."""
     found = sorted(run_dir.glob("*/results.json"))
     if not found:
         return None
-    old = json.loads(found[-1].read_text())["config"]
+    earlier = json.loads(found[-1].read_text())
+    if len(earlier.get("rounds", [])) < cfg.num_server_rounds:
+        return None
+    old = earlier["config"]
     defaults = RunConfig().to_flwr()
     for key, value in cfg.to_flwr().items():
         if key not in ("output-dir", "model-dir") and old.get(key, defaults[key]) != value:
