@@ -14,6 +14,7 @@ from kta_flwr.client import handler_for
 from kta_flwr.client.attacks import poison_data, poison_reply
 from kta_flwr.client.faults import inject_faults
 from kta_flwr.client.node import Node, partition_id_of
+from kta_flwr.client.privacy import EVALUATE, TRAIN
 from kta_flwr.flower import protocol
 from kta_flwr.flower.timing import PhaseTimer
 
@@ -27,7 +28,8 @@ def train(msg: Message, context: Context) -> Message:
 
     Besides the losses, the reply's metrics carry ``samples`` (samples trained on) and the
     wall seconds of each phase (``t-setup``, ``t-restore``, ``t-stage1``, ``t-stage2``,
-    ``t-predict``, ``t-save``; :mod:`kta_flwr.flower.timing`).
+    ``t-predict``, ``t-save``; :mod:`kta_flwr.flower.timing`) and, under DP, the ε the
+    node has spent (``dp-epsilon``, ``logit-epsilon``; :mod:`kta_flwr.client.privacy`).
     """
     timer = PhaseTimer()
     with timer("setup"):  # config, data (cached per process), device, state from disk
@@ -37,6 +39,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics: dict[str, float] = {"num-examples": len(node.data.train.y),
                                  protocol.PARTITION_ID: node.partition_id}
     content = handler_for(node.cfg).train(node, msg, timer, metrics)
+    if node.privacy:  # under DP: the ledger, and the epsilon spent so far
+        node.privacy.settle(node.server_round, TRAIN, metrics)
     poison_reply(node, msg, content, metrics)
     content[protocol.METRICS] = MetricRecord({**metrics, **timer.metrics()})
     return Message(content=content, reply_to=msg)
@@ -52,6 +56,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         node = Node(msg, context)
     with timer("restore"):
         model = handler_for(node.cfg).evaluation_model(node, msg)
+        if node.privacy:  # fedavg-ft's fine-tuning under DP
+            node.privacy.settle(node.server_round, EVALUATE)
     with timer("evaluate"):
         metrics = node.evaluate(model)
     with timer("save"):

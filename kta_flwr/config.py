@@ -197,6 +197,13 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     warm_start: bool = False
     node_state: str = NODE_STATE_MEMORY
     resume_from: str = ""
+    # --- differential privacy (docs/privacy.md; 0 = off) ------------------------------------
+    dp_epsilon: float = 0.0
+    dp_noise: float = 0.0
+    dp_delta: float = 0.0
+    dp_clip: float = 1.0
+    logit_noise: float = 0.0
+    logit_clip: float = 5.0
     # --- fault injection (tests and fault benchmarks; 0 = off) ---------------------------
     fault_dropout: float = 0.0
     fault_straggler: float = 0.0
@@ -235,6 +242,18 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     def shares_body_only(self) -> bool:
         """True when only the model's body crosses the wire (FedRep; the head is personal)."""
         return self.strategy == "fedrep"
+
+    @property
+    def private(self) -> bool:
+        """True when clients train with DP-SGD (``dp-epsilon`` or ``dp-noise`` set)."""
+        return self.dp_epsilon > 0 or self.dp_noise > 0
+
+    @property
+    def privacy_metrics(self) -> tuple[str, ...]:
+        """Train metrics every client sends under DP: ``dp-epsilon`` (DP-SGD) and
+        ``logit-epsilon`` (noise on the uploaded logits), where on."""
+        return (("dp-epsilon",) if self.private else ()) + (
+            ("logit-epsilon",) if self.logit_noise > 0 else ())
 
     @property
     def is_compressed(self) -> bool:
@@ -363,6 +382,29 @@ def _non_negative(key: str, value: float) -> None:
         raise ConfigError(f"run-config '{key}' = {value!r} must be >= 0")
 
 
+def _check_privacy(cfg: RunConfig) -> None:
+    """The DP keys: one way to set the noise, a usable delta and clip, and the
+    strategies they apply to."""
+    if cfg.dp_epsilon > 0 and cfg.dp_noise > 0:
+        raise ConfigError(
+            f"run-config 'dp-epsilon' = {cfg.dp_epsilon!r} and 'dp-noise' = {cfg.dp_noise!r} "
+            "are both set; give a target epsilon or a noise multiplier, not both")
+    if not 0.0 <= cfg.dp_delta < 1.0:
+        raise ConfigError(f"run-config 'dp-delta' = {cfg.dp_delta!r} must be in [0, 1) "
+                          "(0: 1 / the client's number of training examples)")
+    _positive("dp-clip", cfg.dp_clip)
+    _positive("logit-clip", cfg.logit_clip)
+    if cfg.private and cfg.has_private_teacher:
+        raise ConfigError(
+            f"run-config 'dp-epsilon'/'dp-noise' cannot be used with strategy {cfg.strategy!r}: "
+            "its adaptive mutual-distillation loss divides by the batch's mean loss, so one "
+            "sample's gradient depends on the others and per-sample clipping bounds nothing")
+    if cfg.logit_noise > 0 and not cfg.exchanges_knowledge:
+        raise ConfigError(
+            f"run-config 'logit-noise' = {cfg.logit_noise!r} applies to strategies that upload "
+            f"logits {[s for s in MARKET_STRATEGIES if s != 'local']}, not {cfg.strategy!r}")
+
+
 def _validate(cfg: RunConfig) -> RunConfig:
     """Check value ranges that do not depend on the data; returns ``cfg``."""
     _choice("strategy", cfg.strategy, STRATEGIES)
@@ -429,8 +471,12 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("loudness-cap", cfg.loudness_cap),
         ("krum-malicious", cfg.krum_malicious),
         ("attack-scale", cfg.attack_scale),
+        ("dp-epsilon", cfg.dp_epsilon),
+        ("dp-noise", cfg.dp_noise),
+        ("logit-noise", cfg.logit_noise),
     ):
         _non_negative(key, value)
+    _check_privacy(cfg)
     for key, value in (("fault-dropout", cfg.fault_dropout), ("fault-straggler", cfg.fault_straggler)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"run-config '{key}' = {value!r} must be in [0, 1)")

@@ -95,6 +95,7 @@ def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, f
         fingerprint=fingerprint, codec=knowledge_codec(cfg),
         reference_fraction=cfg.reference_fraction, holdout_fraction=cfg.holdout,
         max_staleness=cfg.max_staleness, kernels=kernels,
+        logit_noise=(cfg.logit_noise, cfg.logit_clip),
         **_node_options(cfg), **common,  # type: ignore[arg-type]
     )
 
@@ -155,6 +156,8 @@ def build_strategy(  # pylint: disable=too-many-arguments
         common["train_metrics_aggr_fn"] = train_metrics_aggr_fn
     if max_examples is not None:
         common["max_examples"] = max_examples
+    if cfg.privacy_metrics:
+        common["privacy_metrics"] = cfg.privacy_metrics
     builders: dict[str, Callable[[], EvaluateEvery]] = {
         COMPRESSED: lambda: _compressed(cfg, initial_arrays, **common),
         MARKET: lambda: _market(cfg, reference_labels=reference_labels, num_classes=num_classes,

@@ -1,12 +1,21 @@
-"""Shared fixtures and helpers: the app directory, a results reader, Flower replies."""
+"""Shared fixtures and helpers: the app directory, a results reader, Flower replies, a
+node driven through the real ClientApp functions."""
 
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
-from flwr.app import MetricRecord, Error, Message, MessageType, Metadata, RecordDict
+from flwr.app import (
+    ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, Metadata, MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
+
+from client_app.app import evaluate, train
+from kta_flwr.config import parse_run_config
+from kta_flwr.flower import protocol
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -79,3 +88,38 @@ class FixedGrid:
 
     def get_node_ids(self):
         return self.node_ids
+
+
+NODE_BASE = {"num-server-rounds": 3, "local-epochs": 1, "batch-size": 32, "learning-rate": 0.05,
+        "reference-size": 100, "test-size": 100, "models": "mlp", "seed": 3}
+
+
+class FakeNode:
+    """One SuperNode's Context over the rounds (its state carries from call to call)."""
+
+    def __init__(self, tmp_path, strategy: str, partition: int = 1, **config: object) -> None:
+        config = {key.replace("_", "-"): value for key, value in config.items()}
+        self.cfg = parse_run_config({**NODE_BASE, "strategy": strategy, **config})
+        self.context = Context(
+            run_id=7, node_id=11, state=RecordDict(), run_config=self.cfg.to_flwr(),
+            node_config={"partition-id": partition, "num-partitions": 4,
+                         "model-dir": str(tmp_path / strategy / str(partition))},
+        )
+
+    @staticmethod
+    def message(kind: str, server_round: int, arrays: dict | None = None) -> Message:
+        """A train or evaluate instruction as the server sends it."""
+        content = RecordDict({protocol.CONFIG: ConfigRecord({"server-round": server_round})})
+        if arrays is not None:
+            content["arrays"] = ArrayRecord(arrays)
+        message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+        return Message(content, dst_node_id=11, message_type=message_type)
+
+    def call(self, kind: str, server_round: int, arrays: dict | None = None) -> Message:
+        """The ClientApp's reply to that instruction."""
+        msg = self.message(kind, server_round, arrays)
+        return (train if kind == "train" else evaluate)(msg, self.context)
+
+    def personal(self) -> dict[str, np.ndarray]:
+        record = self.context.state.array_records["personal-model"]
+        return {k: v.numpy() for k, v in record.items()}

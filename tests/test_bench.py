@@ -6,16 +6,16 @@ import math
 import pytest
 
 from kta_flwr.tools.bench import run_bench
+from kta_flwr.tools.privacy_bench import run_privacy_bench
 
 pytestmark = pytest.mark.slow
 
 
+SMALL = {"num-server-rounds": 2, "reference-size": 100, "local-epochs": 1, "distill-epochs": 1}
+
+
 def test_bench_two_methods_one_seed(tmp_path):
-    summary = run_bench(
-        "digits", ["kta", "local"], [0], clients=2, out_dir=tmp_path,
-        overrides={"num-server-rounds": 2, "reference-size": 100, "local-epochs": 1,
-                   "distill-epochs": 1},
-    )
+    summary = run_bench("digits", ["kta", "local"], [0], clients=2, out_dir=tmp_path, overrides=SMALL)
     out = tmp_path / "digits"
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["methods"].keys() == summary["methods"].keys() == {"kta", "local"}
@@ -37,15 +37,21 @@ def test_bench_two_methods_one_seed(tmp_path):
     assert not math.isnan(kta["personalized"][0]) and kta["seeds"] == [0]
 
     # Summarise what is there without running anything: fedmd has no run yet.
-    again = run_bench(
-        "digits", ["kta", "fedmd", "local"], [0], clients=2, out_dir=tmp_path,
-        overrides={"num-server-rounds": 2, "reference-size": 100, "local-epochs": 1,
-                   "distill-epochs": 1}, existing_only=True,
-    )
+    again = run_bench("digits", ["kta", "fedmd", "local"], [0], clients=2, out_dir=tmp_path,
+                      overrides=SMALL, existing_only=True)
     assert again["missing_runs"] == ["fedmd seed 0"]
     assert again["methods"].keys() == {"kta", "local"}
     assert list(again["methods"]["kta"]["personalized"]) == kta["personalized"]
     assert "not run yet: fedmd seed 0" in (out / "summary.md").read_text()
+
+    # Accuracy against epsilon: local-only again (reused) and with DP-SGD at epsilon 2.
+    table = run_privacy_bench("digits", ["local"], [2.0, math.inf], [0], clients=2,
+                              out_dir=tmp_path, overrides=SMALL, resume=True)
+    assert list(table["local"]) == ["2", "inf"]
+    assert list(table["local"]["inf"]["personalized"]) == on_disk["methods"]["local"]["personalized"]
+    assert 0 < table["local"]["2"]["epsilon_spent"] <= 2.0 and math.isinf(table["local"]["inf"]["epsilon_spent"])
+    assert "| local | 2 |" in (out / "privacy.md").read_text()
+    assert (out / "accuracy_vs_epsilon.png").stat().st_size > 10_000
 
 
 def test_method_variants_carry_their_run_config():

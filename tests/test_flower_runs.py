@@ -52,17 +52,42 @@ def _targets_sent(res: dict) -> list[int]:
     return [int(res["train_metrics"][str(r)]["distilling-clients"]) for r in range(1, ROUNDS)]
 
 
+#: kta with DP-SGD and noisy logits (a loose clip so that the noise is small here).
+PRIVATE_KTA = {"dp-epsilon": 3.0, "logit-noise": 0.05, "logit-clip": 5.0}
+
+
+def _check_private(res: dict, log: str, keys: tuple[str, ...]) -> None:
+    """A DP run: every client's ε in every round's line and row, within the target at
+    the last round (DP-SGD), each client's latest in the summary."""
+    _check_common(res, res["config"]["strategy"])
+    for key in keys:
+        assert f"{key.replace('_', '-')} max " in log
+        per_client = res["summary"][key]
+        assert sorted(per_client) == [str(p) for p in range(CLIENTS)]
+        maxima = [row[f"{key}_max"] for row in res["rounds"]]
+        assert 0 < maxima[0] < maxima[-1]  # it grows round by round
+        assert max(per_client.values()) == pytest.approx(maxima[-1], abs=1e-4)
+    assert max(res["summary"]["dp_epsilon"].values()) <= res["config"]["dp-epsilon"]
+
+
 def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     out = tmp_path / "out"
     runs = [("kta", {}), ("fedavg", {}), ("kta", {"codec": "topk", "codec-topk": 2}),
-            ("kta", {"reference-fraction": 0.5}), ("kta", {"node-state": "disk"})]
+            ("kta", {"reference-fraction": 0.5}), ("kta", {"node-state": "disk"}),
+            ("kta", PRIVATE_KTA), ("fedavg", {"dp-epsilon": 3.0})]
+    logs = []
     with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
         for i, (strategy, extra) in enumerate(runs):
             cfg = {**SMALL, **extra, "strategy": strategy, "output-dir": str(out / str(i))}
             proc = fed.submit(app_dir, cfg)
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
-    kta, fedavg, topk, half, on_disk = (read_results(out / str(i))[0] for i in range(len(runs)))
+            logs.append(proc.stdout)
+    kta, fedavg, topk, half, on_disk, private_kta, private_fedavg = (
+        read_results(out / str(i))[0] for i in range(len(runs)))
+    _check_private(private_kta, logs[5], ("dp_epsilon", "logit_epsilon"))
+    _check_private(private_fedavg, logs[6], ("dp_epsilon",))
+    assert private_kta["summary"]["bytes_up"] == kta["summary"]["bytes_up"]  # noisy, same size
 
     # Each round's decisions are kept in the run folder, and the inspect tool draws them.
     (kta_dir,) = [p.parent for p in (out / "0").glob("*/results.json")]

@@ -6,53 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client_app.app import evaluate, train
 from kta_flwr.client.node import Node
 from kta_flwr.client.personal import with_received
 from kta_flwr.config import ConfigError, RunConfig, parse_run_config
 from kta_flwr.flower import protocol
 from kta_flwr.task.models import build_model, head_keys
 from kta_flwr.task.splits import load_splits
-
-BASE = {"num-server-rounds": 3, "local-epochs": 1, "batch-size": 32, "learning-rate": 0.05,
-        "reference-size": 100, "test-size": 100, "models": "mlp", "seed": 3}
+from tests.conftest import NODE_BASE as BASE
+from tests.conftest import FakeNode
 
 
 def _global_state(cfg: RunConfig, seed: int = 3) -> dict[str, torch.Tensor]:
     return build_model("mlp", load_splits(cfg).spec_for(cfg), seed).state_dict()
-
-
-class FakeNode:
-    """One SuperNode's Context over the rounds (its state carries from call to call)."""
-
-    def __init__(self, tmp_path, strategy: str, partition: int = 1, **config: object) -> None:
-        config = {key.replace("_", "-"): value for key, value in config.items()}
-        self.cfg = parse_run_config({**BASE, "strategy": strategy, **config})
-        self.context = Context(
-            run_id=7, node_id=11, state=RecordDict(), run_config=self.cfg.to_flwr(),
-            node_config={"partition-id": partition, "num-partitions": 4,
-                         "model-dir": str(tmp_path / strategy / str(partition))},
-        )
-
-    @staticmethod
-    def message(kind: str, server_round: int, arrays: dict | None = None) -> Message:
-        """A train or evaluate instruction as the server sends it."""
-        content = RecordDict({protocol.CONFIG: ConfigRecord({"server-round": server_round})})
-        if arrays is not None:
-            content["arrays"] = ArrayRecord(arrays)
-        message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
-        return Message(content, dst_node_id=11, message_type=message_type)
-
-    def call(self, kind: str, server_round: int, arrays: dict | None = None) -> Message:
-        """The ClientApp's reply to that instruction."""
-        msg = self.message(kind, server_round, arrays)
-        return (train if kind == "train" else evaluate)(msg, self.context)
-
-    def personal(self) -> dict[str, np.ndarray]:
-        record = self.context.state.array_records["personal-model"]
-        return {k: v.numpy() for k, v in record.items()}
 
 
 def _distance(a: dict[str, np.ndarray], b: dict[str, torch.Tensor]) -> float:

@@ -11,11 +11,13 @@ Round ``r`` of a market client:
    set, each reference batch paired with a private slice (``private-ce-weight``), so the
    step descends the whole market objective (``docs/method.md``);
 4. save the model to ``context.state`` and to the node's folder on disk; reply with its
-   logits on the reference set (``local``: metrics only).
+   logits on the reference set (``local``: metrics only), with ``logit-noise``
+   clipped and noised (:mod:`kta_flwr.maths.noisy_logits`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 from torch import nn
 
@@ -23,6 +25,7 @@ from kta_flwr.client.node import MODEL_STATE, FamilyHandler, Node
 from kta_flwr.factory import knowledge_codec
 from kta_flwr.flower import protocol
 from kta_flwr.flower.timing import PhaseTimer
+from kta_flwr.maths.noisy_logits import noisy_logits
 from kta_flwr.task.training import predict_logits
 
 
@@ -46,9 +49,11 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
     if cfg.exchanges_knowledge:
         with timer("predict"):
             rows = node.reference_rows(protocol.LOGITS_SUBSET)
-            content[protocol.LOGITS] = protocol.pack(
-                predict_logits(model, data.reference.x[rows], node.device), codec
-            )
+            logits = predict_logits(model, data.reference.x[rows], node.device)
+            if cfg.logit_noise > 0:
+                logits = noisy_logits(logits, cfg.logit_noise, cfg.logit_clip,
+                                      np.random.default_rng([node.seed, 2]))
+            content[protocol.LOGITS] = protocol.pack(logits, codec)
     with timer("save"):
         node.keep(MODEL_STATE, ArrayRecord(model.state_dict()))
         node.save(trained=True)

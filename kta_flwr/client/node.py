@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from torch import nn
 
+from kta_flwr.client.privacy import NodePrivacy
 from kta_flwr.config import NODE_STATE_DISK, PARAMETERS, ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import update_codec
 from kta_flwr.flower import protocol, sync
@@ -57,7 +58,8 @@ META_STATE = "checkpoint-meta"
 #: Checkpoint extras <-> state keys of the compressed baselines' vectors.
 _EXTRA_VECTORS = {"global": GLOBAL_STATE, "residual": RESIDUAL_STATE}
 #: Fields a warm start must match (the architecture, the task and the reference set).
-WARM_START_FIELDS = ("architecture", "num_classes", "input_shape", "vocab_size", "fingerprint")
+WARM_START_FIELDS = ("architecture", "num_classes", "input_shape", "vocab_size", "fingerprint",
+                     "private")
 
 
 def partition_id_of(context: Context) -> int:
@@ -112,6 +114,12 @@ class Node:  # pylint: disable=too-many-instance-attributes
         #: The newest round whose model this message may build on: the previous round's
         #: for a train instruction, this round's for an evaluation.
         self.latest_round = self.server_round - (msg.metadata.message_type == MessageType.TRAIN)
+        #: DP-SGD and noisy logits (None: both off), see :mod:`kta_flwr.client.privacy`.
+        self.privacy: NodePrivacy | None = None
+        if self.cfg.private or self.cfg.logit_noise > 0:
+            self.privacy = NodePrivacy(
+                self.cfg, num_private=len(self.data.train.y), num_reference=len(self.data.reference.y),
+                folder=self.model_folder, lineage=self.lineage, seed=self.seed)
         if self.cfg.family != PARAMETERS and META_STATE not in context.state.config_records:
             self._restore()
 
@@ -119,7 +127,8 @@ class Node:  # pylint: disable=too-many-instance-attributes
     def fresh_model(self) -> nn.Module:
         """This partition's architecture, initialised from the run's seed and partition."""
         name = self.cfg.model_for_partition(self.partition_id)
-        return build_model(name, self.data.splits.spec_for(self.cfg), self.cfg.seed + self.partition_id)
+        return build_model(name, self.data.splits.spec_for(self.cfg), self.cfg.seed + self.partition_id,
+                           private=self.cfg.private)
 
     def personal_model(self) -> nn.Module:
         """The client's own model, restored from the node's state if it trained before."""
@@ -137,7 +146,8 @@ class Node:  # pylint: disable=too-many-instance-attributes
     def shared(self) -> tuple[nn.Module, ParamLayout, UpdateCodec]:
         """The shared model (global model, or FedKD's student) at version 0, built from
         the run's seed alike on every node and the server, with its layout and codec."""
-        model = build_model(self.cfg.shared_model, self.data.splits.spec_for(self.cfg), self.cfg.seed)
+        model = build_model(self.cfg.shared_model, self.data.splits.spec_for(self.cfg), self.cfg.seed,
+                            private=self.cfg.private)
         layout = ParamLayout.of(model.state_dict())
         return model, layout, update_codec(self.cfg, layout)
 
@@ -176,6 +186,7 @@ class Node:  # pylint: disable=too-many-instance-attributes
             model, train.x, train.y, epochs=self.cfg.local_epochs if epochs is None else epochs,
             batch_size=self.cfg.batch_size, optim=self.optim(self.cfg.learning_rate),
             device=self.device, seed=self.seed, proximal_mu=proximal_mu, proximal_to=proximal_to,
+            dp=self.privacy.training() if self.privacy else None,
         )
 
     def reference_rows(self, key: str) -> np.ndarray:
@@ -204,6 +215,8 @@ class Node:  # pylint: disable=too-many-instance-attributes
             y_ref=ref.y[rows], ce_weight=self.cfg.reference_ce_weight,
             private=(self.data.train.x, self.data.train.y), private_weight=self.cfg.private_ce_weight,
             max_grad_norm=self.cfg.distill_clip,
+            dp=self.privacy.training() if self.privacy else None,
+            private_rate=self.privacy.stage2_rate() if self.privacy else 0.0,
         )
 
     def samples_trained(self, distilled: bool) -> int:
@@ -256,7 +269,7 @@ class Node:  # pylint: disable=too-many-instance-attributes
             input_shape=tuple(spec.input_shape), vocab_size=spec.vocab_size,
             finetune_layers=spec.finetune_layers, fingerprint=self.data.splits.reference_fingerprint,
             strategy=self.cfg.strategy, partition_id=self.partition_id, run_id=self.context.run_id,
-            lineage=self.lineage, round=int(counters.get("round", 0)),
+            lineage=self.lineage, round=int(counters.get("round", 0)), private=self.cfg.private,
             rounds_trained=int(counters.get("rounds-trained", 0)),
             accuracies={k[4:]: float(v) for k, v in counters.items() if k.startswith("acc-")},
         )

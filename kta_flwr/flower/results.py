@@ -30,6 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from kta_flwr.config import RunConfig
 from kta_flwr.storage import atomic_path, write_text_atomic
 from kta_flwr.flower.metering import DOWN, UP, ByteMeter, Traffic
+from kta_flwr.flower.protocol import PARTITION_ID
 from kta_flwr.flower.round_log import evaluation_arrays, write_round
 from kta_flwr.flower.timing import EVALUATE_PHASES, PREFIX, TRAIN_PHASES
 
@@ -37,6 +38,8 @@ MIB = 1024 * 1024
 PERSONALIZED = "personalized-accuracy"
 GLOBAL = "global-accuracy"
 SAMPLES = "samples"
+#: Train metrics of the ε each client has spent (DP runs) -> their results key.
+EPSILONS = {"dp-epsilon": "dp_epsilon", "logit-epsilon": "logit_epsilon"}
 
 
 def _mib(num_bytes: int) -> float:
@@ -95,6 +98,8 @@ class RunRecorder:
         self.train_metrics: dict[str, dict[str, float]] = {}
         #: The run ids this run's rows came from (more than one after a resume).
         self.run_ids: list[int | None] = [run_id]
+        #: DP runs: ``{"dp_epsilon": {partition: ε spent by its latest report}, ...}``.
+        self.epsilon: dict[str, dict[str, float]] = {}
         self._clients: list[dict[str, float]] = []
         self._trained: list[dict[str, float]] = []
         self._started = time.monotonic()
@@ -168,6 +173,7 @@ class RunRecorder:
             row["stale"] = int(stale)
         if market_seconds is not None:
             row["market_seconds"] = round(market_seconds, 4)
+        row.update(self._note_epsilon(trained))
         self.rows.append(row)
         self.clients_last_round = clients
         write_round(self.ensure_run_dir(), server_round,
@@ -175,10 +181,12 @@ class RunRecorder:
         log(
             INFO,
             "[%s] round %d/%d | pers-acc %.4f | global-acc %.4f | clients %d, failed %d%s | "
-            "%sMiB up %.4f down %.4f | cum MiB up %.4f down %.4f total %.4f | %.1f s",
+            "%s%sMiB up %.4f down %.4f | cum MiB up %.4f down %.4f total %.4f | %.1f s",
             self.cfg.strategy, server_round, self.cfg.num_server_rounds,
             row[PERSONALIZED], row[GLOBAL], len(clients), row["failed"],
             "" if stale is None else f", stale {int(stale)}",
+            "".join(f"{key.replace('_', '-')} max {row[key + '_max']:.2f} | "
+                    for key in EPSILONS.values() if key + "_max" in row),
             "" if market_seconds is None else f"market {market_seconds:.2f} s | ",
             _mib(row["bytes_up"]), _mib(row["bytes_down"]),
             _mib(row["cum_bytes_up"]), _mib(row["cum_bytes_down"]),
@@ -191,6 +199,17 @@ class RunRecorder:
                 "cum-mib": _mib(row["cum_bytes_up"] + row["cum_bytes_down"]),
             }
         )
+
+    def _note_epsilon(self, trained: list[dict[str, float]]) -> dict[str, float]:
+        """Keep each client's reported ε; the round's max and median over its reporters."""
+        columns: dict[str, float] = {}
+        for metric, key in EPSILONS.items():
+            reports = {str(int(c.get(PARTITION_ID, -1))): c[metric] for c in trained if metric in c}
+            if reports:
+                self.epsilon.setdefault(key, {}).update(reports)
+                columns[f"{key}_max"] = round(max(reports.values()), 4)
+                columns[f"{key}_median"] = round(float(np.median(list(reports.values()))), 4)
+        return columns
 
     # Output -------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -215,6 +234,8 @@ class RunRecorder:
             "failed": int(sum(row["failed"] for row in self.rows)),
             "seconds": round(self.elapsed(), 3),
             "server_peak_rss_mib": round(peak_rss_mib(), 1),
+            **{key: dict(sorted(per_client.items(), key=lambda kv: int(kv[0])))
+               for key, per_client in self.epsilon.items()},
             "started_at": self.started_at,
             "finished_at": time.time(),
         }
@@ -259,6 +280,7 @@ class RunRecorder:
         """What a resumed run needs to continue the results."""
         return {"rows": self.rows, "clients_last_round": self.clients_last_round,
                 "train_metrics": self.train_metrics, "run_ids": self.run_ids,
+                "epsilon": self.epsilon,
                 "elapsed": self.elapsed(), "started_at": self.started_at,
                 "meter": self.meter.cumulative.state()}
 
@@ -268,6 +290,7 @@ class RunRecorder:
         self.clients_last_round = list(state["clients_last_round"])
         self.train_metrics = dict(state["train_metrics"])
         self.run_ids = [*state["run_ids"], self.run_id]
+        self.epsilon = dict(state.get("epsilon", {}))
         self._elapsed_before = float(state["elapsed"])
         self.started_at = float(state["started_at"])
         self.meter.cumulative = Traffic.from_state(state["meter"])

@@ -46,6 +46,8 @@ MAX_SECONDS = 1e6
 MAX_LOSS = 1e6
 #: Largest partition id (a fleet of a million nodes).
 MAX_PARTITION = 1_000_000
+#: Largest ε a client may report spent.
+MAX_EPSILON = 1e6
 
 TRAIN = "train"
 EVALUATE = "evaluate"
@@ -114,11 +116,14 @@ TRAIN_ALWAYS = (NUM_EXAMPLES, PARTITION_ID, "train-loss", "samples",
                 *(PREFIX + p for p in ("setup", "restore", "stage1", "save")))
 
 
-def train_metrics(max_examples: int, optional: Iterable[str] = ()) -> MetricSchema:
-    """Schema of a train reply's metrics: :data:`TRAIN_ALWAYS` plus the ``optional`` keys
-    a family's client sends only in some rounds or setups (e.g. ``distill-loss`` when it
-    had targets); with none, every reply has the same keys (Flower's stock strategies
-    need that)."""
+def train_metrics(
+    max_examples: int, optional: Iterable[str] = (), required: Iterable[str] = ()
+) -> MetricSchema:
+    """Schema of a train reply's metrics: :data:`TRAIN_ALWAYS` and ``required`` (the run's
+    privacy metrics, ``dp-epsilon`` and ``logit-epsilon`` when on) plus the ``optional``
+    keys a family's client sends only in some rounds or setups (e.g. ``distill-loss``
+    when it had targets); with none, every reply has the same keys (Flower's stock
+    strategies need that)."""
     rules = {
         NUM_EXAMPLES: Rule(1, max_examples, integer=True),
         PARTITION_ID: Rule(0, MAX_PARTITION, integer=True),
@@ -126,9 +131,12 @@ def train_metrics(max_examples: int, optional: Iterable[str] = ()) -> MetricSche
         "distill-loss": Rule(0.0, MAX_LOSS),
         "residual-norm": Rule(0.0, MAX_PARAMETER * 1e6),
         "samples": Rule(0, 1e15, integer=True),
+        "dp-epsilon": Rule(0.0, MAX_EPSILON),
+        "logit-epsilon": Rule(0.0, MAX_EPSILON),
         **_seconds(TRAIN_PHASES),
     }
-    return MetricSchema({k: rules[k] for k in TRAIN_ALWAYS}, {k: rules[k] for k in optional})
+    return MetricSchema({k: rules[k] for k in (*TRAIN_ALWAYS, *required)},
+                        {k: rules[k] for k in optional})
 
 
 def evaluate_metrics(max_examples: int) -> MetricSchema:

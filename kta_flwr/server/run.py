@@ -60,7 +60,7 @@ def _initial_arrays(cfg: RunConfig, splits: CentralSplits) -> ArrayRecord:
     for the market."""
     if cfg.is_market:
         return ArrayRecord()
-    model = build_model(cfg.shared_model, splits.spec_for(cfg), cfg.seed)
+    model = build_model(cfg.shared_model, splits.spec_for(cfg), cfg.seed, private=cfg.private)
     head = head_keys(model) if cfg.shares_body_only else frozenset()
     return ArrayRecord(OrderedDict((k, v) for k, v in model.state_dict().items() if k not in head))
 
@@ -205,7 +205,7 @@ def _save_global_model(  # pylint: disable=too-many-arguments
     if cfg.is_market or cfg.has_private_teacher or cfg.shares_body_only or not recorder.rows:
         return
     spec = splits.spec_for(cfg)
-    model = build_model(cfg.shared_model, spec, cfg.seed)
+    model = build_model(cfg.shared_model, spec, cfg.seed, private=cfg.private)
     if isinstance(strategy, CompressedUpdates):
         load_vector(model, ParamLayout.of(model.state_dict()), strategy.log.vector)
     elif len(arrays):
@@ -221,6 +221,7 @@ def _save_global_model(  # pylint: disable=too-many-arguments
         strategy=cfg.strategy, partition_id=-1, run_id=run_id, lineage=lineage,
         round=int(last["round"]), rounds_trained=int(last["round"]),
         accuracies={k: float(last[k]) for k in ("personalized-accuracy", "global-accuracy")},
+        private=cfg.private,
     )
     save_checkpoint(recorder.ensure_run_dir() / GLOBAL_MODEL_FILE, meta, model.state_dict(),
                     keep_previous=False)

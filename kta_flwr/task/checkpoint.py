@@ -59,6 +59,7 @@ class ModelMeta:  # pylint: disable=too-many-instance-attributes
     rounds_trained: int
     accuracies: dict[str, float] = field(default_factory=dict)
     saved_at: float = 0.0
+    private: bool = False  # trained with DP-SGD: the DP-compatible variant of the architecture
 
     @property
     def spec(self) -> ModelSpec:
@@ -79,7 +80,7 @@ class ModelMeta:  # pylint: disable=too-many-instance-attributes
             CheckpointError: a missing or malformed field, named.
         """
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names - set(raw) if n not in ("accuracies", "saved_at"))
+        missing = sorted(n for n in names - set(raw) if n not in ("accuracies", "saved_at", "private"))
         if missing:
             raise CheckpointError(f"checkpoint {path}: metadata lacks {missing}")
         values = {k: raw[k] for k in names if k in raw}
@@ -189,7 +190,7 @@ def model_from(saved: SavedModel, device: str = "cpu") -> nn.Module:
     """
     if not saved.state:
         raise CheckpointError(f"the checkpoint holds no model (strategy {saved.meta.strategy!r})")
-    model = build_model(saved.meta.architecture, saved.meta.spec, seed=0)
+    model = build_model(saved.meta.architecture, saved.meta.spec, seed=0, private=saved.meta.private)
     model.load_state_dict(saved.state)
     return model.to(device).eval()
 

@@ -36,6 +36,7 @@ from torchvision.models import resnet18 as tv_resnet18
 
 from kta_flwr.config import MODELS as MODEL_NAMES
 from kta_flwr.config import TEXT_MODELS, check_registry
+from kta_flwr.task.privacy import private_compatible
 from kta_flwr.task.text import PAD, minilm_path
 
 
@@ -131,7 +132,10 @@ class TextBag(nn.Module):
         self.head = nn.Linear(dim, spec.num_classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self.head(self.embed(tokens))
+        # Bags of L tokens as flat ids + offsets (what EmbeddingBag does with [B, L] input),
+        # the form Opacus' per-sample rule for EmbeddingBag reads.
+        offsets = torch.arange(0, tokens.numel(), tokens.shape[1], device=tokens.device)
+        return self.head(self.embed(tokens.reshape(-1), offsets))
 
 
 class MiniLM(nn.Module):
@@ -176,8 +180,10 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
 check_registry("model", MODELS, MODEL_NAMES)
 
 
-def build_model(name: str, spec: ModelSpec, seed: int) -> nn.Module:
-    """Build model ``name`` for ``spec`` with weights initialised from ``seed``."""
+def build_model(name: str, spec: ModelSpec, seed: int, *, private: bool = False) -> nn.Module:
+    """Build model ``name`` for ``spec`` with weights initialised from ``seed``; with
+    ``private``, the variant DP-SGD can train (:func:`kta_flwr.task.privacy.private_compatible`:
+    ``resnet18``'s BatchNorm becomes GroupNorm; the other models are unchanged)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
     if (name in TEXT_MODELS) != (spec.vocab_size > 0):
@@ -185,7 +191,8 @@ def build_model(name: str, spec: ModelSpec, seed: int) -> nn.Module:
         raise ValueError(f"model {name!r} does not take {kind} inputs")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name](spec)
+        model = MODELS[name](spec)
+        return private_compatible(model, name) if private else model
 
 
 def num_parameters(model: nn.Module) -> int:

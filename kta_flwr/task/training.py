@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kta_flwr.maths.update_compression import ParamLayout
+from kta_flwr.task.privacy import PrivateTraining, dp_sgd
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,12 +121,17 @@ def train_supervised(
     seed: int,
     proximal_mu: float = 0.0,
     proximal_to: nn.Module | None = None,
+    dp: PrivateTraining | None = None,
 ) -> float:
     """Stage 1: cross-entropy on private data, plus ``mu/2 * ||w - w0||^2`` if ``mu > 0``.
 
     ``w0`` is ``proximal_to``'s weights (Ditto's global model for the personal one), by
     default the model's weights on entry (the global model under FedProx). Parameters with
     ``requires_grad`` off stay fixed (FedRep trains head and body in turn).
+
+    With ``dp``, DP-SGD (:func:`kta_flwr.task.privacy.dp_sgd`): ``epochs`` times
+    ``ceil(n / batch_size)`` steps on Poisson samples at rate ``batch_size / n``; the
+    proximal term reads no private row and is added unclipped.
 
     Returns:
         Mean training loss over all batches (0.0 if there is no data).
@@ -138,14 +144,31 @@ def train_supervised(
         source = model if proximal_to is None else proximal_to
         anchor = [p.detach().to(device).clone() for p in source.parameters()]
 
+    def proximal() -> torch.Tensor:
+        drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+        return 0.5 * proximal_mu * drift
+
+    if dp is not None:
+        _prepare(model, device).train()
+        return dp_sgd(
+            model, optim.build(model), private_loss=lambda module, idx: _mean_ce(module, xs, ys, idx),
+            private_size=len(ys), sample_rate=min(1.0, batch_size / len(ys)),
+            steps=epochs * -(-len(ys) // batch_size), private=dp, device=device, seed=seed,
+            public_loss=(lambda module: proximal()) if anchor else None,
+        )
+
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(model(xs[idx]), ys[idx])
         if anchor:
-            drift = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
-            loss = loss + 0.5 * proximal_mu * drift
+            loss = loss + proximal()
         return loss
 
     return _fit(model, len(ys), batch_loss, epochs, batch_size, optim, device, seed)
+
+
+def _mean_ce(module: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the rows ``idx`` (0 for none: a Poisson sample may be empty)."""
+    return F.cross_entropy(module(x[idx]), y[idx], reduction="sum") / max(1, len(idx))
 
 
 def distill(
@@ -165,6 +188,8 @@ def distill(
     private: tuple[np.ndarray, np.ndarray] | None = None,
     private_weight: float = 0.0,
     max_grad_norm: float = 0.0,
+    dp: PrivateTraining | None = None,
+    private_rate: float = 0.0,
 ) -> float:
     """Stage 2: distill toward personalized soft targets on the reference set.
 
@@ -182,6 +207,14 @@ def distill(
         max_grad_norm: clip each step's gradient to this L2 norm (0: no clipping). The
             ``T^2``-scaled KL can take steps ``T`` times larger than cross-entropy's;
             without a clip some FEMNIST clients diverged to chance and never recovered.
+        dp: DP-SGD for the private term (:func:`kta_flwr.task.privacy.dp_sgd`): each step
+            draws a Poisson sample of the private rows at the rate that passes over them
+            once per epoch (as :func:`_private_schedule` does without DP); the reference
+            terms read no private row and are added unclipped. Without a private term
+            stage 2 reads no private data and runs as without DP.
+        private_rate: under ``dp``, the private term's Poisson rate (0: once over the
+            private rows per epoch; a node passes its planned rate, so that its spend
+            never exceeds the plan's).
 
     Returns:
         Mean loss over all batches.
@@ -195,18 +228,43 @@ def distill(
         xp, yp = _as_tensor(private[0], device), _as_tensor(private[1], device)
         chunks = iter(_private_schedule(len(yp), len(qs), batch_size, epochs, seed + 7))
 
-    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        out = model(xs[idx])
+    def reference_loss(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        out = module(xs[idx])
         log_p = F.log_softmax(out / temperature, dim=-1)
         loss = kl_weight * temperature**2 * F.kl_div(log_p, qs[idx], reduction="batchmean")
         if ys is not None:
             loss = loss + ce_weight * F.cross_entropy(out, ys[idx])
+        return loss
+
+    if use_private and dp is not None:
+        steps = -(-len(qs) // batch_size)
+        generator = torch.Generator().manual_seed(seed)
+        reference = (idx.to(device) for _ in range(epochs) for idx in _batches(len(qs), batch_size, generator))
+        _prepare(model, device).train()
+        return dp_sgd(
+            model, optim.build(model),
+            private_loss=lambda module, idx: private_weight * _mean_ce(module, xp, yp, idx),
+            private_size=len(yp), sample_rate=private_rate or stage2_rate(len(yp), steps),
+            steps=epochs * steps, private=dp, device=device, seed=seed + 7,
+            public_loss=lambda module: reference_loss(module, next(reference)),
+            max_grad_norm=max_grad_norm,
+        )
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        loss = reference_loss(model, idx)
         if use_private:
             pick = next(chunks).to(device, non_blocking=True)
             loss = loss + private_weight * F.cross_entropy(model(xp[pick]), yp[pick])
         return loss
 
     return _fit(model, len(qs), batch_loss, epochs, batch_size, optim, device, seed, max_grad_norm)
+
+
+def stage2_rate(num_private: int, steps_per_epoch: int) -> float:
+    """DP stage 2's Poisson rate for the private term: one pass over the ``num_private``
+    rows per ``steps_per_epoch`` steps (at least one row per step, as
+    :func:`_private_schedule`)."""
+    return min(1.0, max(1.0 / steps_per_epoch, 1.0 / num_private))
 
 
 def mutual_distill(  # pylint: disable=too-many-arguments

@@ -131,6 +131,8 @@ class NodeOptions(TypedDict):
         seed: seeds node sampling (default 0).
         max_examples: the largest ``num-examples`` a reply may report (default 1e9; the
             ServerApp passes the size of the run's data).
+        privacy_metrics: train metrics every reply must carry under DP (default none;
+            :attr:`kta_flwr.config.RunConfig.privacy_metrics`).
     """
 
     evaluate_metrics_aggr_fn: MetricsAggregator
@@ -142,6 +144,7 @@ class NodeOptions(TypedDict):
     min_round_nodes: NotRequired[int]
     seed: NotRequired[int]
     max_examples: NotRequired[int]
+    privacy_metrics: NotRequired[tuple[str, ...]]
 
 
 class NodeStrategy(EvaluateEvery, Strategy):
@@ -166,6 +169,7 @@ class NodeStrategy(EvaluateEvery, Strategy):
         self.train_metrics_aggr_fn = options.get("train_metrics_aggr_fn")
         self.seed = options.get("seed", 0)
         self.max_examples = options.get("max_examples", DEFAULT_MAX_EXAMPLES)
+        self.privacy_metrics = options.get("privacy_metrics", ())
         #: The boundary every reply passes (it checks claims against ``partition_of``).
         self.screen = ReplyScreen(holders=lambda: self.partition_of)
         self._rng = random.Random(self.seed)

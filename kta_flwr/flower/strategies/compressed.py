@@ -147,7 +147,8 @@ class CompressedUpdates(NodeStrategy):
             check_bounded(vector, MAX_PARAMETER, f"record '{UPDATE}' (decompressed)")
             return vector, payload_bytes(payload)
 
-        return ReplySpec(train_metrics(self.max_examples, ("residual-norm",)), {UPDATE: update})
+        return ReplySpec(train_metrics(self.max_examples, ("residual-norm",), self.privacy_metrics),
+                         {UPDATE: update})
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -44,6 +44,7 @@ from kta_flwr.flower.validation import (
 from kta_flwr.maths.knowledge_codec import Codec
 from kta_flwr.maths.market import MarketOutput, MarketParams, run_market
 from kta_flwr.maths.market_kernels import FAST, MarketKernels
+from kta_flwr.maths.noisy_logits import noisy_logit_bound
 
 class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attributes
     """Prediction-space knowledge market: personalized soft targets per client.
@@ -80,9 +81,13 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         holdout_fraction: float = 0.0,
         max_staleness: int = 3,
         kernels: MarketKernels = FAST,
+        logit_noise: tuple[float, float] = (0.0, 0.0),
         **options: Unpack[NodeOptions],
     ) -> None:
         super().__init__(**options)
+        #: ``(logit-noise, logit-clip)``: the clients' Gaussian noise on their logits,
+        #: which widens the bound of what an honest upload holds.
+        self.logit_noise = logit_noise
         self.params = params
         self.reference_labels = np.asarray(reference_labels)
         self.num_classes = num_classes
@@ -162,10 +167,12 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
     def train_spec(self, server_round: int) -> ReplySpec:
         """Train metrics (``distill-loss`` and stage 2's seconds only with targets) and,
         unless local-only, the logits on round ``server_round + 1``'s reference subset."""
-        metrics = train_metrics(self.max_examples, ("distill-loss", "t-stage2", "t-predict"))
+        metrics = train_metrics(self.max_examples, ("distill-loss", "t-stage2", "t-predict"),
+                                self.privacy_metrics)
         if self.params is None:
             return ReplySpec(metrics)
         num_rows = len(self.rows(server_round + 1))
+        bound = noisy_logit_bound(*self.logit_noise, num_rows, MAX_CENTRED_LOGIT)
 
         def logits(record: ArrayRecord) -> np.ndarray:
             try:
@@ -173,7 +180,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                                               self.num_classes, self.codec)
             except protocol.InvalidPayload as err:
                 raise InvalidReply(f"record '{protocol.LOGITS}'", str(err)) from None
-            check_bounded(rows - rows.mean(axis=1, keepdims=True), MAX_CENTRED_LOGIT,
+            check_bounded(rows - rows.mean(axis=1, keepdims=True), bound,
                           f"record '{protocol.LOGITS}' (centred logits)")
             return rows
 

@@ -33,15 +33,18 @@ class BoundaryChecks:
 
     arrayrecord_key: str
 
-    def __init__(self, *args: Any, max_examples: int = DEFAULT_MAX_EXAMPLES, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_examples: int = DEFAULT_MAX_EXAMPLES,
+                 privacy_metrics: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: The largest ``num-examples`` a reply may report.
         self.max_examples = max_examples
+        #: Train metrics every reply carries under DP (``dp-epsilon``).
+        self.privacy_metrics = privacy_metrics
         #: Node id -> the partition it reported (the boundary checks claims against it).
         self.partition_of: dict[int, int] = {}
         #: The boundary every reply passes.
         self.screen = ReplyScreen(holders=lambda: self.partition_of)
-        self._train_spec = ReplySpec(train_metrics(max_examples))
+        self._train_spec = ReplySpec(train_metrics(max_examples, required=privacy_metrics))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -49,7 +52,7 @@ class BoundaryChecks:
         """The parent's train messages; their replies must hold a model like ``arrays``."""
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self._train_spec = ReplySpec(
-            train_metrics(self.max_examples),
+            train_metrics(self.max_examples, required=self.privacy_metrics),
             {self.arrayrecord_key: like_model({k: v.numpy() for k, v in arrays.items()},
                                               self.arrayrecord_key)},
         )
