@@ -52,6 +52,10 @@ def test_bench_two_methods_one_seed(tmp_path):
     assert 0 < table["local"]["2"]["epsilon_spent"] <= 2.0 and math.isinf(table["local"]["inf"]["epsilon_spent"])
     assert "| local | 2 |" in (out / "privacy.md").read_text()
     assert (out / "accuracy_vs_epsilon.png").stat().st_size > 10_000
+    partial = run_privacy_bench("digits", ["local"], [2.0, 5.0, math.inf], [0], clients=2,
+                                out_dir=tmp_path, overrides=SMALL, existing_only=True)
+    assert list(partial["local"]) == ["2", "inf"]  # nothing ran: epsilon 5 is listed as missing
+    assert "not run yet: local:dp-epsilon=5 seed 0" in (out / "privacy.md").read_text()
 
 
 def test_method_variants_carry_their_run_config():

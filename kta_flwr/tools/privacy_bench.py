@@ -125,20 +125,24 @@ def plot(table: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 def run_privacy_bench(  # pylint: disable=too-many-arguments
     preset: str, methods: list[str], epsilons: list[float], seeds: list[int], clients: int,
     out_dir: Path, overrides: dict[str, Any] | None = None, engine: str = "simulation",
-    data_root: Path | None = None, resume: bool = False,
+    data_root: Path | None = None, resume: bool = False, existing_only: bool = False,
 ) -> dict[str, Any]:
     """Run every (method, ε, seed) with :func:`kta_flwr.tools.bench.run_bench`; write
-    ``privacy.json``, ``privacy.md`` and ``accuracy_vs_epsilon.png``; return the table."""
+    ``privacy.json``, ``privacy.md`` and ``accuracy_vs_epsilon.png``; return the table.
+    ``resume``/``existing_only``: as for ``run_bench`` (reuse runs on disk / run nothing
+    and summarise what is there)."""
     variants = [variant(m, e) for m in methods for e in epsilons]
     summary = run_bench(preset, variants, seeds, clients, out_dir, overrides, engine=engine,
-                        data_root=data_root, resume=resume)
+                        data_root=data_root, resume=resume, existing_only=existing_only)
     runs = [RunResult(**run) for run in summary["runs"]]
     results_dir = out_dir / preset
     table = privacy_table(methods, epsilons, runs, results_dir / "runs")
     (results_dir / "privacy.json").write_text(json.dumps(
         {"preset": preset, "clients": clients, "seeds": seeds, "config": summary["config"],
-         "methods": table}, indent=2, default=str))
+         "methods": table, "missing_runs": summary["missing_runs"]}, indent=2, default=str))
     text = markdown(preset, table)
+    if summary["missing_runs"]:
+        text += f"- not run yet: {', '.join(summary['missing_runs'])}\n"
     (results_dir / "privacy.md").write_text(text)
     plot(table, results_dir / "accuracy_vs_epsilon.png", f"{preset}: {clients} clients, seeds {seeds}")
     print(text)
@@ -157,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--resume", action="store_true",
                         help="reuse runs already in <out>/<preset>/runs made with the same config")
+    parser.add_argument("--existing-only", action="store_true",
+                        help="run nothing: summarise the runs already there, list the missing")
     return cli.run_benchmark_cli(parser, argv, lambda args, data_root: run_privacy_bench(
         args.preset, [m.strip() for m in args.methods.split(",") if m.strip()],
         parse_epsilons(args.epsilons), [int(s) for s in args.seeds.split(",")], args.clients,
         args.out, cli.overrides(args.set), args.engine, data_root, resume=args.resume,
+        existing_only=args.existing_only,
     ))
 
 
