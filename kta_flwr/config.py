@@ -294,6 +294,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         """SA-PEF's alpha: ``sapef-alpha`` under ``sapef``, 0 (plain EF) otherwise."""
         return self.sapef_alpha if self.strategy == "sapef" else 0.0
 
+    def evaluates_in(self, server_round: int) -> bool:
+        """True if clients evaluate in ``server_round`` (:func:`evaluation_round`)."""
+        return evaluation_round(server_round, self.evaluate_every, self.num_server_rounds)
+
     def resolved_output_dir(self) -> Path:
         """``output-dir`` as an absolute path; relative paths are taken from ``$HOME``.
 
@@ -324,6 +328,11 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with ``changes`` applied (snake_case names), validated."""
         return _validate(dataclasses.replace(self, **changes))
+
+
+def evaluation_round(server_round: int, every: int, last_round: int) -> bool:
+    """Clients evaluate every ``every`` rounds and in the last round ``last_round``."""
+    return server_round % every == 0 or server_round == last_round
 
 
 def _kebab(name: str) -> str:

@@ -20,11 +20,11 @@ covers and what it does not.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 from kta_flwr.config import RunConfig
+from kta_flwr.flower import protocol
 from kta_flwr.storage import write_text_atomic
 from kta_flwr.task.privacy import PrivateTraining, Spend, epsilon_spent, noise_for_target
 from kta_flwr.task.training import stage2_rate
@@ -40,11 +40,11 @@ def delta_of(cfg: RunConfig, num_private: int) -> float:
 
 
 def stage2_steps(cfg: RunConfig, num_reference: int) -> int:
-    """Steps per stage-2 epoch with the most distillation rows any round can have."""
-    size = num_reference if cfg.reference_fraction >= 1 else max(
-        1, math.ceil(cfg.reference_fraction * num_reference))
-    rows = min(size, num_reference - math.floor(cfg.holdout * num_reference))
-    return -(-max(1, rows) // cfg.batch_size)
+    """Steps per stage-2 epoch with the most distillation rows any round can have: a
+    reference subset's size, at most the rows not held out."""
+    size = len(protocol.reference_subset(num_reference, cfg.reference_fraction, cfg.seed, 0))
+    held_out = int(protocol.held_out_mask(num_reference, cfg.holdout, cfg.seed).sum())
+    return -(-max(1, min(size, num_reference - held_out)) // cfg.batch_size)
 
 
 def planned_calls(cfg: RunConfig, num_private: int, num_reference: int) -> list[tuple[float, int]]:
@@ -65,8 +65,7 @@ def planned_calls(cfg: RunConfig, num_private: int, num_reference: int) -> list[
         per_round.append((stage2_rate(num_private, ref_steps), cfg.distill_epochs * ref_steps))
     plan = per_round * cfg.num_server_rounds
     if cfg.strategy == "fedavg-ft" and cfg.finetune_epochs > 0:
-        evaluations = sum(1 for r in range(1, cfg.num_server_rounds + 1)
-                          if r % cfg.evaluate_every == 0 or r == cfg.num_server_rounds)
+        evaluations = sum(map(cfg.evaluates_in, range(1, cfg.num_server_rounds + 1)))
         plan += [(rate, cfg.finetune_epochs * steps)] * evaluations
     return [(q, s) for q, s in plan if s > 0]
 
@@ -93,11 +92,14 @@ class Ledger:
 
     def record(self, server_round: int, phase: str, spends: list[Spend]) -> None:
         """Set round ``server_round``'s ``phase`` to ``spends`` (a replayed round replaces
-        what it spent before) and write the file."""
+        what it spent before); :meth:`save` writes the file."""
         key = f"{server_round}:{phase}"
         self.entries[key] = [[s.noise_multiplier, s.sample_rate, s.steps] for s in spends]
         if not spends:
             del self.entries[key]
+
+    def save(self) -> None:
+        """Write the ledger (atomically)."""
         self._write()
 
     def noise_for(self, plan_key: str, calibrate: Callable[[], float]) -> float:
@@ -175,3 +177,5 @@ class NodePrivacy:  # pylint: disable=too-many-instance-attributes
             self.ledger.record(server_round, UPLOAD, [Spend(self.cfg.logit_noise, 1.0, 1)])
             if metrics is not None:
                 metrics["logit-epsilon"] = self.ledger.epsilon(self.delta, (UPLOAD,))
+        if self.cfg.private or phase == TRAIN:  # something was recorded
+            self.ledger.save()

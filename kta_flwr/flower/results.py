@@ -185,8 +185,8 @@ class RunRecorder:
             self.cfg.strategy, server_round, self.cfg.num_server_rounds,
             row[PERSONALIZED], row[GLOBAL], len(clients), row["failed"],
             "" if stale is None else f", stale {int(stale)}",
-            "".join(f"{key.replace('_', '-')} max {row[key + '_max']:.2f} | "
-                    for key in EPSILONS.values() if key + "_max" in row),
+            "".join(f"{metric} max {row[key + '_max']:.2f} | "
+                    for metric, key in EPSILONS.items() if key + "_max" in row),
             "" if market_seconds is None else f"market {market_seconds:.2f} s | ",
             _mib(row["bytes_up"]), _mib(row["bytes_down"]),
             _mib(row["cum_bytes_up"]), _mib(row["cum_bytes_down"]),

@@ -124,7 +124,7 @@ def plain_loop(cfg: RunConfig, num_clients: int) -> dict[str, Any]:
             model.eval()
             with torch.no_grad():  # reference logits, then the evaluation
                 torch.cat([model(b) for b in xr.split(infer_bs)]).cpu()
-                if rnd % cfg.evaluate_every == 0 or rnd == cfg.num_server_rounds:
+                if cfg.evaluates_in(rnd):
                     for name in ("test", "local"):
                         if name in t:
                             xt, yt = t[name]

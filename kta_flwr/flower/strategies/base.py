@@ -18,6 +18,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from kta_flwr.config import evaluation_round
 from kta_flwr.flower.protocol import LINEAGE
 from kta_flwr.flower.validation import (
     EVALUATE,
@@ -106,7 +107,7 @@ class EvaluateEvery:  # pylint: disable=too-few-public-methods
 
     def evaluates_in(self, server_round: int) -> bool:
         """True if clients evaluate in ``server_round``."""
-        return server_round % self.evaluate_every == 0 or server_round == self.last_round
+        return evaluation_round(server_round, self.evaluate_every, self.last_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
