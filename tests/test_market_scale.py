@@ -127,6 +127,23 @@ def test_blocked_targets_and_scores_do_not_depend_on_block_size():
         scores, reference.label_probability(logits, labels, weights, priors=priors), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_label_softmax_with_a_bound_equals_the_plain_one_and_redoes_underflowing_rows(dtype):
+    rng = np.random.default_rng(6)
+    logits = rng.normal(0, 3, (3, 20, 7)).astype(dtype)
+    labels = rng.integers(0, 7, 20)
+    want = softmax(logits.astype(np.float64))[:, np.arange(20), labels]
+    loose = logits.max(axis=-1) + rng.uniform(0, 5, (3, 20)).astype(dtype)  # >= each row's max
+    far = loose.copy()
+    far[1, 3:6] += 500  # these rows' terms all underflow: redone with their own max
+    tolerance = 1e-6 if dtype == np.float32 else 1e-12
+    for bound in (None, loose, far):
+        got = fast.label_softmax(logits, labels, bound)
+        assert got.dtype == np.float64 and np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=tolerance)
+    np.testing.assert_allclose(fast.row_sums(logits), logits.sum(-1), rtol=tolerance)
+
+
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_for_each_visits_every_index_once_on_any_number_of_threads(workers):
     seen = np.zeros(37, int)

@@ -73,6 +73,7 @@ from kta_flwr.maths.market_kernels import (
     for_each,
     label_softmax,
     pairwise_divergence,
+    row_sums,
     soft_targets,
 )
 
@@ -267,7 +268,7 @@ def probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
         chunk /= temperature
         chunk -= chunk.max(axis=-1, keepdims=True)
         np.exp(chunk, out=chunk)
-        chunk /= chunk.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+        chunk /= row_sums(chunk)[..., None]
         np.maximum(chunk, _EPS, out=chunk)
     return out
 

@@ -234,10 +234,13 @@ def soft_targets(
 
         def student(k: int) -> None:
             teachers = support[k]
-            mixed = np.tensordot(w32[k, teachers], logits[teachers], axes=1)  # [N, C]
+            mixed, term = out[k], np.empty(logits.shape[1:], np.float32)  # [N, C] each
+            np.multiply(logits[teachers[0]], w32[k, teachers[0]], out=mixed)
+            for j in teachers[1:]:  # teacher by teacher: no [m, N, C] copy
+                mixed += np.multiply(logits[j], w32[k, j], out=term)
             if log_prior is not None:
                 mixed += log_prior[k] - w[k, teachers] @ log_prior[teachers]
-            out[k] = _softmax_rows(mixed, temperature)
+            _softmax_rows(mixed, temperature)
 
         for_each(num_clients, student)
         return out
@@ -265,7 +268,7 @@ def _softmax_rows(mixed: np.ndarray, temperature: float) -> np.ndarray:
     if temperature != 1.0:
         mixed /= temperature
     np.exp(mixed, out=mixed)
-    mixed /= mixed.sum(axis=-1, keepdims=True)
+    mixed /= row_sums(mixed)[..., None]
     return mixed
 
 
@@ -313,16 +316,23 @@ def label_probability(
     log_prior, rho = _student_scales(priors, num_clients, num_classes, 1.0)
     out = np.empty((len(w), num_clients, num_rows))
     support = _support(w)
+    # Each teacher's row maxima: a mix of teachers' rows never exceeds the same mix of
+    # their maxima, an upper bound that spares label_softmax its max over classes.
+    top = logits.max(axis=-1).astype(np.float32) if space == "logit" else None  # [K, M]
     if support is not None and space == "logit":
 
         def logit_student(k: int) -> None:
             teachers = support[k]
             mine = w[:, k, teachers]  # [G, m]
-            mixed = (mine.astype(np.float32) @ logits[teachers].reshape(len(teachers), -1)).reshape(
+            mine32 = mine.astype(np.float32)
+            mixed = (mine32 @ logits[teachers].reshape(len(teachers), -1)).reshape(
                 len(w), num_rows, num_classes)  # [G, M, C], float32 products as the dense path
+            bound = mine32 @ top[teachers]  # [G, M]
             if log_prior is not None:
-                mixed += (log_prior[k] - mine @ log_prior[teachers]).astype(np.float32)[:, None, :]
-            out[:, k] = label_softmax(mixed, labels)
+                shift = (log_prior[k] - mine @ log_prior[teachers]).astype(np.float32)  # [G, C]
+                mixed += shift[:, None, :]
+                bound += shift.max(axis=1, keepdims=True)
+            out[:, k] = label_softmax(mixed, labels, bound)
 
         for_each(num_clients, logit_student)
         return out
@@ -344,8 +354,10 @@ def label_probability(
         if log_prior is not None:
             shift = log_prior[None] - w @ log_prior  # [G, K, C]
         for g in range(len(w)):
-            mixed = (w[g].astype(np.float32) @ flat).reshape(num_clients, num_rows, num_classes)
-            out[g] = label_softmax(mixed + shift[g][:, None, :], labels)  # float64 from here
+            w32 = w[g].astype(np.float32)
+            mixed = (w32 @ flat).reshape(num_clients, num_rows, num_classes)
+            bound = w32 @ top + shift[g].max(axis=1, keepdims=True)
+            out[g] = label_softmax(mixed + shift[g][:, None, :], labels, bound)  # float64 from here
         return out
     by_student = np.ascontiguousarray(w.transpose(1, 0, 2))  # [K(k), G, K(j)]
     for rows in _row_blocks(num_rows, 8 * num_clients * num_clients, block_bytes):
@@ -358,14 +370,33 @@ def label_probability(
     return out
 
 
-def label_softmax(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def label_softmax(logits: np.ndarray, labels: np.ndarray,
+                  bound: np.ndarray | None = None) -> np.ndarray:
     """``softmax(logits)[..., i, y_i]``, ``[..., M]`` (float64) of logits ``[..., M, C]``,
-    computed in their precision."""
-    mixed = logits - logits.max(axis=-1, keepdims=True)
+    computed in their precision.
+
+    ``bound`` (``[..., M]``), an upper bound of each row's maximum, replaces the maximum as
+    the shift that keeps ``exp`` finite (it costs more than the rest together); rows it
+    leaves with no term above 1e-30 are redone with their own maximum.
+    """
+    shift = logits.max(axis=-1) if bound is None else bound
+    mixed = logits - shift[..., None]
     index = labels.reshape((1,) * (mixed.ndim - 2) + (-1, 1))
     hit = np.take_along_axis(mixed, index, axis=-1)[..., 0]
     np.exp(mixed, out=mixed)
-    return np.exp(hit.astype(np.float64)) / mixed.sum(axis=-1, dtype=np.float64)
+    total = row_sums(mixed).astype(np.float64)
+    low = total < 1e-30
+    if bound is not None and low.any():
+        total[low] = np.inf  # (redone below)
+        return np.where(low, label_softmax(logits, labels), np.exp(hit.astype(np.float64)) / total)
+    return np.exp(hit.astype(np.float64)) / total
+
+
+def row_sums(values: np.ndarray) -> np.ndarray:
+    """``values.sum(axis=-1)``, ``[...]`` in ``values``' dtype, summed by BLAS (numpy's
+    reduction over a short last axis is several times slower)."""
+    flat = values.reshape(-1, values.shape[-1])
+    return (flat @ np.ones(values.shape[-1], flat.dtype)).reshape(values.shape[:-1])
 
 
 @dataclass(frozen=True)
