@@ -5,6 +5,7 @@ import pytest
 
 from kta_flwr.maths.market import (
     MarketParams,
+    candidate_weights,
     class_prior,
     label_likelihood,
     pairwise_divergence,
@@ -114,6 +115,25 @@ def test_fixed_self_weight_and_neighbours():
     np.testing.assert_allclose(w.sum(1), 1.0)
     assert w[0, 1] == pytest.approx(0.75) and w[0, 2] == 0 and w[0, 3] == 0  # nearest only
     assert w[3, 2] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("self_weight", [-1.0, 0.0, 0.3])
+@pytest.mark.parametrize("neighbours", [0, 3, 20])
+def test_candidate_weights_on_the_teachers_columns_equal_the_dense_matrices(self_weight, neighbours):
+    rng = np.random.default_rng(7)
+    divergence = rng.uniform(0, 0.5, (40, 40))
+    divergence = divergence + divergence.T
+    np.fill_diagonal(divergence, 0.0)
+    divergence[5, 9] = divergence[9, 5] = divergence[5, 8]  # a tie: the lower index wins
+    accuracy, shares = rng.uniform(0, 1, 40), rng.choice([1.0, 0.5], 40)
+    accuracy[3] = 0.0
+    params = MarketParams(neighbours=neighbours, self_weight=self_weight)
+    got = candidate_weights(divergence, accuracy, params, shares)
+    want = np.stack([teacher_weights(similarity_graph(divergence, tau), accuracy, shares=shares,
+                                     neighbours=neighbours, self_weight=self_weight)
+                     for tau in params.tau_grid])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert ((got > 0).sum(axis=-1) <= (neighbours or 39) + 1).all()
 
 
 def test_single_client_teaches_itself():

@@ -82,6 +82,7 @@ __all__ = [
     "MarketOutput",
     "MarketParams",
     "adaptive_weights",
+    "candidate_weights",
     "cap_loudness",
     "centre",
     "class_prior",
@@ -183,6 +184,7 @@ def teacher_weights(
     self_weight: float = -1.0,
     shares: np.ndarray | None = None,
     keep: np.ndarray | None = None,
+    columns: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-client teacher mix ``W[k, j] ∝ S[k, j] * acc[j] ** gamma * share[j]``.
 
@@ -196,9 +198,13 @@ def teacher_weights(
         shares: ``[K]`` weight share of each teacher (:func:`sybil_shares`; None: all 1).
         keep: ``[K, K]`` bool, the other teachers allowed (:func:`neighbour_mask`; None:
             computed from ``similarity`` and ``neighbours``).
+        columns: ``[K, J]``, the client that each column of ``similarity`` and ``keep``
+            stands for in each row (every row holds its own index once); then both are
+            ``[K, J]``, ``keep`` is required and the weights come in the same layout (the
+            client's teachers only, see :func:`candidate_weights`). None: ``[K, K]``.
 
     Returns:
-        ``[K, K]`` non-negative weights, each row summing to 1.
+        ``[K, K]`` (or ``[K, J]``) non-negative weights, each row summing to 1.
     """
     sim = np.asarray(similarity, dtype=np.float64)
     num_clients = sim.shape[0]
@@ -206,10 +212,17 @@ def teacher_weights(
     quality = np.maximum(np.asarray(accuracy, dtype=np.float64), 1e-3) ** accuracy_exponent
     if shares is not None:
         quality = quality * shares
-    scores = sim * quality[None, :]
-    others = neighbour_mask(sim, neighbours) if keep is None else keep
+    if columns is None:
+        columns = np.arange(num_clients)[None, :]
+        others = neighbour_mask(sim, neighbours) if keep is None else keep
+    elif keep is None:
+        raise ValueError("teacher_weights: columns needs keep")
+    else:
+        others = keep
+    scores = sim * quality[columns]
+    own = columns == np.arange(num_clients)[:, None]
     if self_weight < 0:
-        scores = np.where(others | np.eye(num_clients, dtype=bool), scores, 0.0)
+        scores = np.where(others | own, scores, 0.0)
         return scores / scores.sum(axis=1, keepdims=True)
     weights = np.where(others, scores, 0.0)
     row = weights.sum(axis=1, keepdims=True)
@@ -217,9 +230,7 @@ def teacher_weights(
     # (a row summing to 0 holds only zeros: it stays as it is)
     np.divide(weights, row, out=weights, where=~lonely[:, None])
     weights *= 1.0 - self_weight
-    weights[np.arange(num_clients), np.arange(num_clients)] += np.where(
-        lonely, 1.0, self_weight
-    )
+    weights += own * np.where(lonely, 1.0, self_weight)[:, None]
     return weights
 
 
@@ -420,9 +431,10 @@ def _divergence_rows(num_rows: int, params: MarketParams) -> slice | np.ndarray:
     return np.unique(np.linspace(0, num_rows - 1, params.divergence_rows).round().astype(int))
 
 
-def _weights_at(
+def _weights_at(  # pylint: disable=too-many-arguments
     similarity: np.ndarray, accuracy: np.ndarray, params: MarketParams,
     shares: np.ndarray | None = None, keep: np.ndarray | None = None,
+    columns: np.ndarray | None = None,
 ) -> np.ndarray:
     return teacher_weights(
         similarity,
@@ -432,7 +444,41 @@ def _weights_at(
         self_weight=params.self_weight,
         shares=shares,
         keep=keep,
+        columns=columns,
     )
+
+
+def candidate_weights(
+    divergence: np.ndarray, accuracy: np.ndarray, params: MarketParams,
+    shares: np.ndarray | None = None,
+) -> np.ndarray:
+    """Teacher weights at every tau of ``params.tau_grid``.
+
+    Args:
+        divergence: ``[K, K]``; accuracy: ``[K]``; shares: ``[K]`` (:func:`sybil_shares`).
+
+    Returns:
+        ``[G, K, K]``, ``G = len(params.tau_grid)``: :func:`teacher_weights` of
+        ``similarity_graph(divergence, tau)``. The m nearest teachers (``neighbours``) are
+        the same at every tau (S is monotone in D); when they are few, each client's
+        weights are computed on its own m + 1 columns only (``K·m`` work per tau, not K²).
+    """
+    grid = np.asarray(params.tau_grid, dtype=np.float64)
+    num_clients = len(divergence)
+    keep = neighbour_mask(-divergence, params.neighbours)
+    allowed = keep | np.eye(num_clients, dtype=bool)
+    width = int(allowed.sum(axis=1).max())
+    if 4 * width > num_clients:  # most columns: the dense matrices
+        return np.stack([_weights_at(similarity_graph(divergence, tau), accuracy, params, shares, keep)
+                         for tau in grid])
+    columns = np.argsort(~allowed, axis=1, kind="stable")[:, :width]  # [K, m + 1], own included
+    rows = np.arange(num_clients)[:, None]
+    near, kept = divergence[rows, columns], keep[rows, columns]
+    out = np.zeros((len(grid), num_clients, num_clients))
+    for candidate, tau in zip(out, grid):
+        weights = _weights_at(similarity_graph(near, tau), accuracy, params, shares, kept, columns)
+        np.put_along_axis(candidate, columns, weights, axis=1)
+    return out
 
 
 def label_likelihood(
@@ -489,12 +535,7 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
         client gets targets)``.
     """
     grid = np.asarray(params.tau_grid, dtype=np.float64)
-    # The m nearest teachers are the same at every tau (S is monotone in D).
-    keep = neighbour_mask(-divergence, params.neighbours)
-    candidates = np.stack([
-        _weights_at(similarity_graph(divergence, tau), accuracy, params, shares, keep)
-        for tau in grid
-    ])  # [G, K, K]
+    candidates = candidate_weights(divergence, accuracy, params, shares)  # [G, K, K]
     # Scored at T = 1: the mix is judged as a predictor, not at the (flatter)
     # distillation temperature, which would favour single over-confident teachers.
     picked = kernels.label_probability(logits, labels, candidates, space=params.target_space,
