@@ -386,10 +386,12 @@ def label_softmax(logits: np.ndarray, labels: np.ndarray,
     np.exp(mixed, out=mixed)
     total = row_sums(mixed).astype(np.float64)
     low = total < 1e-30
-    if bound is not None and low.any():
-        total[low] = np.inf  # (redone below)
-        return np.where(low, label_softmax(logits, labels), np.exp(hit.astype(np.float64)) / total)
-    return np.exp(hit.astype(np.float64)) / total
+    if bound is None or not low.any():
+        return np.exp(hit.astype(np.float64)) / total
+    total[low] = np.inf  # those rows only are redone, with their own maximum
+    picked = np.exp(hit.astype(np.float64)) / total
+    picked[low] = label_softmax(logits[low], np.broadcast_to(labels, low.shape)[low])
+    return picked
 
 
 def row_sums(values: np.ndarray) -> np.ndarray:
