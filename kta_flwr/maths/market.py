@@ -70,6 +70,7 @@ from kta_flwr.maths.market_kernels import (
     EPS as _EPS,
     FAST,
     MarketKernels,
+    few_teachers,
     for_each,
     label_softmax,
     pairwise_divergence,
@@ -468,7 +469,7 @@ def candidate_weights(
     keep = neighbour_mask(-divergence, params.neighbours)
     allowed = keep | np.eye(num_clients, dtype=bool)
     width = int(allowed.sum(axis=1).max())
-    if 4 * width > num_clients:  # most columns: the dense matrices
+    if not few_teachers(width, num_clients):  # the dense matrices
         return np.stack([_weights_at(similarity_graph(divergence, tau), accuracy, params, shares, keep)
                          for tau in grid])
     columns = np.argsort(~allowed, axis=1, kind="stable")[:, :width]  # [K, m + 1], own included

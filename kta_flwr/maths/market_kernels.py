@@ -198,13 +198,20 @@ def _student_scales(priors: np.ndarray | None, num_clients: int, num_classes: in
     return log_prior, np.exp(scaled)
 
 
+def few_teachers(width: int, num_clients: int) -> bool:
+    """Whether students with at most ``width`` teachers each (own column included) out of
+    ``num_clients`` pay off gathered (``K·m`` work) rather than as dense ``[K, K]``
+    matrices: at most a quarter of the columns."""
+    return 4 * width <= num_clients
+
+
 def _support(weights: np.ndarray) -> np.ndarray | None:
     """``[K, m]`` the teachers of each student (rows of ``weights`` ``[..., K, K]``, padded
     with teachers of weight 0) when no row has more than m non-zeros and m is small enough
-    to pay off; None for dense weights."""
+    to pay off (:func:`few_teachers`); None for dense weights."""
     nonzero = (weights != 0).reshape(-1, *weights.shape[-2:]).any(axis=0)
     width = int(nonzero.sum(axis=1).max())
-    if width * 4 > weights.shape[-1]:
+    if not few_teachers(width, weights.shape[-1]):
         return None
     return np.argsort(~nonzero, axis=1, kind="stable")[:, :width]
 
