@@ -14,6 +14,7 @@ from kta_flwr.maths.market import (
     MarketParams,
     class_prior,
     label_likelihood,
+    neighbour_mask,
     probabilities,
     run_market,
     softmax,
@@ -125,23 +126,37 @@ def test_blocked_targets_and_scores_do_not_depend_on_block_size():
         fast.label_probability(logits, labels, weights, priors=priors, block_bytes=1), scores, atol=1e-12)
     np.testing.assert_allclose(
         scores, reference.label_probability(logits, labels, weights, priors=priors), atol=1e-6)
+    sparse = np.where(neighbour_mask(weights[0], 3), weights[0], 0.0)  # 3 teachers each
+    for space in ("logit", "prob"):
+        whole = fast.soft_targets(logits, sparse, temperature=3.0, space=space, priors=priors)
+        for block_bytes in (1, 1000):  # gathered teachers, a few columns at a time
+            np.testing.assert_allclose(fast.soft_targets(
+                logits, sparse, temperature=3.0, space=space, priors=priors,
+                block_bytes=block_bytes), whole, atol=1e-7)
+        np.testing.assert_allclose(whole, reference.soft_targets(
+            logits, sparse, temperature=3.0, space=space, priors=priors), atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_label_softmax_with_a_bound_equals_the_plain_one_and_redoes_underflowing_rows(dtype):
+def test_label_softmax_and_the_scaled_one_equal_the_direct_softmax_even_where_it_underflows(dtype):
     rng = np.random.default_rng(6)
     logits = rng.normal(0, 3, (3, 20, 7)).astype(dtype)
     labels = rng.integers(0, 7, 20)
-    want = softmax(logits.astype(np.float64))[:, np.arange(20), labels]
-    loose = logits.max(axis=-1) + rng.uniform(0, 5, (3, 20)).astype(dtype)  # >= each row's max
-    far = loose.copy()
-    far[1, 3:6] += 500  # these rows' terms all underflow: redone with their own max
     tolerance = 1e-6 if dtype == np.float32 else 1e-12
-    for bound in (None, loose, far):
-        got = fast.label_softmax(logits, labels, bound)
-        assert got.dtype == np.float64 and np.isfinite(got).all()
-        np.testing.assert_allclose(got, want, rtol=tolerance)
+    want = softmax(logits.astype(np.float64))[:, np.arange(20), labels]
+    got = fast.label_softmax(logits, labels)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=tolerance)
     np.testing.assert_allclose(fast.row_sums(logits), logits.sum(-1), rtol=tolerance)
+    # Mixes of non-positive logits, each class scaled by rho: per leading index ([3, C])
+    # or one for all ([C]); rows far below 0 underflow in exp and are redone exactly.
+    mixed = logits - logits.max(axis=-1, keepdims=True) - rng.uniform(0, 5, (3, 20, 1)).astype(dtype)
+    mixed[1, 3:6] -= 800
+    for rho in (rng.uniform(0.01, 1, (3, 7)), rng.uniform(0.01, 1, 7)):
+        want = softmax(mixed.astype(np.float64) + np.log(rho)[..., None, :])[:, np.arange(20), labels]
+        got = fast._scaled_label_softmax(mixed, labels, rho)  # pylint: disable=protected-access
+        assert got.dtype == np.float64 and np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=10 * tolerance)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])

@@ -166,7 +166,21 @@ def reference_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     Returns:
         ``[K]`` accuracies in [0, 1].
     """
-    return (np.asarray(logits).argmax(axis=-1) == np.asarray(labels)[None, :]).mean(axis=1)
+    return correct(logits, labels).mean(axis=1)
+
+
+def correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``[K, N]`` bool: whether each client's top class is the label, client chunks on
+    every core."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    out = np.empty(logits.shape[:2], dtype=bool)
+
+    def chunk(i: int) -> None:
+        part = slice(i * _CLIENT_CHUNK, (i + 1) * _CLIENT_CHUNK)
+        np.equal(logits[part].argmax(axis=-1), labels[None, :], out=out[part])
+
+    for_each(-(-len(logits) // _CLIENT_CHUNK), chunk)
+    return out
 
 
 def similarity_graph(divergence: np.ndarray, tau: float) -> np.ndarray:
@@ -264,7 +278,12 @@ def class_prior(logits: np.ndarray) -> np.ndarray:
 
     def chunk(i: int) -> None:
         part = slice(i * _CLIENT_CHUNK, (i + 1) * _CLIENT_CHUNK)
-        prior[part] = probabilities(logits[part], 1.0).mean(axis=1, dtype=np.float64)
+        expd = np.array(logits[part], dtype=np.float32)
+        expd -= expd.max(axis=-1, keepdims=True)
+        np.exp(expd, out=expd)  # [k, N, C]; the mean of its rows scaled to sum 1:
+        share = (1.0 / row_sums(expd))[:, None, :] / logits.shape[1]  # [k, 1, N]
+        prior[part] = np.matmul(share, expd)[:, 0]
+
 
     for_each(-(-len(logits) // _CLIENT_CHUNK), chunk)
     prior = np.maximum(prior, 1e-4)
@@ -331,7 +350,7 @@ def consistent_accuracy(logits: np.ndarray, labels: np.ndarray, held_out: np.nda
     Returns:
         ``[K]`` accuracies in [0, 1].
     """
-    right = np.asarray(logits).argmax(axis=-1) == np.asarray(labels)[None, :]
+    right = correct(logits, labels)
     return np.minimum(right[:, held_out].mean(axis=1), right[:, ~held_out].mean(axis=1))
 
 

@@ -238,13 +238,16 @@ def soft_targets(
     out = np.empty(logits.shape, np.float32)
     w32, rho32 = w.astype(np.float32), rho.astype(np.float32)
     if support is not None:  # float32 mixes of float32 logits: targets within ~1e-6
+        flat = logits.reshape(num_clients, -1)  # [K, N·C]
+        # One matrix-vector product per student over its m teachers' gathered columns,
+        # at most block_bytes / threads of them at a time.
+        step = max(1, block_bytes // (threads() * 4 * support.shape[1]))
 
         def student(k: int) -> None:
-            teachers = support[k]
-            mixed, term = out[k], np.empty(logits.shape[1:], np.float32)  # [N, C] each
-            np.multiply(logits[teachers[0]], w32[k, teachers[0]], out=mixed)
-            for j in teachers[1:]:  # teacher by teacher: no [m, N, C] copy
-                mixed += np.multiply(logits[j], w32[k, j], out=term)
+            teachers, mixed = support[k], out[k]  # [m], [N, C]
+            for start in range(0, flat.shape[1], step):
+                cols = slice(start, start + step)
+                np.matmul(w32[k, teachers], flat[teachers, cols], out=mixed.reshape(-1)[cols])
             if log_prior is not None:
                 mixed += log_prior[k] - w[k, teachers] @ log_prior[teachers]
             _softmax_rows(mixed, temperature)
@@ -323,25 +326,27 @@ def label_probability(
     log_prior, rho = _student_scales(priors, num_clients, num_classes, 1.0)
     out = np.empty((len(w), num_clients, num_rows))
     support = _support(w)
-    # Each teacher's row maxima: a mix of teachers' rows never exceeds the same mix of
-    # their maxima, an upper bound that spares label_softmax its max over classes.
-    top = logits.max(axis=-1).astype(np.float32) if space == "logit" else None  # [K, M]
-    if support is not None and space == "logit":
+    if space == "logit":
+        # Student k's mix at T = 1 is softmax(sum_j W[k, j] (z_j - log pi_j) + log pi_k):
+        # with r_j = z_j - log pi_j minus its row maximum (r_j <= 0, computed once), the
+        # mix of the r_j differs from the mix of the z_j - log pi_j by a constant per row,
+        # so exp never overflows and log pi_k enters as the factor rho_k of each class.
+        relative = _relative_logits(logits, log_prior)  # [K, M, C] float32
+        if support is not None:  # few teachers per student: gather them
 
-        def logit_student(k: int) -> None:
-            teachers = support[k]
-            mine = w[:, k, teachers]  # [G, m]
-            mine32 = mine.astype(np.float32)
-            mixed = (mine32 @ logits[teachers].reshape(len(teachers), -1)).reshape(
-                len(w), num_rows, num_classes)  # [G, M, C], float32 products as the dense path
-            bound = mine32 @ top[teachers]  # [G, M]
-            if log_prior is not None:
-                shift = (log_prior[k] - mine @ log_prior[teachers]).astype(np.float32)  # [G, C]
-                mixed += shift[:, None, :]
-                bound += shift.max(axis=1, keepdims=True)
-            out[:, k] = label_softmax(mixed, labels, bound)
+            def logit_student(k: int) -> None:
+                teachers = support[k]
+                mixed = w[:, k, teachers].astype(np.float32) @ relative[teachers].reshape(
+                    len(teachers), -1)  # [G, M·C], float32 products (scores move ~1e-7 nats)
+                out[:, k] = _scaled_label_softmax(
+                    mixed.reshape(len(w), num_rows, num_classes), labels, rho[k])
 
-        for_each(num_clients, logit_student)
+            for_each(num_clients, logit_student)
+            return out
+        flat = relative.reshape(num_clients, -1)  # [K, M·C]
+        for g in range(len(w)):  # a log-sum-exp per candidate: no shortcut to the label alone
+            mixed = (w[g].astype(np.float32) @ flat).reshape(num_clients, num_rows, num_classes)
+            out[g] = _scaled_label_softmax(mixed, labels, rho)
         return out
     if support is not None:  # few teachers per student: gather them
         expd = _shifted(logits, log_prior, 1.0).transpose(1, 0, 2)  # [K, M, C]
@@ -354,18 +359,6 @@ def label_probability(
 
         for_each(num_clients, prob_student)
         return out
-    if space == "logit":  # a log-sum-exp per candidate: no shortcut to the label alone
-        # float32 products (scores move by ~1e-7 nats; the tau rule's ties are 1e-3 wide)
-        flat = logits.reshape(num_clients, -1).astype(np.float32)  # [K, M * C]
-        shift = np.zeros((len(w), num_clients, num_classes))
-        if log_prior is not None:
-            shift = log_prior[None] - w @ log_prior  # [G, K, C]
-        for g in range(len(w)):
-            w32 = w[g].astype(np.float32)
-            mixed = (w32 @ flat).reshape(num_clients, num_rows, num_classes)
-            bound = w32 @ top + shift[g].max(axis=1, keepdims=True)
-            out[g] = label_softmax(mixed + shift[g][:, None, :], labels, bound)  # float64 from here
-        return out
     by_student = np.ascontiguousarray(w.transpose(1, 0, 2))  # [K(k), G, K(j)]
     for rows in _row_blocks(num_rows, 8 * num_clients * num_clients, block_bytes):
         expd = _shifted(logits[:, rows], log_prior, 1.0)  # [b, K(j), C]
@@ -377,27 +370,46 @@ def label_probability(
     return out
 
 
-def label_softmax(logits: np.ndarray, labels: np.ndarray,
-                  bound: np.ndarray | None = None) -> np.ndarray:
+def label_softmax(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """``softmax(logits)[..., i, y_i]``, ``[..., M]`` (float64) of logits ``[..., M, C]``,
-    computed in their precision.
-
-    ``bound`` (``[..., M]``), an upper bound of each row's maximum, replaces the maximum as
-    the shift that keeps ``exp`` finite (it costs more than the rest together); rows it
-    leaves with no term above 1e-30 are redone with their own maximum.
-    """
-    shift = logits.max(axis=-1) if bound is None else bound
-    mixed = logits - shift[..., None]
+    computed in their precision."""
+    mixed = logits - logits.max(axis=-1, keepdims=True)
     index = labels.reshape((1,) * (mixed.ndim - 2) + (-1, 1))
     hit = np.take_along_axis(mixed, index, axis=-1)[..., 0]
     np.exp(mixed, out=mixed)
-    total = row_sums(mixed).astype(np.float64)
-    low = total < 1e-30
-    if bound is None or not low.any():
-        return np.exp(hit.astype(np.float64)) / total
-    total[low] = np.inf  # those rows only are redone, with their own maximum
-    picked = np.exp(hit.astype(np.float64)) / total
-    picked[low] = label_softmax(logits[low], np.broadcast_to(labels, low.shape)[low])
+    return np.exp(hit.astype(np.float64)) / row_sums(mixed).astype(np.float64)
+
+
+def _relative_logits(logits: np.ndarray, log_prior: np.ndarray | None) -> np.ndarray:
+    """``[K, M, C]`` float32: ``z - log pi`` (``log_prior`` ``[K, C]``, or none) minus its
+    maximum over classes, so every entry is <= 0 and each row's largest is 0."""
+    out = np.array(logits, dtype=np.float32)
+    shift = None if log_prior is None else log_prior.astype(np.float32)[:, None, :]
+
+    def client(k: int) -> None:
+        if shift is not None:
+            out[k] -= shift[k]
+        out[k] -= out[k].max(axis=-1, keepdims=True)
+
+    for_each(len(out), client)
+    return out
+
+
+def _scaled_label_softmax(mixed: np.ndarray, labels: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """``softmax(mixed + log rho)[..., i, y_i]``, ``[..., M]`` (float64), of mixes
+    ``[..., M, C]`` of non-positive logits; ``rho`` (``[..., C]``: per leading index, the
+    same for every row; in (0, 1]) scales each class. Rows whose every term underflows are
+    redone with their own maximum."""
+    index = labels.reshape((1,) * (mixed.ndim - 2) + (-1, 1))
+    hit = np.exp(np.take_along_axis(mixed, index, axis=-1)[..., 0].astype(np.float64))
+    scales = np.asarray(rho, mixed.dtype)
+    total = np.matmul(np.exp(mixed), scales[..., :, None])[..., 0].astype(np.float64)  # [..., M]
+    picked = hit * np.take(scales, labels, axis=-1) / np.where(total > 1e-30, total, np.inf)
+    low = total <= 1e-30
+    if low.any():  # shifted by their own maximum first: float32 keeps their precision
+        rows = mixed[low] - mixed[low].max(axis=-1, keepdims=True)
+        rows += np.broadcast_to(np.log(scales)[..., None, :], mixed.shape)[low]
+        picked[low] = label_softmax(rows, np.broadcast_to(labels, low.shape)[low])
     return picked
 
 
