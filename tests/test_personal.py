@@ -48,6 +48,21 @@ def test_fedrep_sends_exactly_the_body_and_keeps_its_head(tmp_path, server_ident
         node.call("train", 3, state)
 
 
+def test_fedrep_heads_start_from_the_global_initialisation(tmp_path, server_identity):
+    """As in the authors' code: before a node trains, its head is the global model's
+    initial head, whatever its partition (not the partition's own initialisation)."""
+    cfg = FakeNode(tmp_path / "any", "fedrep").cfg
+    initial = build_model("mlp", load_splits(cfg).spec_for(cfg), cfg.seed).state_dict()
+    head = head_keys(build_model("mlp", load_splits(cfg).spec_for(cfg), 0))
+    body = {k: v for k, v in initial.items() if k not in head}
+    for partition in (1, 2):
+        node = FakeNode(tmp_path / str(partition), "fedrep", partition=partition)
+        msg = node.message("evaluate", 1, body)
+        model = with_received(Node(msg, node.context), msg.content).state_dict()
+        for key in head:
+            assert torch.equal(model[key], initial[key]), (partition, key)
+
+
 def test_ditto_with_lambda_zero_is_local_training(tmp_path, server_identity):
     ditto = FakeNode(tmp_path, "ditto", ditto_lambda=0.0)
     local = FakeNode(tmp_path, "local")

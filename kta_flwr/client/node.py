@@ -133,9 +133,13 @@ class Node:  # pylint: disable=too-many-instance-attributes
     def personal_model(self) -> nn.Module:
         """The client's own model, restored from the node's state if it trained before."""
         model = self.fresh_model()
-        if MODEL_STATE in self.context.state.array_records:
+        if self.has_trained():
             model.load_state_dict(self.context.state.array_records[MODEL_STATE].to_torch_state_dict())
         return model
+
+    def has_trained(self) -> bool:
+        """Whether the node holds a model of its own from an earlier round."""
+        return MODEL_STATE in self.context.state.array_records
 
     def received_model(self, content: RecordDict) -> nn.Module:
         """This partition's architecture with the weights the message carries (FedAvg/FedProx)."""
@@ -143,11 +147,16 @@ class Node:  # pylint: disable=too-many-instance-attributes
         model.load_state_dict(content.array_records["arrays"].to_torch_state_dict())
         return model
 
+    def initial_shared_model(self) -> nn.Module:
+        """The shared architecture at its initialisation, from the run's seed: the same on
+        every node and the server (the global model of round 0)."""
+        return build_model(self.cfg.shared_model, self.data.splits.spec_for(self.cfg), self.cfg.seed,
+                           private=self.cfg.private)
+
     def shared(self) -> tuple[nn.Module, ParamLayout, UpdateCodec]:
         """The shared model (global model, or FedKD's student) at version 0, built from
         the run's seed alike on every node and the server, with its layout and codec."""
-        model = build_model(self.cfg.shared_model, self.data.splits.spec_for(self.cfg), self.cfg.seed,
-                            private=self.cfg.private)
+        model = self.initial_shared_model()
         layout = ParamLayout.of(model.state_dict())
         return model, layout, update_codec(self.cfg, layout)
 
