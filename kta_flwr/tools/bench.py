@@ -93,8 +93,9 @@ def slug(method: str) -> str:
     return method.replace(":", "_").replace("=", "-").replace("/", "-")
 
 
-def read_run(results_json: Path, method: str, seed: int, wall: float) -> RunResult:
-    """A :class:`RunResult` from a run's ``results.json``."""
+def read_run(results_json: Path, method: str, seed: int) -> RunResult:
+    """A :class:`RunResult` from a run's ``results.json``; its wall seconds are the
+    ServerApp's, first round to last (the same for a run made now or read back)."""
     res = json.loads(results_json.read_text())
     curve = [
         ((row["cum_bytes_up"] + row["cum_bytes_down"]) / MIB, row["personalized-accuracy"],
@@ -105,7 +106,7 @@ def read_run(results_json: Path, method: str, seed: int, wall: float) -> RunResu
     summary = res["summary"]
     return RunResult(
         method, seed, summary["final_personalized_accuracy"], summary["final_global_accuracy"],
-        summary["mib_total"], wall, curve,
+        summary["mib_total"], summary["seconds"], curve,
     )
 
 
@@ -196,7 +197,9 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
               + f", max-train-size {cfg.max_train_size or 'all'}; mean ± std over seeds "
               f"{sorted({seed for s in stats.values() for seed in s['seeds']})}."]
     lines += ["- Pareto ✓: no method with at most its mean traffic has a higher mean "
-              "personalized accuracy."]
+              "personalized accuracy.",
+              "- wall s: the ServerApp's seconds from start to its last round (Flower's and "
+              "Ray's start-up not included)."]
     lines += [f"- differs from the paper: {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
@@ -251,7 +254,7 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     """Run every (method, seed), write summary.json/summary.md/plot; returns the summary.
 
     With ``resume``, a (method, seed) whose run folder already holds a run of the same
-    config is read back instead of run again (its wall time is the ServerApp's). With
+    config is read back instead of run again. With
     ``existing_only``, nothing runs: the summary covers the runs already there, and the
     missing ones are listed (e.g. for a queue cut short).
     """
@@ -275,8 +278,7 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
                                           model_dir=str((run_dir / "models").resolve()))
             earlier = reusable_run(run_dir, cfg) if resume or existing_only else None
             if earlier is not None:
-                seconds = json.loads(earlier.read_text())["summary"]["seconds"]
-                runs.append(read_run(earlier, method, seed, seconds))
+                runs.append(read_run(earlier, method, seed))
                 print(f"[bench {i}/{total}] {method} seed {seed}: reusing {earlier}", flush=True)
                 continue
             if fed is None:
@@ -291,7 +293,7 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
             if proc.returncode != 0 or not found:
                 tail = (proc.stdout + proc.stderr)[-3000:]
                 raise RuntimeError(f"{method} seed {seed} failed (rc {proc.returncode}):\n{tail}")
-            run = read_run(found[-1], method, seed, wall)
+            run = read_run(found[-1], method, seed)
             runs.append(run)
             print(f"[bench {i}/{total}] {method} seed {seed}: personalized "
                   f"{run.final_personalized:.4f}, global {run.final_global:.4f}, "
