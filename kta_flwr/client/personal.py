@@ -51,8 +51,8 @@ def with_received(node: Node, content: RecordDict) -> nn.Module:
     with the message's shared weights loaded: the whole model, or FedRep's body.
 
     Every head starts from the global initialisation, as in the FedRep authors' code
-    (each user's weights are copied from the global network): heads initialised apart
-    leave the averaged body fitting none of them (FEMNIST: collapse to ~7 %).
+    (each user's weights are copied from the global network), so the bodies the server
+    averages were all fitted to heads that started alike.
 
     Raises:
         ConfigError: the message's arrays are not this model's shared part.
