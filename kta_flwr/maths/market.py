@@ -166,10 +166,10 @@ def reference_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     Returns:
         ``[K]`` accuracies in [0, 1].
     """
-    return correct(logits, labels).mean(axis=1)
+    return _correct(logits, labels).mean(axis=1)
 
 
-def correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """``[K, N]`` bool: whether each client's top class is the label, client chunks on
     every core."""
     logits, labels = np.asarray(logits), np.asarray(labels)
@@ -284,7 +284,6 @@ def class_prior(logits: np.ndarray) -> np.ndarray:
         share = (1.0 / row_sums(expd))[:, None, :] / logits.shape[1]  # [k, 1, N]
         prior[part] = np.matmul(share, expd)[:, 0]
 
-
     for_each(-(-len(logits) // _CLIENT_CHUNK), chunk)
     prior = np.maximum(prior, 1e-4)
     return prior / prior.sum(axis=1, keepdims=True)
@@ -350,7 +349,7 @@ def consistent_accuracy(logits: np.ndarray, labels: np.ndarray, held_out: np.nda
     Returns:
         ``[K]`` accuracies in [0, 1].
     """
-    right = correct(logits, labels)
+    right = _correct(logits, labels)
     return np.minimum(right[:, held_out].mean(axis=1), right[:, ~held_out].mean(axis=1))
 
 

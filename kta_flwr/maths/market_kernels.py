@@ -404,8 +404,8 @@ def _scaled_label_softmax(mixed: np.ndarray, labels: np.ndarray, rho: np.ndarray
     hit = np.exp(np.take_along_axis(mixed, index, axis=-1)[..., 0].astype(np.float64))
     scales = np.asarray(rho, mixed.dtype)
     total = np.matmul(np.exp(mixed), scales[..., :, None])[..., 0].astype(np.float64)  # [..., M]
-    picked = hit * np.take(scales, labels, axis=-1) / np.where(total > 1e-30, total, np.inf)
     low = total <= 1e-30
+    picked = hit * np.take(scales, labels, axis=-1) / np.where(low, np.inf, total)
     if low.any():  # shifted by their own maximum first: float32 keeps their precision
         rows = mixed[low] - mixed[low].max(axis=-1, keepdims=True)
         rows += np.broadcast_to(np.log(scales)[..., None, :], mixed.shape)[low]
