@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kta_flwr.maths.knowledge_codec import CODECS
+from kta_flwr.maths.market_kernels import DIVERGENCES
 
 # --- strategies, by family ---------------------------------------------------------------
 #: Family: clients keep their own models and exchange reference-set predictions (or nothing).
@@ -64,7 +65,6 @@ MODELS = ("mlp", "cnn", "simplecnn", "simplecnn_small", "resnet18", "femnist_cnn
 TEXT_MODELS = frozenset({"textbag", "minilm"})
 
 PARTITIONERS = ("dirichlet", "iid", "natural")
-DIVERGENCES = ("js", "skl", "cosine")
 TARGET_SPACES = ("prob", "logit")
 MARKETS = ("adaptive", "fixed")
 DEVICES = ("auto", "cpu", "cuda")

@@ -45,11 +45,24 @@ def test_js_divergence_by_hand():
     np.testing.assert_allclose(np.diag(div), 0.0)
 
 
-@pytest.mark.parametrize("kind", ["js", "skl", "cosine"])
+@pytest.mark.parametrize("kind", ["js", "skl", "hellinger", "cosine"])
 def test_divergences_symmetric_non_negative(kind):
     probs = softmax(np.random.default_rng(0).normal(size=(5, 20, 4)))
     div = pairwise_divergence(probs, kind)
     assert (div >= 0).all() and np.allclose(div, div.T) and np.allclose(np.diag(div), 0)
+
+
+def test_squared_hellinger_brackets_jensen_shannon():
+    """ln 2 · H² <= JS <= H², term by term (both are sums of terms homogeneous in (p, q)):
+    the Hellinger graph orders clients nearly as the Jensen-Shannon one."""
+    rng = np.random.default_rng(5)
+    probs = softmax(rng.normal(0, 3, (12, 40, 6)))
+    js, hellinger = pairwise_divergence(probs, "js"), pairwise_divergence(probs, "hellinger")
+    off = ~np.eye(12, dtype=bool)
+    assert (js[off] <= hellinger[off] * (1 + 1e-9)).all()
+    assert (js[off] >= np.log(2) * hellinger[off] * (1 - 1e-9)).all()
+    disjoint = pairwise_divergence(np.array([[[1.0, 0.0]], [[0.0, 1.0]]]), "hellinger")
+    assert disjoint[0, 1] == pytest.approx(1.0, abs=1e-5)  # (floored at 1e-12)
 
 
 def test_identical_clients_get_uniform_weights():

@@ -7,7 +7,9 @@ Notation: K clients, N reference samples, C classes. Client k uploads logits
 1. Softened predictions ``p[k, i] = softmax(z[k, i] / T)``.
 2. Reference accuracy ``acc[k] = mean_i 1[argmax z[k, i] == y[i]]``.
 3. Divergence ``D[k, j] = mean_i d(p[k, i], p[j, i])`` with ``d`` the Jensen-Shannon
-   divergence (``js``), the symmetric KL (``skl``) or ``1 - cosine`` (``cosine``).
+   divergence (``js``), the symmetric KL (``skl``), the squared Hellinger distance
+   (``hellinger``, ``ln 2 · H² <= JS <= H²``: one matrix product instead of a logarithm
+   per pair and entry) or ``1 - cosine`` (``cosine``).
 4. Similarity graph ``S[k, j] = exp(-D[k, j] / tau)`` (``S[k, k] = 1``).
 5. Teacher weights ``W[k, j] ∝ S[k, j] * acc[j] ** gamma`` over the ``m`` most similar
    other clients (all when ``m = 0``). With ``self_weight = rho`` in [0, 1] the client

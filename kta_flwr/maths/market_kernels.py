@@ -6,8 +6,8 @@ other clients' predictions (the targets, and the probability each candidate mix 
 true labels). Written directly, each is a ``[K, K, N, C]`` computation with ``[K, N, C]``
 temporaries per client. Here:
 
-- **Divergences**: the symmetric KL and cosine are matrix products (``[K, N·C] x [N·C, K]``,
-  by column chunks). Jensen-Shannon needs ``sum (p+q) log (p+q)`` for every pair, which
+- **Divergences**: the symmetric KL, squared Hellinger and cosine are matrix products
+  (``[K, N·C] x [N·C, K]``, by column chunks). Jensen-Shannon needs ``sum (p+q) log (p+q)`` for every pair, which
   no product gives: it runs over cache-sized tiles of the upper triangle on all cores
   (numpy releases the GIL), in float32 with float64 accumulation (the entropies stay
   float64); its error is ~1e-8 nats (``tests/test_market_scale.py``).
@@ -35,6 +35,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 EPS = 1e-12
+#: The divergences :func:`pairwise_divergence` measures.
+DIVERGENCES = ("js", "skl", "hellinger", "cosine")
 #: Working memory of one blocked step (bytes).
 BLOCK_BYTES = 64 * 2**20
 #: Tile of the Jensen-Shannon kernel: at most this many columns, and teachers x columns
@@ -88,15 +90,16 @@ def pairwise_divergence(
 
     Args:
         probs: ``[K, N, C]`` probability vectors (float32 or float64; clipped at 1e-12).
-        kind: ``"js"`` (Jensen-Shannon, nats), ``"skl"`` (symmetric KL) or ``"cosine"``
-            (1 - cosine), as in :func:`kta_flwr.maths.market_reference.pairwise_divergence`.
+        kind: ``"js"`` (Jensen-Shannon, nats), ``"skl"`` (symmetric KL), ``"hellinger"``
+            (squared Hellinger distance) or ``"cosine"`` (1 - cosine), as in
+            :func:`kta_flwr.maths.market_reference.pairwise_divergence`.
         workers: threads for ``js`` (None: every CPU).
 
     Returns:
         ``[K, K]`` float64, symmetric, non-negative, zero diagonal.
     """
-    if kind not in ("js", "skl", "cosine"):
-        raise ValueError(f"unknown divergence {kind!r}; use js, skl or cosine")
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; use one of {', '.join(DIVERGENCES)}")
     num_clients, num_rows = probs.shape[:2]
     flat = np.asarray(probs).reshape(num_clients, -1)
     if kind == "js":
@@ -125,6 +128,11 @@ def _product_divergence(flat: np.ndarray, kind: str, num_classes: int, block_byt
             out -= chunk @ logs.T
             self_terms += np.einsum("kl,kl->k", chunk, logs)
         return 0.5 * (out + out.T + self_terms[:, None] + self_terms[None, :])
+    if kind == "hellinger":  # 1 - sum sqrt(p q) per row
+        for chunk in _column_chunks(flat, block_bytes, num_classes):
+            roots = np.sqrt(chunk)
+            out += chunk.shape[1] // num_classes - roots @ roots.T
+        return out
     for chunk in _column_chunks(flat, block_bytes, num_classes):  # 1 - cosine, per row
         rows = chunk.reshape(num_clients, -1, num_classes)
         rows = rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), EPS)

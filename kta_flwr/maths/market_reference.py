@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from kta_flwr.maths.market import softmax
-from kta_flwr.maths.market_kernels import EPS as _EPS, MarketKernels
+from kta_flwr.maths.market_kernels import DIVERGENCES, EPS as _EPS, MarketKernels
 
 
 def pairwise_divergence(probs: np.ndarray, kind: str = "js") -> np.ndarray:
@@ -21,7 +21,9 @@ def pairwise_divergence(probs: np.ndarray, kind: str = "js") -> np.ndarray:
     Args:
         probs: ``[K, N, C]`` probability vectors.
         kind: ``"js"`` (Jensen-Shannon, in nats, bounded by ln 2), ``"skl"``
-            (symmetric KL, ``(KL(p||q) + KL(q||p)) / 2``) or ``"cosine"`` (1 - cosine).
+            (symmetric KL, ``(KL(p||q) + KL(q||p)) / 2``), ``"hellinger"`` (squared
+            Hellinger distance ``(1/2) sum (sqrt p - sqrt q)^2``, in [0, 1]; for
+            probability vectors ``ln 2 · H² <= JS <= H²``) or ``"cosine"`` (1 - cosine).
 
     Returns:
         ``[K, K]`` symmetric, non-negative matrix with a zero diagonal.
@@ -38,12 +40,14 @@ def pairwise_divergence(probs: np.ndarray, kind: str = "js") -> np.ndarray:
             per = 0.5 * (pk * (lk - logm)).sum(-1) + 0.5 * (p * (logp - logm)).sum(-1)
         elif kind == "skl":
             per = 0.5 * ((pk - p) * (lk - logp)).sum(-1)
+        elif kind == "hellinger":
+            per = 0.5 * ((np.sqrt(pk) - np.sqrt(p)) ** 2).sum(-1)
         elif kind == "cosine":
             dot = (pk * p).sum(-1)
             norms = np.linalg.norm(pk, axis=-1) * np.linalg.norm(p, axis=-1)
             per = 1.0 - dot / np.maximum(norms, _EPS)
         else:
-            raise ValueError(f"unknown divergence {kind!r}; use js, skl or cosine")
+            raise ValueError(f"unknown divergence {kind!r}; use one of {', '.join(DIVERGENCES)}")
         out[k] = per.mean(axis=-1)
     out = np.maximum(0.5 * (out + out.T), 0.0)
     np.fill_diagonal(out, 0.0)
