@@ -17,7 +17,8 @@ correction, gate, defences). Variants:
   point exceeds ``--reference-budget`` seconds;
 - ``exact``: the same market on the fast kernels (the default);
 - ``fast``: plus the speed options ``--fast-set`` (default ``divergence-rows=32
-  neighbours=16``), which change the results (their accuracy effect: ``docs/scaling.md``).
+  neighbours=16 divergence=hellinger``), which change the results (their accuracy effect:
+  ``docs/scaling.md``).
 
 Writes ``<out>/market_scaling/market_scaling.json``, ``.csv``, ``.md`` and
 ``market_seconds_vs_clients.png``.
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="10,100,300,1000")
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--classes", type=int, default=62)
-    parser.add_argument("--fast-set", nargs="*", default=["divergence-rows=32", "neighbours=16"],
+    parser.add_argument("--fast-set", nargs="*", default=["divergence-rows=32", "neighbours=16", "divergence=hellinger"],
                         metavar="KEY=VALUE")
     parser.add_argument("--reference-budget", type=float, default=600.0,
                         help="skip the reference market where K² extrapolation of its "
