@@ -7,8 +7,8 @@ true labels). Written directly, each is a ``[K, K, N, C]`` computation with ``[K
 temporaries per client. Here:
 
 - **Divergences**: the symmetric KL, squared Hellinger and cosine are matrix products
-  (``[K, N·C] x [N·C, K]``, by column chunks). Jensen-Shannon needs ``sum (p+q) log (p+q)`` for every pair, which
-  no product gives: it runs over cache-sized tiles of the upper triangle on all cores
+  (``[K, N·C] x [N·C, K]``, by column chunks). Jensen-Shannon needs
+  ``sum (p+q) log (p+q)`` for every pair, which no product gives: it runs over cache-sized tiles of the upper triangle on all cores
   (numpy releases the GIL), in float32 with float64 accumulation (the entropies stay
   float64); its error is ~1e-8 nats (``tests/test_market_scale.py``).
 - **Mixtures with the prior correction** (``prob`` space): student k's mix of teacher j's
@@ -42,6 +42,12 @@ BLOCK_BYTES = 64 * 2**20
 #: Tile of the Jensen-Shannon kernel: at most this many columns, and teachers x columns
 #: of about this many float32 values (a core's L2 cache holds two such tiles).
 _JS_COLUMNS, _JS_TILE = 8192, 131072
+
+
+def check_divergence(kind: str) -> None:
+    """Raise ``ValueError`` unless ``kind`` is one of :data:`DIVERGENCES`."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; use one of {', '.join(DIVERGENCES)}")
 
 
 def threads(workers: int | None = None) -> int:
@@ -98,8 +104,7 @@ def pairwise_divergence(
     Returns:
         ``[K, K]`` float64, symmetric, non-negative, zero diagonal.
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; use one of {', '.join(DIVERGENCES)}")
+    check_divergence(kind)
     num_clients, num_rows = probs.shape[:2]
     flat = np.asarray(probs).reshape(num_clients, -1)
     if kind == "js":

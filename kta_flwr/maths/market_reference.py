@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from kta_flwr.maths.market import softmax
-from kta_flwr.maths.market_kernels import DIVERGENCES, EPS as _EPS, MarketKernels
+from kta_flwr.maths.market_kernels import EPS as _EPS, MarketKernels, check_divergence
 
 
 def pairwise_divergence(probs: np.ndarray, kind: str = "js") -> np.ndarray:
@@ -28,6 +28,7 @@ def pairwise_divergence(probs: np.ndarray, kind: str = "js") -> np.ndarray:
     Returns:
         ``[K, K]`` symmetric, non-negative matrix with a zero diagonal.
     """
+    check_divergence(kind)
     p = np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0)
     num_clients = p.shape[0]
     out = np.zeros((num_clients, num_clients))
@@ -42,12 +43,10 @@ def pairwise_divergence(probs: np.ndarray, kind: str = "js") -> np.ndarray:
             per = 0.5 * ((pk - p) * (lk - logp)).sum(-1)
         elif kind == "hellinger":
             per = 0.5 * ((np.sqrt(pk) - np.sqrt(p)) ** 2).sum(-1)
-        elif kind == "cosine":
+        else:  # cosine
             dot = (pk * p).sum(-1)
             norms = np.linalg.norm(pk, axis=-1) * np.linalg.norm(p, axis=-1)
             per = 1.0 - dot / np.maximum(norms, _EPS)
-        else:
-            raise ValueError(f"unknown divergence {kind!r}; use one of {', '.join(DIVERGENCES)}")
         out[k] = per.mean(axis=-1)
     out = np.maximum(0.5 * (out + out.T), 0.0)
     np.fill_diagonal(out, 0.0)

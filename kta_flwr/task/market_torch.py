@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kta_flwr.config import ConfigError
-from kta_flwr.maths.market_kernels import DIVERGENCES, EPS, FAST, MarketKernels
+from kta_flwr.maths.market_kernels import EPS, FAST, MarketKernels, check_divergence
 
 #: Elements of one device temporary (float64: 1 GiB).
 _BLOCK_ELEMENTS = 2**27
@@ -53,8 +53,7 @@ def _tensor(values: np.ndarray, device: torch.device, dtype: torch.dtype) -> tor
 def pairwise_divergence(probs: np.ndarray, kind: str = "js", *, device: torch.device) -> np.ndarray:
     """``[K, K]`` mean per-row divergence of ``[K, N, C]`` predictions (``js``, ``skl``,
     ``hellinger`` or ``cosine``), float64."""
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; use one of {', '.join(DIVERGENCES)}")
+    check_divergence(kind)
     num_clients, num_rows = probs.shape[:2]
     p = _tensor(probs, device, torch.float32).clamp(EPS, 1.0)
     flat = p.reshape(num_clients, -1)

@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="10,100,300,1000")
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--classes", type=int, default=62)
-    parser.add_argument("--fast-set", nargs="*", default=["divergence-rows=32", "neighbours=16", "divergence=hellinger"],
-                        metavar="KEY=VALUE")
+    parser.add_argument("--fast-set", nargs="*", metavar="KEY=VALUE",
+                        default=["divergence-rows=32", "neighbours=16", "divergence=hellinger"])
     parser.add_argument("--reference-budget", type=float, default=600.0,
                         help="skip the reference market where K² extrapolation of its "
                              "rounds exceeds this (s)")
