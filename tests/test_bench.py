@@ -1,19 +1,19 @@
-"""The benchmark harness end to end on the embedded digits data (real Flower runs)."""
+"""The benchmark harness: end to end on the embedded digits data (real Flower runs, slow),
+and its tables from given run results."""
 
 import json
 import math
 
 import pytest
 
-from kta_flwr.tools.bench import run_bench
+from kta_flwr.config import ConfigError, RunConfig
+from kta_flwr.tools.bench import RunResult, markdown_table, paired_differences, run_bench
 from kta_flwr.tools.privacy_bench import run_privacy_bench
-
-pytestmark = pytest.mark.slow
-
 
 SMALL = {"num-server-rounds": 2, "reference-size": 100, "local-epochs": 1, "distill-epochs": 1}
 
 
+@pytest.mark.slow
 def test_bench_two_methods_one_seed(tmp_path):
     summary = run_bench("digits", ["kta", "local"], [0], clients=2, out_dir=tmp_path, overrides=SMALL)
     out = tmp_path / "digits"
@@ -43,6 +43,14 @@ def test_bench_two_methods_one_seed(tmp_path):
     assert again["methods"].keys() == {"kta", "local"}
     assert list(again["methods"]["kta"]["personalized"]) == kta["personalized"]
     assert "not run yet: fedmd seed 0" in (out / "summary.md").read_text()
+    with pytest.raises(ConfigError, match="--paired-with: 'fedavg'"):
+        run_bench("digits", ["kta", "local"], [0], clients=2, out_dir=tmp_path, overrides=SMALL,
+                  existing_only=True, paired_with="fedavg")
+    paired = run_bench("digits", ["kta", "local"], [0], clients=2, out_dir=tmp_path,
+                       overrides=SMALL, existing_only=True, paired_with="local")
+    (diff,) = paired["paired_differences"]["points_by_method"]["kta"]
+    assert diff == (0, pytest.approx(100 * (kta["personalized"][0] - on_disk["methods"]["local"]["personalized"][0])))
+    assert "Δ pers. vs local (points), by seed |" in (out / "summary.md").read_text()
 
     # Accuracy against epsilon: local-only again (reused) and with DP-SGD at epsilon 2.
     table = run_privacy_bench("digits", ["local"], [2.0, math.inf], [0], clients=2,
@@ -59,8 +67,7 @@ def test_bench_two_methods_one_seed(tmp_path):
 
 
 def test_method_variants_carry_their_run_config():
-    from kta_flwr.tools.bench import method_config
-    from kta_flwr.config import ConfigError, RunConfig
+    from kta_flwr.tools.bench import method_config  # pylint: disable=import-outside-toplevel
 
     cfg = method_config(RunConfig(), "kta:codec=topk:codec-topk=2")
     assert (cfg.strategy, cfg.codec, cfg.codec_topk) == ("kta", "topk", 2)
@@ -89,3 +96,24 @@ def test_robustness_runs_each_attack_where_it_applies_and_compares_like_with_lik
     destroyed = {**row, "clients": {}}  # no valid final evaluation: the model was destroyed
     _score(destroyed, clean)
     assert math.isnan(destroyed["drop_points"]) and "| collapsed |" in markdown([clean_row, row, destroyed])
+
+
+def test_paired_differences_match_seeds_and_fill_the_table_column():
+    def run(method, seed, acc):
+        return RunResult(method, seed, acc, acc / 2, 1.0, 10.0)
+
+    runs = [run("exact", 0, 0.40), run("exact", 1, 0.38), run("exact", 2, 0.30),
+            run("fast", 1, 0.37), run("fast", 0, 0.41), run("fast", 3, 0.99),  # seed 3: no pair
+            run("other", 5, 0.5)]
+    diffs = paired_differences(runs, "exact")
+    assert set(diffs) == {"fast"}  # "other" shares no seed with the baseline
+    assert [(seed, round(d, 6)) for seed, d in diffs["fast"]] == [(1, -1.0), (0, 1.0)]
+    stats = {m: {"seeds": [0], "personalized": (0.4, 0.0), "global": (0.2, 0.0),
+                 "mib_total": (1.0, 0.0), "mib_to_target": (1.0, 0.0), "reached_target": 1,
+                 "wall_seconds": (10.0, 0.0)} for m in ("exact", "fast", "other")}
+    table = markdown_table("digits", RunConfig(), stats, 0.3, ("exact", diffs))
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["| fast"].endswith("| +0.00 (+1.00 / -1.00) |")  # seed order: 0, then 1
+    assert rows["| exact"].endswith("| — |") and rows["| other"].endswith("| — |")
+    assert "Δ pers. vs exact (points), by seed |" in table.splitlines()[0]
+    assert "Δ pers. vs" not in markdown_table("digits", RunConfig(), stats, 0.3)

@@ -152,6 +152,30 @@ def aggregate(runs: list[RunResult], target: float) -> dict[str, dict[str, Any]]
     return out
 
 
+def paired_differences(runs: list[RunResult], baseline: str) -> dict[str, list[tuple[int, float]]]:
+    """Per method other than ``baseline``: ``(seed, difference)`` for every seed both ran,
+    the difference being its final personalized accuracy minus the baseline's on that seed
+    (same partitions and initialisations), in accuracy points (0-100 scale)."""
+    base = {r.seed: r.final_personalized for r in runs if r.method == baseline}
+    out: dict[str, list[tuple[int, float]]] = {}
+    for run in runs:
+        if run.method != baseline and run.seed in base:
+            out.setdefault(run.method, []).append(
+                (run.seed, 100 * (run.final_personalized - base[run.seed])))
+    return out
+
+
+def _paired_cell(diffs: list[tuple[int, float]]) -> str:
+    """``-0.49 (-0.82 / -0.40 / -0.26)``: the mean, then each seed's difference."""
+    def points(value: float) -> str:
+        return f"{round(value, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
+
+    if not diffs:
+        return "—"
+    each = " / ".join(points(d) for _, d in sorted(diffs))
+    return f"{points(statistics.fmean(d for _, d in diffs))} ({each})"
+
+
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     """The methods no other method beats: none with at most their traffic has a higher
     accuracy. ``points``: method -> (MiB, accuracy); returned by increasing MiB."""
@@ -168,8 +192,10 @@ def front_of(stats: dict[str, dict[str, Any]]) -> list[str]:
                          if not math.isnan(s["personalized"][0])})
 
 
-def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]], target: float) -> str:
-    """The summary table, with the paper's figures and the known setting differences."""
+def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]], target: float,
+                   paired: tuple[str, dict[str, list[tuple[int, float]]]] | None = None) -> str:
+    """The summary table, with the paper's figures and the known setting differences;
+    ``paired`` = (baseline, :func:`paired_differences`) adds a column of them."""
     paper = PAPER.get(preset, {})
 
     def pm(pair: tuple[float, float], digits: int = 4) -> str:
@@ -178,8 +204,8 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
 
     lines = [
         f"| method | personalized acc. | global acc. | total MiB | MiB to {target:.2f} pers. | wall s "
-        "| Pareto | paper |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Pareto | paper |" + (f" Δ pers. vs {paired[0]} (points), by seed |" if paired else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if paired else ""),
     ]
     front = front_of(stats)
     for method, s in stats.items():
@@ -189,6 +215,7 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
         lines.append(
             f"| {method} | {pm(s['personalized'])} | {pm(s['global'])} | {pm(s['mib_total'], 3)} "
             f"| {reach} | {pm(s['wall_seconds'], 0)} | {'✓' if method in front else ''} | {paper_txt} |"
+            + (f" {_paired_cell(paired[1].get(method, []))} |" if paired else "")
         )
     notes = SETTING_NOTES.get(cfg.dataset, [])
     lines += ["", f"Preset `{preset}`: {cfg.num_server_rounds} rounds, models `{cfg.models}`, "
@@ -200,6 +227,9 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
               "personalized accuracy.",
               "- wall s: the ServerApp's seconds from start to its last round (Flower's and "
               "Ray's start-up not included)."]
+    if paired:
+        lines.append(f"- Δ pers. vs {paired[0]}: final personalized accuracy minus {paired[0]}'s "
+                     "on the same seed (same partitions), mean and each seed in seed order.")
     lines += [f"- differs from the paper: {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
@@ -250,14 +280,18 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     run_timeout: float = 24 * 3600,
     resume: bool = False,
     existing_only: bool = False,
+    paired_with: str | None = None,
 ) -> dict[str, Any]:
     """Run every (method, seed), write summary.json/summary.md/plot; returns the summary.
 
     With ``resume``, a (method, seed) whose run folder already holds a run of the same
     config is read back instead of run again. With
     ``existing_only``, nothing runs: the summary covers the runs already there, and the
-    missing ones are listed (e.g. for a queue cut short).
+    missing ones are listed (e.g. for a queue cut short). ``paired_with`` (one of
+    ``methods``) adds each method's per-seed difference to it (:func:`paired_differences`).
     """
+    if paired_with is not None and paired_with not in methods:
+        raise ConfigError(f"--paired-with: {paired_with!r} is not one of --methods {methods}")
     base = load_preset(preset, {"min-nodes": clients, **(overrides or {})})
     base = base.replace(data_path=base.resolved_data_path(data_root or DATA_ROOT))
     # Reject a bad method or variant before anything runs.
@@ -304,6 +338,7 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
         finals = aggregate(runs, 1.0)
         target = 0.9 * max(s["personalized"][0] for s in finals.values())
     stats = aggregate(runs, target)
+    paired = None if paired_with is None else (paired_with, paired_differences(runs, paired_with))
     summary = {
         "preset": preset, "clients": clients, "engine": engine, "target": target,
         "missing_runs": missing,
@@ -312,8 +347,10 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
         "setting_notes": SETTING_NOTES.get(base.dataset, []),
         "runs": [run.__dict__ for run in runs],
     }
+    if paired:
+        summary["paired_differences"] = {"baseline": paired[0], "points_by_method": paired[1]}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    table = markdown_table(preset, base, stats, target)
+    table = markdown_table(preset, base, stats, target, paired)
     if missing:
         table += f"- not run yet: {', '.join(missing)}\n"
     (results_dir / "summary.md").write_text(table)
@@ -338,11 +375,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse runs already in <out>/<preset>/runs made with the same config")
     parser.add_argument("--existing-only", action="store_true",
                         help="run nothing: summarise the runs already there, list the missing")
+    parser.add_argument("--paired-with", default=None, metavar="METHOD",
+                        help="one of --methods: add each method's per-seed difference to it")
     return cli.run_benchmark_cli(parser, argv, lambda args, data_root: run_bench(
         args.preset, [m.strip() for m in args.methods.split(",") if m.strip()],
         [int(s) for s in args.seeds.split(",")], args.clients, args.out,
         cli.overrides(args.set), args.target, args.engine,
         data_root, resume=args.resume, existing_only=args.existing_only,
+        paired_with=args.paired_with,
     ))
 
 
