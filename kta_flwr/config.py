@@ -165,6 +165,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     similarity_tau: float = 0.02
     neighbours: int = 0
     divergence_rows: int = 0
+    background_teacher: bool = False
     market_device: str = "cpu"
     self_weight: float = 0.0
     accuracy_exponent: float = 1.0
@@ -424,6 +425,11 @@ def _validate(cfg: RunConfig) -> RunConfig:
     _choice("market-device", cfg.market_device, MARKET_DEVICES)
     _choice("divergence", cfg.divergence, DIVERGENCES)
     _choice("target-space", cfg.target_space, TARGET_SPACES)
+    if cfg.background_teacher and (cfg.neighbours == 0 or cfg.target_space != "logit"):
+        raise ConfigError("run-config 'background-teacher' = true needs 'neighbours' > 0 (it "
+                          "stands in for the teachers beyond the m nearest) and 'target-space' = "
+                          f"'logit'; got neighbours = {cfg.neighbours}, target-space = "
+                          f"{cfg.target_space!r}")
     _choice("device", cfg.device, DEVICES)
     _choice("codec", cfg.codec, CODECS)
     for key, value in (

@@ -52,6 +52,7 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
         tau=cfg.similarity_tau,
         neighbours=cfg.neighbours,
         divergence_rows=cfg.divergence_rows,
+        background=cfg.background_teacher,
         self_weight=cfg.self_weight,
         accuracy_exponent=cfg.accuracy_exponent,
         target_space=cfg.target_space,

@@ -47,6 +47,14 @@ def test_bad_values_name_the_key(key, value, needle):
     assert f"'{key}'" in str(err.value) and needle in str(err.value)
 
 
+def test_background_teacher_needs_neighbours_in_logit_space():
+    cfg = parse_run_config({"background-teacher": True, "neighbours": 16})
+    assert cfg.background_teacher and cfg.neighbours == 16
+    for values in ({}, {"neighbours": 16, "target-space": "prob"}):
+        with pytest.raises(ConfigError, match="'background-teacher' = true needs 'neighbours' > 0"):
+            parse_run_config({"background-teacher": True, **values})
+
+
 def test_unknown_key_rejected():
     with pytest.raises(ConfigError, match="learning_rate"):
         parse_run_config({"learning_rate": 0.1})

@@ -2,6 +2,8 @@
 result up to v0.18 came from): same divergences, teacher weights, targets, tau and gate
 decisions, on random and constructed cases up to K = 50 (issue 19)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,12 +14,17 @@ from kta_flwr.config import ConfigError
 from kta_flwr.task.market_torch import market_kernels, torch_kernels
 from kta_flwr.maths.market import (
     MarketParams,
+    candidate_weights,
+    centre,
     class_prior,
     label_likelihood,
     neighbour_mask,
     probabilities,
     run_market,
+    similarity_graph,
     softmax,
+    teacher_weights,
+    with_background,
 )
 
 TOLERANCE = 1e-5
@@ -36,6 +43,13 @@ VARIANTS = {
     "skl": MarketParams(**{**KTA, "divergence": "skl"}),
     "cosine": MarketParams(**{**KTA, "divergence": "cosine"}),
     "hellinger, top-3": MarketParams(**KTA, divergence="hellinger", neighbours=3),
+    "run default, top-3, background": MarketParams(
+        **KTA, target_space="logit", self_weight=0.0, neighbours=3, background=True),
+    "hellinger, top-3, background, self competes": MarketParams(
+        **KTA, target_space="logit", divergence="hellinger", neighbours=3, background=True),
+    "fixed tau, top-3, background": MarketParams(
+        adaptive=False, tau=0.05, temperature=2.0, target_space="logit", neighbours=3,
+        background=True),
     "fedmd (uniform)": MarketParams(weighting="uniform", temperature=3.0),
     "kt-pfl (learned)": MarketParams(weighting="learned", temperature=3.0),
 }
@@ -148,7 +162,9 @@ def test_label_softmax_and_the_scaled_one_equal_the_direct_softmax_even_where_it
     got = fast.label_softmax(logits, labels)
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=tolerance)
-    np.testing.assert_allclose(fast.row_sums(logits), logits.sum(-1), rtol=tolerance)
+    # Sums in another order (BLAS): a few ulps of the terms' magnitude, not of a sum near 0.
+    np.testing.assert_allclose(fast.row_sums(logits), logits.sum(-1), rtol=0,
+                               atol=tolerance * np.abs(logits).sum(-1).max())
     # Mixes of non-positive logits, each class scaled by rho: per leading index ([3, C])
     # or one for all ([C]); rows far below 0 underflow in exp and are redone exactly.
     mixed = logits - logits.max(axis=-1, keepdims=True) - rng.uniform(0, 5, (3, 20, 1)).astype(dtype)
@@ -209,3 +225,80 @@ def test_market_device_cuda_fails_fast_without_a_gpu():
     assert market_kernels("auto") is fast.FAST  # no GPU: the numpy kernels
     with pytest.raises(ConfigError, match="'market-device' = 'cuda'"):
         market_kernels("cuda")
+
+
+@pytest.mark.parametrize("kernels", list(KERNELS))
+def test_mixes_of_more_teachers_than_students_equal_the_direct_formulas(kernels):
+    """Weights ``[K, J]`` over J = K + 1 teachers (the K students first), dense and with
+    few teachers each, in both spaces, with and without priors."""
+    logits, labels, _ = _clients(13, 41)  # 40 students and one more teacher
+    rng = np.random.default_rng(8)
+    dense = rng.dirichlet(np.ones(41), size=(2, 40))
+    sparse = np.where(dense < np.sort(dense, axis=-1)[..., -4:-3], 0.0, dense)  # 4 teachers
+    sparse /= sparse.sum(-1, keepdims=True)
+    kernel = KERNELS[kernels]
+    for weights in (dense, sparse):
+        for priors in (class_prior(logits), None):
+            for space in ("prob", "logit"):
+                got = kernel.targets(logits, weights[0], temperature=3.0, space=space, priors=priors)
+                want = reference.soft_targets(logits, weights[0], temperature=3.0, space=space,
+                                              priors=priors)
+                assert got.shape == (40, 60, 10)
+                np.testing.assert_allclose(got, want, atol=1e-6)
+                np.testing.assert_allclose(
+                    kernel.label_probability(logits, labels, weights, space=space, priors=priors),
+                    reference.label_probability(logits, labels, weights, space=space, priors=priors),
+                    atol=1e-6)
+    with pytest.raises(ValueError, match="do not mix 40 teachers"):
+        fast.soft_targets(logits[:40], dense[0])
+
+
+@pytest.mark.parametrize("self_weight", [-1.0, 0.0, 0.3])
+def test_background_teacher_holds_the_full_weights_beyond_the_nearest(self_weight):
+    rng = np.random.default_rng(9)
+    divergence = rng.uniform(0, 0.5, (12, 12))
+    divergence = (divergence + divergence.T) / 2
+    np.fill_diagonal(divergence, 0.0)
+    accuracy, shares = rng.uniform(0, 1, 12), rng.uniform(0.5, 1, 12)
+    params = MarketParams(neighbours=4, self_weight=self_weight, target_space="logit",
+                          background=True, tau_grid=(0.01, 0.1, 10.0))
+    taus = np.array(params.tau_grid)
+    out = with_background(candidate_weights(divergence, accuracy, params, shares), divergence,
+                          accuracy, params, shares, taus)
+    assert out.shape == (3, 12, 13)
+    nearest = neighbour_mask(-divergence, 4) | np.eye(12, dtype=bool)
+    for got, tau in zip(out, taus):
+        full = teacher_weights(similarity_graph(divergence, tau), accuracy, neighbours=0,
+                               self_weight=self_weight, shares=shares)
+        np.testing.assert_allclose(got[:, :12], np.where(nearest, full, 0.0), atol=1e-12)
+        np.testing.assert_allclose(got[:, 12], np.where(nearest, 0.0, full).sum(1), atol=1e-12)
+    assert out[-1, :, 12].mean() > out[0, :, 12].mean()  # a broad tau leaves more behind
+    far = np.where(np.eye(12, dtype=bool), 0.0, 5.0)  # every similarity underflows at tau 0.003
+    sharp = replace(params, tau_grid=(0.003,))
+    lonely = with_background(candidate_weights(far, accuracy, sharp, shares), far, accuracy,
+                             sharp, shares, np.array([0.003]))[0]
+    full = teacher_weights(similarity_graph(far, 0.003), accuracy, self_weight=self_weight, shares=shares)
+    np.testing.assert_array_equal(lonely[:, :12], full)  # all on the client itself
+    np.testing.assert_array_equal(lonely[:, 12], 0.0)
+
+
+def test_background_targets_are_the_dense_mix_and_vanish_when_every_teacher_is_near():
+    logits, labels, held_out = _clients(14, 9)
+    params = VARIANTS["run default, top-3, background"]
+    out = run_market(logits, labels, params, held_out)
+    # The background teacher = each client's share 1/K of the rest: the dense weights'
+    # targets, written directly from the formulas.
+    want = reference.soft_targets(centre(logits), out.weights, temperature=3.0, space="logit",
+                                  priors=class_prior(logits))
+    np.testing.assert_allclose(out.targets, want, atol=1e-5)
+    np.testing.assert_allclose(out.weights.sum(1), 1.0)
+    assert (out.weights > 0).all()  # every client teaches a little through the background
+    without = run_market(logits, labels, replace(params, background=False), held_out)
+    assert not np.allclose(out.targets, without.targets)
+    for neighbours in (8, 20):  # nobody is beyond the m nearest: no background teacher
+        a = run_market(logits, labels, replace(params, neighbours=neighbours), held_out)
+        b = run_market(logits, labels, replace(params, neighbours=neighbours, background=False), held_out)
+        np.testing.assert_array_equal(a.targets, b.targets)
+        np.testing.assert_array_equal(a.weights, b.weights)
+    with pytest.raises(ValueError, match="background teacher needs target_space='logit'"):
+        run_market(logits, labels, replace(params, target_space="prob"), held_out)

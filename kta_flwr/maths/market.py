@@ -55,6 +55,13 @@ uniform with the strength of ``learn_prior`` (a fraction of the data's weight), 
 by ``learn_steps`` EM iterations from uniform (monotone, no step size). Similarity and
 accuracy play no part; targets are then formed exactly as in step 6.
 
+**Background teacher** (``background=True``, with ``neighbours = m`` in ``logit`` space):
+the teachers beyond each client's m nearest are not dropped; their share of the full
+weights (step 5 over every client) goes to one background teacher, the mean of every
+client's (prior-corrected) logits. In ``logit`` space that equals the dense weights
+``W[k, j] = W_m[k, j] + t_k / K`` (``W_m``: the full weights on the m nearest and the
+client itself, ``t_k`` the rest), at the cost of one more gathered teacher per client.
+
 **Scale** (``docs/scaling.md``): the heavy steps (3, 6 and the adaptive scoring) run in
 :mod:`kta_flwr.maths.market_kernels`, without ``[K, N, C]`` temporaries per client and with
 the ``m`` nearest teachers gathered when ``neighbours`` is set; the direct transcription
@@ -85,11 +92,13 @@ __all__ = [
     "MarketOutput",
     "MarketParams",
     "adaptive_weights",
+    "background_logits",
     "candidate_weights",
     "cap_loudness",
     "centre",
     "class_prior",
     "consistent_accuracy",
+    "dense_weights",
     "label_likelihood",
     "learned_weights",
     "neighbour_mask",
@@ -103,6 +112,7 @@ __all__ = [
     "sybil_shares",
     "teacher_weights",
     "weighted_log_likelihood",
+    "with_background",
 ]
 
 #: Clients per chunk when a ``[K, N, C]`` array is transformed client by client.
@@ -134,6 +144,7 @@ class MarketParams:
     loudness_cap: float = 0.0  # cap each teacher's centred logit row norm at this x the median
     # --- scale (docs/scaling.md): 0 keeps the exact market
     divergence_rows: int = 0  # divergences on this many evenly spaced reference rows (0: all)
+    background: bool = False  # neighbours: the rest's weight to one mean teacher (logit space)
 
 
 @dataclass(frozen=True)
@@ -397,6 +408,9 @@ def run_market(
         raise ValueError(f"logits must be [K, N, C], got shape {logits.shape}")
     if logits.shape[1] != len(labels):
         raise ValueError(f"logits cover {logits.shape[1]} samples, labels {len(labels)}")
+    if params.background and params.target_space != "logit":
+        raise ValueError("the background teacher needs target_space='logit' (a mean of logits "
+                         f"mixes linearly only there), got {params.target_space!r}")
     logits = cap_loudness(centre(logits), params.loudness_cap)
     both = held_out is not None and 0 < np.count_nonzero(held_out) < len(labels)
     if params.consistency and both:
@@ -437,11 +451,92 @@ def run_market(
         similarity = np.exp(-divergence / taus[:, None])
     else:
         weights = _weights_at(similarity, accuracy, params, shares)
+        if _uses_background(params, num_clients):
+            weights = with_background(weights[None], divergence, accuracy, params, shares,
+                                      np.array([params.tau]))[0]
+    teachers, teacher_priors = _teachers(logits, priors, weights)
     targets = kernels.targets(
-        logits, weights, temperature=params.temperature, space=params.target_space, priors=priors
+        teachers, weights, temperature=params.temperature, space=params.target_space,
+        priors=teacher_priors,
     )
-    return MarketOutput(accuracy, divergence, similarity, weights, targets, taus, distill,
-                        estimated_priors)
+    return MarketOutput(accuracy, divergence, similarity, dense_weights(weights), targets, taus,
+                        distill, estimated_priors)
+
+
+def _uses_background(params: MarketParams, num_clients: int) -> bool:
+    """Whether the background teacher applies: asked for, and the m nearest leave some out."""
+    return params.background and params.weighting == "market" and 0 < params.neighbours < num_clients - 1
+
+
+def background_logits(logits: np.ndarray, priors: np.ndarray | None) -> np.ndarray:
+    """``[N, C]`` (``logits``' dtype): the background teacher, the mean over the K clients of
+    their logits ``[K, N, C]``, each shifted by its log class prior (``priors`` ``[K, C]``;
+    None: as they are). Its own prior is 1 (shift 0)."""
+    shifted = np.asarray(logits).mean(axis=0, dtype=np.float64)  # no float64 copy of [K, N, C]
+    if priors is not None:
+        shifted -= np.log(np.asarray(priors, np.float64)).mean(axis=0)[None, :]
+    return shifted.astype(logits.dtype)
+
+
+def _teachers(logits: np.ndarray, priors: np.ndarray | None,
+              weights: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The teachers that ``weights`` (``[..., K, J]``) mix: the K clients' logits and
+    priors, with the background teacher appended when J = K + 1."""
+    if weights.shape[-1] == logits.shape[0]:
+        return logits, priors
+    extra = background_logits(logits, priors)[None]
+    teachers = np.concatenate([logits, extra])
+    if priors is None:
+        return teachers, None
+    return teachers, np.concatenate([priors, np.ones((1, priors.shape[1]), priors.dtype)])
+
+
+def dense_weights(weights: np.ndarray) -> np.ndarray:
+    """``[K, K]`` client-to-client weights of ``[K, K]`` or ``[K, K + 1]`` ones (the last
+    column the background teacher, spread evenly over the K clients: the same targets in
+    ``logit`` space)."""
+    num_clients = weights.shape[0]
+    if weights.shape[1] == num_clients:
+        return weights
+    return weights[:, :num_clients] + weights[:, num_clients:] / num_clients
+
+
+def with_background(  # pylint: disable=too-many-arguments
+    candidates: np.ndarray, divergence: np.ndarray, accuracy: np.ndarray,
+    params: MarketParams, shares: np.ndarray | None, taus: np.ndarray,
+) -> np.ndarray:
+    """Candidate weights ``[G, K, K]`` on each client's m nearest teachers (at the taus
+    ``[G]``) as ``[G, K, K + 1]``: the full weights over every client (``neighbours`` = 0)
+    on those teachers, and the rest of each row on the background teacher (last column).
+
+    The m nearest keep their relative weights, so each row is scaled by ``f_k``, the
+    share the m nearest (and, when it competes, the client itself) hold of the full
+    row's mass ``sum_j S[k, j] acc[j] ** gamma share[j]``; the background gets the rest.
+    """
+    num_clients = len(divergence)
+    quality = np.maximum(np.asarray(accuracy, np.float64), 1e-3) ** params.accuracy_exponent
+    if shares is not None:
+        quality = quality * shares
+    own = np.eye(num_clients, dtype=bool)
+    kept = neighbour_mask(-divergence, params.neighbours)  # the m nearest others
+    columns = np.argsort(~kept, axis=1, kind="stable")[:, :params.neighbours]  # [K, m]
+    near_divergence = np.take_along_axis(divergence, columns, axis=1)
+    competes = params.self_weight < 0
+    out = np.empty((len(taus), num_clients, num_clients + 1))
+    for candidate, weights, tau in zip(out, candidates, taus):
+        sim = similarity_graph(divergence, tau)
+        np.fill_diagonal(sim, 0.0)
+        others = sim @ quality  # [K] the full row's mass over the other clients
+        near = (similarity_graph(near_divergence, tau) * quality[columns]).sum(axis=1)
+        rest = np.maximum(others - near, 0.0)  # beyond the m nearest
+        total = others + (quality if competes else 0.0)  # the client's own S[k, k] = 1
+        # (every other similarity underflowed: no mass anywhere, the row stays as it is)
+        total = np.where(total > 0, total, 1.0)
+        share = 1.0 - rest / total  # what the kept columns hold, in (0, 1]
+        scale = share[:, None] if competes else np.where(own, 1.0, share[:, None])
+        np.multiply(weights, scale, out=candidate[:, :num_clients])
+        candidate[:, num_clients] = (1.0 if competes else 1.0 - params.self_weight) * rest / total
+    return out
 
 
 def _divergence_rows(num_rows: int, params: MarketParams) -> slice | np.ndarray:
@@ -552,15 +647,19 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
         kernels: computes each candidate's probability of the labels.
 
     Returns:
-        ``([K] chosen tau, [K, K] teacher weights at each client's tau, [K] bool: the
-        client gets targets)``.
+        ``([K] chosen tau, [K, K] teacher weights at each client's tau (``[K, K + 1]``
+        with the background teacher, :func:`with_background`), [K] bool: the client gets
+        targets)``.
     """
     grid = np.asarray(params.tau_grid, dtype=np.float64)
     candidates = candidate_weights(divergence, accuracy, params, shares)  # [G, K, K]
+    if _uses_background(params, len(divergence)):  # [G, K, K + 1]
+        candidates = with_background(candidates, divergence, accuracy, params, shares, grid)
+    teachers, teacher_priors = _teachers(logits, priors, candidates)
     # Scored at T = 1: the mix is judged as a predictor, not at the (flatter)
     # distillation temperature, which would favour single over-confident teachers.
-    picked = kernels.label_probability(logits, labels, candidates, space=params.target_space,
-                                       priors=priors)
+    picked = kernels.label_probability(teachers, labels, candidates, space=params.target_space,
+                                       priors=teacher_priors)
     scores = weighted_log_likelihood(picked, sample_weights[None])  # [G, K]
     # Among near-ties (within ``tie_tolerance`` nats of the best) take the broadest tau:
     # a sharper, more personal mix must earn its place with clearly better evidence.

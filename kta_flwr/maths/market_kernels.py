@@ -19,6 +19,10 @@ temporaries per client. Here:
 - **Top-m teachers** (``neighbours``): when each row of W has few non-zeros, the mixes
   gather only those teachers (``K·m`` instead of ``K²`` work).
 
+The mixes also take more teachers than students: weights ``[S, J]`` over J >= S teachers'
+logits ``[J, N, C]`` (and priors ``[J, C]``), the S students being the first S teachers,
+e.g. the K clients plus one background teacher (:mod:`kta_flwr.maths.market`).
+
 Every kernel equals the direct transcription (:mod:`kta_flwr.maths.market_reference`) to
 float rounding. Working memory per step is bounded by ``block_bytes``.
 """
@@ -242,16 +246,17 @@ def soft_targets(
     definition and arguments as :func:`kta_flwr.maths.market_reference.soft_targets`."""
     if space not in ("prob", "logit"):
         raise ValueError(f"unknown target space {space!r}; use prob or logit")
-    num_clients, num_rows, num_classes = logits.shape
+    num_teachers, num_rows, num_classes = logits.shape
     w = np.asarray(weights, np.float64)
-    log_prior, rho = _student_scales(priors, num_clients, num_classes, temperature)
+    num_clients = _students(w, num_teachers)
+    log_prior, rho = _student_scales(priors, num_teachers, num_classes, temperature)
     support = _support(w)
     if support is not None and space == "prob":
         return _sparse_mixture(logits, w, support, log_prior, rho, temperature)
-    out = np.empty(logits.shape, np.float32)
-    w32, rho32 = w.astype(np.float32), rho.astype(np.float32)
+    out = np.empty((num_clients, num_rows, num_classes), np.float32)
+    w32, rho32 = w.astype(np.float32), rho[:num_clients].astype(np.float32)
     if support is not None:  # float32 mixes of float32 logits: targets within ~1e-6
-        flat = logits.reshape(num_clients, -1)  # [K, N·C]
+        flat = logits.reshape(num_teachers, -1)  # [J, N·C]
         # One matrix-vector product per student over its m teachers' gathered columns,
         # at most block_bytes / threads of them at a time.
         step = max(1, block_bytes // (threads() * 4 * support.shape[1]))
@@ -268,21 +273,32 @@ def soft_targets(
         for_each(num_clients, student)
         return out
     # The prob-space mixes are float32 products (the targets are float32) of positive terms.
-    bytes_per_row = 4 * num_clients * max(num_clients, num_classes) * 2
+    bytes_per_row = 4 * num_teachers * max(num_teachers, num_classes) * 2
     for rows in _row_blocks(num_rows, bytes_per_row, block_bytes):
         block = logits[:, rows]
         if space == "logit":
-            mixed = (w @ block.reshape(num_clients, -1).astype(np.float64)).reshape(block.shape)
+            mixed = (w @ block.reshape(num_teachers, -1).astype(np.float64)).reshape(
+                num_clients, -1, num_classes)
             if log_prior is not None:
-                mixed += (log_prior - w @ log_prior)[:, None, :]
+                mixed += (log_prior[:num_clients] - w @ log_prior)[:, None, :]
             out[:, rows] = _softmax_rows(mixed, temperature)
         else:
-            expd = _shifted(block, log_prior, temperature, np.float32)  # [b, K(j), C]
-            mix = rho32 @ expd.transpose(0, 2, 1)  # Z: [b, K(k), K(j)]
+            expd = _shifted(block, log_prior, temperature, np.float32)  # [b, J, C]
+            mix = rho32 @ expd.transpose(0, 2, 1)  # Z: [b, K(k), J]
             np.divide(w32[None], mix, out=mix)
             targets = (mix @ expd).transpose(1, 0, 2) * rho32[:, None, :]  # [K(k), b, C]
             out[:, rows] = targets / targets.sum(axis=-1, keepdims=True)
     return out
+
+
+def _students(weights: np.ndarray, num_teachers: int) -> int:
+    """S, the students of ``weights`` ``[..., S, J]`` mixing J = ``num_teachers`` teachers
+    (the first S teachers are the students)."""
+    num_students, width = weights.shape[-2:]
+    if width != num_teachers or num_students > num_teachers:
+        raise ValueError(f"weights {weights.shape} do not mix {num_teachers} teachers "
+                         "(want [..., S, J] with S <= J)")
+    return num_students
 
 
 def _softmax_rows(mixed: np.ndarray, temperature: float) -> np.ndarray:
@@ -299,9 +315,9 @@ def _sparse_mixture(logits: np.ndarray, weights: np.ndarray, support: np.ndarray
                     log_prior: np.ndarray | None, rho: np.ndarray, temperature: float) -> np.ndarray:
     """Prob-space targets ``[K, N, C]`` (float32) of students with few teachers each
     (``support``: ``[K, m]``), student by student."""
-    expd = _shifted(logits, log_prior, temperature, np.float32).transpose(1, 0, 2)  # [K, N, C]
+    expd = _shifted(logits, log_prior, temperature, np.float32).transpose(1, 0, 2)  # [J, N, C]
     rho32 = rho.astype(np.float32)
-    out = np.empty(expd.shape, np.float32)
+    out = np.empty((len(support), *expd.shape[1:]), np.float32)
 
     def student(k: int) -> None:
         teachers = support[k]
@@ -326,17 +342,19 @@ def label_probability(
     """Probability each candidate mix gives the true label (at T = 1), for scoring.
 
     Args:
-        logits: ``[K, M, C]`` on the M scoring rows; labels: ``[M]``.
-        weights: ``[G, K, K]`` candidate teacher weights (one matrix per candidate).
+        logits: ``[J, M, C]`` on the M scoring rows; labels: ``[M]``.
+        weights: ``[G, K, J]`` candidate teacher weights (one matrix per candidate; the
+            K students are the first K of the J teachers, usually all of them).
         space, priors: as for :func:`soft_targets`.
 
     Returns:
         ``[G, K, M]``: ``q_g[k, i, y_i]`` of the targets at T = 1.
     """
-    num_clients, num_rows, num_classes = logits.shape
+    num_teachers, num_rows, num_classes = logits.shape
     w = np.asarray(weights, np.float64)
+    num_clients = _students(w, num_teachers)
     labels = np.asarray(labels)
-    log_prior, rho = _student_scales(priors, num_clients, num_classes, 1.0)
+    log_prior, rho = _student_scales(priors, num_teachers, num_classes, 1.0)
     out = np.empty((len(w), num_clients, num_rows))
     support = _support(w)
     if space == "logit":
@@ -344,7 +362,7 @@ def label_probability(
         # with r_j = z_j - log pi_j minus its row maximum (r_j <= 0, computed once), the
         # mix of the r_j differs from the mix of the z_j - log pi_j by a constant per row,
         # so exp never overflows and log pi_k enters as the factor rho_k of each class.
-        relative = _relative_logits(logits, log_prior)  # [K, M, C] float32
+        relative = _relative_logits(logits, log_prior)  # [J, M, C] float32
         if support is not None:  # few teachers per student: gather them
 
             def logit_student(k: int) -> None:
@@ -356,14 +374,14 @@ def label_probability(
 
             for_each(num_clients, logit_student)
             return out
-        flat = relative.reshape(num_clients, -1)  # [K, M·C]
+        flat = relative.reshape(num_teachers, -1)  # [J, M·C]
         for g in range(len(w)):  # a log-sum-exp per candidate: no shortcut to the label alone
             mixed = (w[g].astype(np.float32) @ flat).reshape(num_clients, num_rows, num_classes)
-            out[g] = _scaled_label_softmax(mixed, labels, rho)
+            out[g] = _scaled_label_softmax(mixed, labels, rho[:num_clients])
         return out
     if support is not None:  # few teachers per student: gather them
-        expd = _shifted(logits, log_prior, 1.0).transpose(1, 0, 2)  # [K, M, C]
-        hit = np.take_along_axis(expd, labels[None, :, None], axis=-1)[..., 0]  # [K, M]
+        expd = _shifted(logits, log_prior, 1.0).transpose(1, 0, 2)  # [J, M, C]
+        hit = np.take_along_axis(expd, labels[None, :, None], axis=-1)[..., 0]  # [J, M]
 
         def prob_student(k: int) -> None:
             teachers = support[k]
@@ -372,11 +390,12 @@ def label_probability(
 
         for_each(num_clients, prob_student)
         return out
-    by_student = np.ascontiguousarray(w.transpose(1, 0, 2))  # [K(k), G, K(j)]
-    for rows in _row_blocks(num_rows, 8 * num_clients * num_clients, block_bytes):
-        expd = _shifted(logits[:, rows], log_prior, 1.0)  # [b, K(j), C]
-        ratio = rho @ expd.transpose(0, 2, 1)  # Z: [b, K(k), K(j)]
-        hit = np.take_along_axis(expd, labels[rows][:, None, None], axis=-1)  # [b, K(j), 1]
+    by_student = np.ascontiguousarray(w.transpose(1, 0, 2))  # [K(k), G, J]
+    rho = rho[:num_clients]
+    for rows in _row_blocks(num_rows, 8 * num_teachers * num_teachers, block_bytes):
+        expd = _shifted(logits[:, rows], log_prior, 1.0)  # [b, J, C]
+        ratio = rho @ expd.transpose(0, 2, 1)  # Z: [b, K(k), J]
+        hit = np.take_along_axis(expd, labels[rows][:, None, None], axis=-1)  # [b, J, 1]
         np.divide(hit.transpose(0, 2, 1), ratio, out=ratio)
         mixed = np.matmul(by_student, ratio.transpose(1, 2, 0))  # [K(k), G, b]
         out[:, :, rows] = mixed.transpose(1, 0, 2) * rho[:, labels[rows]][None]

@@ -64,12 +64,12 @@ def soft_targets(
     """Personalized soft targets ``[K, N, C]`` (float32, rows sum to 1).
 
     Args:
-        logits: ``[K, N, C]`` client logits.
-        weights: ``[K, K]`` teacher weights (rows sum to 1).
+        logits: ``[J, N, C]`` teacher logits, the K students first (J = K: the clients).
+        weights: ``[K, J]`` teacher weights (rows sum to 1).
         temperature: softening temperature ``T``.
         space: ``"prob"`` mixes softened probabilities; ``"logit"`` mixes logits, then
             applies a softmax at ``T``.
-        priors: ``[K, C]`` class priors (:func:`class_prior`) to swap each teacher's prior
+        priors: ``[J, C]`` class priors (:func:`class_prior`) to swap each teacher's prior
             for its student's; None mixes the predictions as they are.
     """
     w = np.asarray(weights, dtype=np.float64)
@@ -86,7 +86,7 @@ def soft_targets(
     elif space == "logit":
         mixed = np.einsum("kj,jnc->knc", w, z)
         if log_prior is not None:
-            mixed += (log_prior[:, None, :] - (w @ log_prior)[:, None, :])
+            mixed += (log_prior[:len(w), None, :] - (w @ log_prior)[:, None, :])
         targets = softmax(mixed, temperature)
     else:
         raise ValueError(f"unknown target space {space!r}; use prob or logit")

@@ -101,30 +101,35 @@ def _shifted(block: torch.Tensor, log_prior: torch.Tensor | None, temperature: f
 
 
 def _logit_mix(z: torch.Tensor, weights: torch.Tensor, log_prior: torch.Tensor | None) -> torch.Tensor:
-    """``sum_j W[k, j] z_j`` (+ the prior shift) of ``[K, M, C]`` logits, float64."""
-    mixed = (weights @ z.reshape(len(z), -1).double()).reshape(z.shape)
+    """``sum_j W[k, j] z_j`` (+ the prior shift) of ``[J, M, C]`` logits by ``[K, J]``
+    weights (the K students are the first K teachers): ``[K, M, C]`` float64."""
+    num_students = len(weights)
+    mixed = (weights @ z.reshape(len(z), -1).double()).reshape(num_students, *z.shape[1:])
     if log_prior is not None:
-        mixed = mixed + (log_prior - weights @ log_prior)[:, None, :]
+        mixed = mixed + (log_prior[:num_students] - weights @ log_prior)[:, None, :]
     return mixed
 
 
 def soft_targets(logits: np.ndarray, weights: np.ndarray, *, temperature: float = 1.0,
                  space: str = "prob", priors: np.ndarray | None = None,
                  device: torch.device) -> np.ndarray:
-    """Personalized soft targets ``[K, N, C]`` (float32, rows sum to 1)."""
+    """Personalized soft targets ``[K, N, C]`` (float32, rows sum to 1) of ``[J, N, C]``
+    teacher logits and ``[K, J]`` weights (the K students are the first K teachers)."""
     if space not in ("prob", "logit"):
         raise ValueError(f"unknown target space {space!r}; use prob or logit")
-    num_clients, num_rows, num_classes = logits.shape
+    num_teachers, num_rows, num_classes = logits.shape
+    num_clients = len(weights)
     z = _tensor(logits, device, torch.float32)
     w = _tensor(weights, device, torch.float64)
-    log_prior, rho = _scales(priors, num_clients, num_classes, temperature, device)
+    log_prior, rho = _scales(priors, num_teachers, num_classes, temperature, device)
     if space == "logit":
         return torch.softmax(_logit_mix(z, w, log_prior) / temperature, -1).float().cpu().numpy()
     out = torch.empty(num_clients, num_rows, num_classes, device=device)
-    step = max(1, _BLOCK_ELEMENTS // (num_clients * max(num_clients, num_classes)))
+    rho = rho[:num_clients]
+    step = max(1, _BLOCK_ELEMENTS // (num_teachers * max(num_teachers, num_classes)))
     for start in range(0, num_rows, step):
-        expd = _shifted(z[:, start:start + step], log_prior, temperature)  # [b, K(j), C]
-        mix = w[None] / (rho[None] @ expd.transpose(1, 2))  # W[k, j] / Z: [b, K(k), K(j)]
+        expd = _shifted(z[:, start:start + step], log_prior, temperature)  # [b, J, C]
+        mix = w[None] / (rho[None] @ expd.transpose(1, 2))  # W[k, j] / Z: [b, K(k), J]
         targets = (mix @ expd) * rho[None]  # [b, K(k), C]
         out[:, start:start + step] = (targets / targets.sum(-1, keepdim=True)).transpose(0, 1).float()
     return out.cpu().numpy()
@@ -133,13 +138,15 @@ def soft_targets(logits: np.ndarray, weights: np.ndarray, *, temperature: float 
 def label_probability(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, *,
                       space: str = "prob", priors: np.ndarray | None = None,
                       device: torch.device) -> np.ndarray:
-    """``[G, K, M]`` probability each candidate mix (``weights`` ``[G, K, K]``) gives the
-    true labels of the M scoring rows, at T = 1 (float64)."""
-    num_clients, num_rows, num_classes = logits.shape
+    """``[G, K, M]`` probability each candidate mix (``weights`` ``[G, K, J]`` over
+    ``[J, M, C]`` teacher logits, the K students first) gives the true labels of the M
+    scoring rows, at T = 1 (float64)."""
+    num_teachers, num_rows, num_classes = logits.shape
+    num_clients = weights.shape[-2]
     z = _tensor(logits, device, torch.float32)
     w = _tensor(weights, device, torch.float64)
     y = torch.as_tensor(np.asarray(labels), device=device, dtype=torch.long)
-    log_prior, rho = _scales(priors, num_clients, num_classes, 1.0, device)
+    log_prior, rho = _scales(priors, num_teachers, num_classes, 1.0, device)
     if space == "logit":
         picked = [
             torch.log_softmax(_logit_mix(z, w[g], log_prior), -1)
@@ -148,12 +155,13 @@ def label_probability(logits: np.ndarray, labels: np.ndarray, weights: np.ndarra
         ]
         return torch.stack(picked).cpu().numpy()
     out = torch.empty(len(w), num_clients, num_rows, dtype=torch.float64, device=device)
-    step = max(1, _BLOCK_ELEMENTS // (num_clients * num_clients))
+    rho = rho[:num_clients]
+    step = max(1, _BLOCK_ELEMENTS // (num_teachers * num_teachers))
     for start in range(0, num_rows, step):
-        expd = _shifted(z[:, start:start + step], log_prior, 1.0)  # [b, K(j), C]
+        expd = _shifted(z[:, start:start + step], log_prior, 1.0)  # [b, J, C]
         rows = y[start:start + step]
-        hit = expd.gather(-1, rows[:, None, None].expand(-1, num_clients, 1))  # [b, K(j), 1]
-        ratio = hit / (expd @ rho.T)  # [b, K(j), K(k)]
+        hit = expd.gather(-1, rows[:, None, None].expand(-1, num_teachers, 1))  # [b, J, 1]
+        ratio = hit / (expd @ rho.T)  # [b, J, K(k)]
         mixed = torch.einsum("gkj,ijk->gki", w, ratio)
         out[:, :, start:start + step] = mixed * rho[:, rows][None]
     return out.cpu().numpy()
