@@ -236,10 +236,7 @@ def teacher_weights(
     """
     sim = np.asarray(similarity, dtype=np.float64)
     num_clients = sim.shape[0]
-    # A tiny floor keeps a zero-accuracy client from zeroing a whole row.
-    quality = np.maximum(np.asarray(accuracy, dtype=np.float64), 1e-3) ** accuracy_exponent
-    if shares is not None:
-        quality = quality * shares
+    quality = _teacher_quality(accuracy, accuracy_exponent, shares)
     if columns is None:
         columns = np.arange(num_clients)[None, :]
         others = neighbour_mask(sim, neighbours) if keep is None else keep
@@ -260,6 +257,14 @@ def teacher_weights(
     weights *= 1.0 - self_weight
     weights += own * np.where(lonely, 1.0, self_weight)[:, None]
     return weights
+
+
+def _teacher_quality(accuracy: np.ndarray, accuracy_exponent: float,
+                     shares: np.ndarray | None) -> np.ndarray:
+    """``[K]`` each teacher's factor ``acc ** gamma * share`` in :func:`teacher_weights`."""
+    # A tiny floor keeps a zero-accuracy client from zeroing a whole row.
+    quality = np.maximum(np.asarray(accuracy, dtype=np.float64), 1e-3) ** accuracy_exponent
+    return quality if shares is None else quality * shares
 
 
 def neighbour_mask(closeness: np.ndarray, neighbours: int) -> np.ndarray:
@@ -514,9 +519,7 @@ def with_background(  # pylint: disable=too-many-arguments
     row's mass ``sum_j S[k, j] acc[j] ** gamma share[j]``; the background gets the rest.
     """
     num_clients = len(divergence)
-    quality = np.maximum(np.asarray(accuracy, np.float64), 1e-3) ** params.accuracy_exponent
-    if shares is not None:
-        quality = quality * shares
+    quality = _teacher_quality(accuracy, params.accuracy_exponent, shares)
     own = np.eye(num_clients, dtype=bool)
     kept = neighbour_mask(-divergence, params.neighbours)  # the m nearest others
     columns = np.argsort(~kept, axis=1, kind="stable")[:, :params.neighbours]  # [K, m]
