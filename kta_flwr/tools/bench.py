@@ -354,7 +354,8 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     if missing:
         table += f"- not run yet: {', '.join(missing)}\n"
     (results_dir / "summary.md").write_text(table)
-    plot(runs, results_dir / "accuracy_vs_mib.png", f"{preset}: {clients} clients, seeds {seeds}",
+    shown = sorted({run.seed for run in runs})  # the seeds with runs (a queue may be cut short)
+    plot(runs, results_dir / "accuracy_vs_mib.png", f"{preset}: {clients} clients, seeds {shown}",
          summary["pareto_front"])
     print(table)
     print(f"[bench] wrote {results_dir}/summary.json, summary.md, accuracy_vs_mib.png")
