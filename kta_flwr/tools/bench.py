@@ -192,6 +192,12 @@ def front_of(stats: dict[str, dict[str, Any]]) -> list[str]:
                          if not math.isnan(s["personalized"][0])})
 
 
+def seeds_with_runs(stats: dict[str, dict[str, Any]]) -> list[int]:
+    """The seeds that have a run in ``stats`` (:func:`aggregate`), sorted: fewer than asked
+    for when a queue was cut short."""
+    return sorted({seed for s in stats.values() for seed in s["seeds"]})
+
+
 def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]], target: float,
                    paired: tuple[str, dict[str, list[tuple[int, float]]]] | None = None) -> str:
     """The summary table, with the paper's figures and the known setting differences;
@@ -222,7 +228,7 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
               f"reference {cfg.reference_size}, partitioner {cfg.partitioner}"
               + (f" (alpha {cfg.dirichlet_alpha})" if cfg.partitioner == "dirichlet" else "")
               + f", max-train-size {cfg.max_train_size or 'all'}; mean ± std over seeds "
-              f"{sorted({seed for s in stats.values() for seed in s['seeds']})}."]
+              f"{seeds_with_runs(stats)}."]
     lines += ["- Pareto ✓: no method with at most its mean traffic has a higher mean "
               "personalized accuracy.",
               "- wall s: the ServerApp's seconds from start to its last round (Flower's and "
@@ -354,8 +360,8 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     if missing:
         table += f"- not run yet: {', '.join(missing)}\n"
     (results_dir / "summary.md").write_text(table)
-    shown = sorted({run.seed for run in runs})  # the seeds with runs (a queue may be cut short)
-    plot(runs, results_dir / "accuracy_vs_mib.png", f"{preset}: {clients} clients, seeds {shown}",
+    plot(runs, results_dir / "accuracy_vs_mib.png",
+         f"{preset}: {clients} clients, seeds {seeds_with_runs(stats)}",
          summary["pareto_front"])
     print(table)
     print(f"[bench] wrote {results_dir}/summary.json, summary.md, accuracy_vs_mib.png")
