@@ -1,6 +1,9 @@
 """Checkpoints, the server's run state, the node-wait deadline and the market's memory of
 absent and restarted nodes: the parts of fault handling that need no Flower process."""
 
+import json
+import os
+import platform
 import random
 import subprocess
 import sys
@@ -8,12 +11,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+import flwr
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from kta_flwr.config import ConfigError, RunConfig
 from kta_flwr.factory import market_params
 from kta_flwr.flower import protocol
-from kta_flwr.flower.metering import Traffic
+from kta_flwr.flower.metering import ByteMeter, Traffic
+from kta_flwr.flower.results import RunRecorder
 from kta_flwr.flower.run_state import RunState, check_resumable, load_run_state, save_run_state
 from kta_flwr.flower.strategies.base import FederationError, wait_for_nodes
 from kta_flwr.flower.strategies.market import KnowledgeMarket
@@ -111,6 +116,21 @@ def test_run_state_round_trip_and_resume_checks(tmp_path):
         check_resumable(loaded.config, RunConfig(num_server_rounds=1), 2)
     with pytest.raises(ConfigError, match="'resume-from'"):
         load_run_state(tmp_path / "nowhere")
+
+
+def test_results_say_where_each_run_of_a_resumed_run_ran(tmp_path):
+    cfg = RunConfig(output_dir=str(tmp_path))
+    first = RunRecorder(cfg, ByteMeter(), run_id=1)
+    env = first.environments[0]
+    assert env["versions"]["flwr"] == flwr.__version__ and env["cpu_count"] == os.cpu_count()
+    assert env["cpu"] and env["python"] == platform.python_version()
+    resumed = RunRecorder(cfg, ByteMeter(), run_id=2, run_dir=tmp_path / "run")
+    resumed.restore(first.state())
+    written = json.loads((resumed.write() / "results.json").read_text())
+    assert written["run_ids"] == [1, 2] and len(written["environments"]) == 2
+    older = {k: v for k, v in first.state().items() if k != "environments"}  # before they were kept
+    resumed.restore(older)
+    assert resumed.environments[0] == {} and resumed.environments[1]["versions"] == env["versions"]
 
 
 def test_waiting_for_nodes_has_a_deadline():

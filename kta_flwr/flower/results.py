@@ -13,10 +13,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import platform
+import subprocess
 import resource
 import sys
 import time
 from datetime import datetime
+from importlib import metadata
 from logging import INFO
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,6 +102,8 @@ class RunRecorder:
         self.train_metrics: dict[str, dict[str, float]] = {}
         #: The run ids this run's rows came from (more than one after a resume).
         self.run_ids: list[int | None] = [run_id]
+        #: Where each of ``run_ids`` ran (:func:`host_environment`), in the same order.
+        self.environments: list[dict[str, Any]] = [host_environment()]
         #: DP runs: ``{"dp_epsilon": {partition: ε spent by its latest report}, ...}``.
         self.epsilon: dict[str, dict[str, float]] = {}
         self._clients: list[dict[str, float]] = []
@@ -247,6 +253,7 @@ class RunRecorder:
         payload = {
             "run_id": self.run_id,
             "run_ids": self.run_ids,
+            "environments": self.environments,
             "config": self.cfg.to_flwr(),
             "summary": self.summary(),
             "rounds": self.rows,
@@ -280,7 +287,7 @@ class RunRecorder:
         """What a resumed run needs to continue the results."""
         return {"rows": self.rows, "clients_last_round": self.clients_last_round,
                 "train_metrics": self.train_metrics, "run_ids": self.run_ids,
-                "epsilon": self.epsilon,
+                "environments": self.environments, "epsilon": self.epsilon,
                 "elapsed": self.elapsed(), "started_at": self.started_at,
                 "meter": self.meter.cumulative.state()}
 
@@ -290,10 +297,61 @@ class RunRecorder:
         self.clients_last_round = list(state["clients_last_round"])
         self.train_metrics = dict(state["train_metrics"])
         self.run_ids = [*state["run_ids"], self.run_id]
+        earlier = state.get("environments", [{}] * len(state["run_ids"]))  # older checkpoints
+        self.environments = [*earlier, *self.environments[-1:]]
         self.epsilon = dict(state.get("epsilon", {}))
         self._elapsed_before = float(state["elapsed"])
         self.started_at = float(state["started_at"])
         self.meter.cumulative = Traffic.from_state(state["meter"])
+
+
+def host_environment() -> dict[str, Any]:
+    """What the ServerApp ran on, so that results from different machines can be told
+    apart: CPU model and count, OS, Python, the versions of the numeric stack and Flower,
+    and the kta-flwr git commit (``+dirty`` with uncommitted changes; None outside a source
+    checkout). In simulation the clients run on the same host; in a deployment they
+    report nothing of theirs here."""
+    versions = {}
+    for package in ("kta-flwr", "flwr", "torch", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_commit": _git_commit(Path(__file__).resolve().parent),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit(package: Path) -> str | None:
+    """HEAD of the source checkout ``package`` was imported from, ``+dirty`` when tracked
+    files differ from it; None for an installed copy or without git."""
+    root = package.parents[1]
+    if not (root / "pyproject.toml").is_file():
+        return None
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                 cwd=root, capture_output=True, text=True, timeout=5,
+                                 check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if changes else head or None
 
 
 def peak_rss_mib() -> float:
