@@ -7,7 +7,15 @@ import math
 import pytest
 
 from kta_flwr.config import ConfigError, RunConfig
-from kta_flwr.tools.bench import RunResult, markdown_table, paired_differences, run_bench
+from kta_flwr.flower.results import host_environment
+from kta_flwr.tools.bench import (
+    RunResult,
+    machine_of,
+    machines_note,
+    markdown_table,
+    paired_differences,
+    run_bench,
+)
 from kta_flwr.tools.privacy_bench import run_privacy_bench
 
 SMALL = {"num-server-rounds": 2, "reference-size": 100, "local-epochs": 1, "distill-epochs": 1}
@@ -22,6 +30,8 @@ def test_bench_two_methods_one_seed(tmp_path):
     assert (out / "accuracy_vs_mib.png").stat().st_size > 10_000
     table = (out / "summary.md").read_text()
     assert table.startswith("| method |") and "| kta |" in table and "| local |" in table
+    here = machine_of([host_environment()])
+    assert f"- runs by machine (CPU / widest SIMD / torch): 2 on {here}\n" in table
     for run in on_disk["runs"]:
         (results,) = (out / "runs" / f"{run['method']}-seed0").glob("*/results.json")
         res = json.loads(results.read_text())
@@ -117,3 +127,16 @@ def test_paired_differences_match_seeds_and_fill_the_table_column():
     assert rows["| exact"].endswith("| — |") and rows["| other"].endswith("| — |")
     assert "Δ pers. vs exact (points), by seed |" in table.splitlines()[0]
     assert "Δ pers. vs" not in markdown_table("digits", RunConfig(), stats, 0.3)
+
+
+def test_the_table_says_on_which_machines_its_runs_ran():
+    env = {"cpu": "CPU A", "simd": "avx2", "versions": {"torch": "2.14.1"}}
+    other = {**env, "cpu": "CPU B", "simd": "avx512f"}
+    assert machine_of([env, env]) == "CPU A / avx2 / torch 2.14.1"  # a resumed run, one host
+    assert machine_of([{}, other]) == "CPU B / avx512f / torch 2.14.1"  # older part unknown
+    assert machine_of([env, other]) == "CPU A / avx2 / torch 2.14.1 + CPU B / avx512f / torch 2.14.1"
+    runs = [RunResult("kta", seed, 0.5, 0.4, 1.0, 10.0, machine=machine_of(envs))
+            for seed, envs in enumerate([[env], [env], [other], []])]
+    assert machines_note(runs) == (
+        "- runs by machine (CPU / widest SIMD / torch): 2 on CPU A / avx2 / torch 2.14.1; "
+        "1 on CPU B / avx512f / torch 2.14.1; 1 not recorded (made before results.json kept it)\n")

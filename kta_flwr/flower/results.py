@@ -307,7 +307,8 @@ class RunRecorder:
 
 def host_environment() -> dict[str, Any]:
     """What the ServerApp ran on, so that results from different machines can be told
-    apart: CPU model and count, OS, Python, the versions of the numeric stack and Flower,
+    apart: CPU model, its widest SIMD (which kernels torch picks, so float rounding) and
+    core count, OS, Python, the versions of the numeric stack and Flower,
     and the kta-flwr git commit (``+dirty`` with uncommitted changes; None outside a source
     checkout). In simulation the clients run on the same host; in a deployment they
     report nothing of theirs here."""
@@ -317,8 +318,10 @@ def host_environment() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    cpu, simd = _cpu_info()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu,
+        "simd": simd,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -327,14 +330,25 @@ def host_environment() -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str:
+#: x86 vector extensions, widest first (``/proc/cpuinfo`` flag names).
+SIMD_FLAGS = ("amx_tile", "avx512f", "avx2", "avx", "sse4_2")
+
+
+def _cpu_info() -> tuple[str, str | None]:
+    """(CPU model, widest of :data:`SIMD_FLAGS` it has); Linux reads ``/proc/cpuinfo``,
+    elsewhere the model is :func:`platform.processor` and the SIMD unknown (None)."""
+    model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    simd = next((flag for flag in SIMD_FLAGS if flag in flags), None)
+    return model or platform.processor() or platform.machine(), simd
 
 
 def _git_commit(package: Path) -> str | None:

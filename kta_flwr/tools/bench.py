@@ -12,7 +12,8 @@ prints a progress line per run, and writes to ``<out>/<preset>/``:
 - ``summary.json``: per-run finals and curves, per-method mean and std, paper figures;
 - ``summary.md``: the table (mean ± std over seeds of final personalized and global
   accuracy, total MiB, MiB to reach ``--target`` personalized accuracy, wall time),
-  with the paper's published figures and the known differences in setting;
+  with the paper's published figures, the known differences in setting, and how many
+  runs ran on which machine (CPU, SIMD, torch: what float rounding depends on);
 - ``accuracy_vs_mib.png``: mean personalized accuracy against cumulative MiB (log x).
 """
 
@@ -25,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,8 @@ class RunResult:
     mib_total: float
     wall_seconds: float
     curve: list[tuple[float, float, float]] = field(default_factory=list)  # (cum MiB, pers, glob)
+    #: Where it ran (:func:`machine_of`); "" for a run made before results.json recorded it.
+    machine: str = ""
 
     def mib_to_reach(self, target: float) -> float | None:
         """Cumulative MiB at the first round whose personalized accuracy >= ``target``."""
@@ -106,8 +110,28 @@ def read_run(results_json: Path, method: str, seed: int) -> RunResult:
     summary = res["summary"]
     return RunResult(
         method, seed, summary["final_personalized_accuracy"], summary["final_global_accuracy"],
-        summary["mib_total"], summary["seconds"], curve,
+        summary["mib_total"], summary["seconds"], curve, machine_of(res.get("environments", [])),
     )
+
+
+def machine_of(environments: list[dict[str, Any]]) -> str:
+    """``"<cpu> / <simd> / torch <version>"`` of a run's recorded environments (one per
+    part of a resumed run, distinct ones joined by `` + ``); what decides its float
+    rounding on a CPU. "" when none was recorded."""
+    names = [f"{env['cpu']} / {env.get('simd')} / torch {env.get('versions', {}).get('torch')}"
+             for env in environments if env]
+    return " + ".join(dict.fromkeys(names))
+
+
+def machines_note(runs: list[RunResult]) -> str:
+    """A footnote saying how many runs ran where (mixing machines can shift results by
+    float rounding amplified over rounds)."""
+    where = Counter(run.machine for run in runs if run.machine)
+    parts = [f"{n} on {machine}" for machine, n in where.most_common()]
+    unrecorded = sum(not run.machine for run in runs)
+    if unrecorded:
+        parts.append(f"{unrecorded} not recorded (made before results.json kept it)")
+    return "- runs by machine (CPU / widest SIMD / torch): " + "; ".join(parts) + "\n"
 
 
 def reusable_run(run_dir: Path, cfg: RunConfig) -> Path | None:
@@ -357,6 +381,7 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
         summary["paired_differences"] = {"baseline": paired[0], "points_by_method": paired[1]}
     (results_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     table = markdown_table(preset, base, stats, target, paired)
+    table += machines_note(runs)
     if missing:
         table += f"- not run yet: {', '.join(missing)}\n"
     (results_dir / "summary.md").write_text(table)
