@@ -115,6 +115,7 @@ def test_killed_server_resumes_to_the_uninterrupted_result(sim, app_dir, tmp_pat
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (resumed,) = read_results(tmp_path / "cut" / "out")
     assert len(resumed["run_ids"]) == len(resumed["environments"]) == 2
+    assert all(len(env["fab_hash"]) == 64 for env in resumed["environments"])  # the app that ran
     assert [r["round"] for r in resumed["rounds"]] == list(range(1, rounds + 1))
     for key in ("bytes_up", "bytes_down", "bytes_total"):
         assert resumed["summary"][key] == reference["summary"][key], key

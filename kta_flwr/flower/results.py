@@ -89,7 +89,7 @@ class RunRecorder:
 
     def __init__(
         self, cfg: RunConfig, meter: ByteMeter, run_id: int | None = None,
-        run_dir: Path | None = None,
+        run_dir: Path | None = None, fab_hash: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.meter = meter
@@ -103,7 +103,7 @@ class RunRecorder:
         #: The run ids this run's rows came from (more than one after a resume).
         self.run_ids: list[int | None] = [run_id]
         #: Where each of ``run_ids`` ran (:func:`host_environment`), in the same order.
-        self.environments: list[dict[str, Any]] = [host_environment()]
+        self.environments: list[dict[str, Any]] = [host_environment(fab_hash)]
         #: DP runs: ``{"dp_epsilon": {partition: ε spent by its latest report}, ...}``.
         self.epsilon: dict[str, dict[str, float]] = {}
         self._clients: list[dict[str, float]] = []
@@ -305,13 +305,14 @@ class RunRecorder:
         self.meter.cumulative = Traffic.from_state(state["meter"])
 
 
-def host_environment() -> dict[str, Any]:
+def host_environment(fab_hash: str | None = None) -> dict[str, Any]:
     """What the ServerApp ran on, so that results from different machines can be told
     apart: CPU model, its widest SIMD (which kernels torch picks, so float rounding) and
     core count, OS, Python, the versions of the numeric stack and Flower,
-    and the kta-flwr git commit (``+dirty`` with uncommitted changes; None outside a source
-    checkout). In simulation the clients run on the same host; in a deployment they
-    report nothing of theirs here."""
+    the kta-flwr git commit (``+dirty`` with uncommitted changes; None outside a source
+    checkout, e.g. in an app that ``flwr run`` installed) and ``fab_hash``, the SHA-256 of
+    the Flower app bundle that ran (which names the code in a ``flwr run``). In simulation
+    the clients run on the same host; in a deployment they report nothing of theirs here."""
     versions = {}
     for package in ("kta-flwr", "flwr", "torch", "numpy"):
         try:
@@ -327,6 +328,7 @@ def host_environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "git_commit": _git_commit(Path(__file__).resolve().parent),
+        "fab_hash": fab_hash or None,
     }
 
 

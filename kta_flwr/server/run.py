@@ -88,7 +88,8 @@ def run(grid: Grid, context: Context) -> None:
     np.random.seed(cfg.seed)
     meter = ByteMeter()
     run_dir = Path(cfg.resume_from).expanduser() if saved else None
-    recorder = RunRecorder(cfg, meter, run_id=grid.run.run_id, run_dir=run_dir)
+    recorder = RunRecorder(cfg, meter, run_id=grid.run.run_id, run_dir=run_dir,
+                           fab_hash=grid.run.fab_hash)
     initial_arrays = _initial_arrays(cfg, splits)
     strategy = build_strategy(
         cfg,
