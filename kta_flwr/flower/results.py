@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import resource
 import sys
 import time
@@ -308,11 +307,11 @@ class RunRecorder:
 def host_environment(fab_hash: str | None = None) -> dict[str, Any]:
     """What the ServerApp ran on, so that results from different machines can be told
     apart: CPU model, its widest SIMD (which kernels torch picks, so float rounding) and
-    core count, OS, Python, the versions of the numeric stack and Flower,
-    the kta-flwr git commit (``+dirty`` with uncommitted changes; None outside a source
-    checkout, e.g. in an app that ``flwr run`` installed) and ``fab_hash``, the SHA-256 of
-    the Flower app bundle that ran (which names the code in a ``flwr run``). In simulation
-    the clients run on the same host; in a deployment they report nothing of theirs here."""
+    core count, OS, Python, the versions of the numeric stack and Flower, and
+    ``fab_hash``, the SHA-256 of the Flower app bundle that ran: the ServerApp runs from
+    the copy ``flwr run`` installed, which has no git history, so that hash names the code.
+    In simulation the clients run on the same host; in a deployment they report nothing of
+    theirs here."""
     versions = {}
     for package in ("kta-flwr", "flwr", "torch", "numpy"):
         try:
@@ -327,7 +326,6 @@ def host_environment(fab_hash: str | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": versions,
-        "git_commit": _git_commit(Path(__file__).resolve().parent),
         "fab_hash": fab_hash or None,
     }
 
@@ -351,23 +349,6 @@ def _cpu_info() -> tuple[str, str | None]:
         pass
     simd = next((flag for flag in SIMD_FLAGS if flag in flags), None)
     return model or platform.processor() or platform.machine(), simd
-
-
-def _git_commit(package: Path) -> str | None:
-    """HEAD of the source checkout ``package`` was imported from, ``+dirty`` when tracked
-    files differ from it; None for an installed copy or without git."""
-    root = package.parents[1]
-    if not (root / "pyproject.toml").is_file():
-        return None
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=5, check=True).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                 cwd=root, capture_output=True, text=True, timeout=5,
-                                 check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}+dirty" if changes else head or None
 
 
 def peak_rss_mib() -> float:
