@@ -135,6 +135,9 @@ def test_the_table_says_on_which_machines_its_runs_ran():
     assert machine_of([env, env]) == "CPU A / avx2 / torch 2.14.1"  # a resumed run, one host
     assert machine_of([{}, other]) == "CPU B / avx512f / torch 2.14.1"  # older part unknown
     assert machine_of([env, other]) == "CPU A / avx2 / torch 2.14.1 + CPU B / avx512f / torch 2.14.1"
+    assert machine_of([{**env, "simd": None}]) == "CPU A / SIMD unknown / torch 2.14.1"
+    older = {key: value for key, value in env.items() if key != "simd"}
+    assert machine_of([older]) == "CPU A / SIMD not recorded / torch 2.14.1"
     runs = [RunResult("kta", seed, 0.5, 0.4, 1.0, 10.0, machine=machine_of(envs))
             for seed, envs in enumerate([[env], [env], [other], []])]
     assert machines_note(runs) == (

@@ -114,11 +114,18 @@ def read_run(results_json: Path, method: str, seed: int) -> RunResult:
     )
 
 
+def _simd_of(env: dict[str, Any]) -> str:
+    if "simd" not in env:
+        return "SIMD not recorded"
+    return env["simd"] or "SIMD unknown"
+
+
 def machine_of(environments: list[dict[str, Any]]) -> str:
     """``"<cpu> / <simd> / torch <version>"`` of a run's recorded environments (one per
     part of a resumed run, distinct ones joined by `` + ``); what decides its float
-    rounding on a CPU. "" when none was recorded."""
-    names = [f"{env['cpu']} / {env.get('simd')} / torch {env.get('versions', {}).get('torch')}"
+    rounding on a CPU. "" when none was recorded; "SIMD unknown" where the host did not
+    say (not Linux), "SIMD not recorded" for a run made before the field existed."""
+    names = [f"{env['cpu']} / {_simd_of(env)} / torch {env.get('versions', {}).get('torch')}"
              for env in environments if env]
     return " + ".join(dict.fromkeys(names))
 
