@@ -80,6 +80,7 @@ from kta_flwr.maths.market_kernels import (
     FAST,
     MarketKernels,
     few_teachers,
+    first_true_columns,
     for_each,
     label_softmax,
     pairwise_divergence,
@@ -275,9 +276,13 @@ def neighbour_mask(closeness: np.ndarray, neighbours: int) -> np.ndarray:
     others = ~np.eye(num_clients, dtype=bool)
     if 0 < neighbours < num_clients - 1:
         masked = np.where(others, closeness, -np.inf)
-        # Indices of all but the m closest others, per row.
-        drop = np.argsort(-masked, axis=1, kind="stable")[:, neighbours:]
-        np.put_along_axis(others, drop, False, axis=1)
+        # The m first of each row in a stable sort by decreasing closeness, without the
+        # sort: the entries above the row's m-th largest value, then the entries equal
+        # to it by increasing index until there are m.
+        kth = -np.partition(-masked, neighbours - 1, axis=1)[:, neighbours - 1:neighbours]
+        tied = masked == kth
+        wanted = neighbours - (masked > kth).sum(axis=1, keepdims=True)
+        others &= (masked > kth) | (tied & (np.cumsum(tied, axis=1) <= wanted))
     return others
 
 
@@ -522,7 +527,7 @@ def with_background(  # pylint: disable=too-many-arguments
     quality = _teacher_quality(accuracy, params.accuracy_exponent, shares)
     own = np.eye(num_clients, dtype=bool)
     kept = neighbour_mask(-divergence, params.neighbours)  # the m nearest others
-    columns = np.argsort(~kept, axis=1, kind="stable")[:, :params.neighbours]  # [K, m]
+    columns = first_true_columns(kept, params.neighbours)  # [K, m]
     near_divergence = np.take_along_axis(divergence, columns, axis=1)
     competes = params.self_weight < 0
     out = np.empty((len(taus), num_clients, num_clients + 1))
@@ -590,13 +595,13 @@ def candidate_weights(
     if not few_teachers(width, num_clients):  # the dense matrices
         return np.stack([_weights_at(similarity_graph(divergence, tau), accuracy, params, shares, keep)
                          for tau in grid])
-    columns = np.argsort(~allowed, axis=1, kind="stable")[:, :width]  # [K, m + 1], own included
+    columns = first_true_columns(allowed, width)  # [K, m + 1], own included
     rows = np.arange(num_clients)[:, None]
     near, kept = divergence[rows, columns], keep[rows, columns]
     out = np.zeros((len(grid), num_clients, num_clients))
     for candidate, tau in zip(out, grid):
-        weights = _weights_at(similarity_graph(near, tau), accuracy, params, shares, kept, columns)
-        np.put_along_axis(candidate, columns, weights, axis=1)
+        candidate[rows, columns] = _weights_at(similarity_graph(near, tau), accuracy, params,
+                                               shares, kept, columns)
     return out
 
 

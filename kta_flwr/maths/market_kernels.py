@@ -222,6 +222,17 @@ def few_teachers(width: int, num_clients: int) -> bool:
     return 4 * width <= num_clients
 
 
+def first_true_columns(mask: np.ndarray, width: int) -> np.ndarray:
+    """``[K, width]``: per row of ``mask`` ``[K, L]`` (bool), the columns of its True
+    entries in ascending order, then its first False ones (``width`` columns in all, at
+    most L): a stable argsort of ``~mask`` cut at ``width``, without the sort when every
+    row holds exactly ``width`` True entries."""
+    counts = mask.sum(axis=1)
+    if np.all(counts == width):
+        return np.nonzero(mask)[1].reshape(len(mask), width)
+    return np.argsort(~mask, axis=1, kind="stable")[:, :width]
+
+
 def _support(weights: np.ndarray) -> np.ndarray | None:
     """``[K, m]`` the teachers of each student (rows of ``weights`` ``[..., K, K]``, padded
     with teachers of weight 0) when no row has more than m non-zeros and m is small enough
@@ -230,7 +241,7 @@ def _support(weights: np.ndarray) -> np.ndarray | None:
     width = int(nonzero.sum(axis=1).max())
     if not few_teachers(width, weights.shape[-1]):
         return None
-    return np.argsort(~nonzero, axis=1, kind="stable")[:, :width]
+    return first_true_columns(nonzero, width)
 
 
 def soft_targets(
