@@ -218,6 +218,19 @@ def test_divergence_rows_measures_the_graph_on_those_rows_only():
     assert not np.allclose(out.divergence, exact.divergence)  # an approximation, as documented
 
 
+@pytest.mark.parametrize("variant", ["default", "background"])
+def test_target_rows_cut_the_targets_and_change_nothing_else(variant):
+    logits, labels, held_out = _clients(6, 9, rows=80)
+    params = MarketParams(**KTA, **({"neighbours": 3, "target_space": "logit", "background": True}
+                                    if variant == "background" else {}))
+    every = run_market(logits, labels, params, held_out)
+    cut = run_market(logits, labels, params, held_out, target_rows=~held_out)
+    assert cut.targets.shape == (9, int((~held_out).sum()), 10)
+    np.testing.assert_allclose(cut.targets, every.targets[:, ~held_out], atol=1e-7)
+    for name in ("accuracy", "divergence", "similarity", "weights", "tau", "distill", "priors"):
+        np.testing.assert_array_equal(getattr(cut, name), getattr(every, name))
+
+
 def test_market_device_cuda_fails_fast_without_a_gpu():
     assert market_kernels("cpu") is fast.FAST
     if torch.cuda.is_available():

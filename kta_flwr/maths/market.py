@@ -71,6 +71,7 @@ measures step 3 on that many evenly spaced rows only (an approximation, off by d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,6 +119,8 @@ __all__ = [
 
 #: Clients per chunk when a ``[K, N, C]`` array is transformed client by client.
 _CLIENT_CHUNK = 32
+#: Bytes of one chunk of a multi-pass per-client step (a core's L2 cache holds it).
+_CACHED_CHUNK_BYTES = 2 * 2**20
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ class MarketOutput:
     divergence: np.ndarray  # [K, K] mean pairwise divergence, zero diagonal
     similarity: np.ndarray  # [K, K] in (0, 1], ones on the diagonal
     weights: np.ndarray  # [K, K] teacher weights, rows sum to 1
-    targets: np.ndarray  # [K, N, C] float32 soft targets, rows sum to 1
+    targets: np.ndarray  # [K, N, C] float32 soft targets, rows sum to 1 (N: the target rows)
     tau: np.ndarray  # [K] similarity temperature used for each client
     distill: np.ndarray  # [K] bool: the client gets targets (False: the gate kept them back)
     priors: np.ndarray  # [K, C] each client's class prior (mean predicted distribution)
@@ -298,18 +301,33 @@ def class_prior(logits: np.ndarray) -> np.ndarray:
     """
     logits = np.asarray(logits)
     prior = np.empty((logits.shape[0], logits.shape[-1]))
+    # Five passes over each chunk: small enough chunks stay in cache between them.
+    per_chunk = max(1, _CACHED_CHUNK_BYTES // (4 * math.prod(logits.shape[1:]) or 1))
 
     def chunk(i: int) -> None:
-        part = slice(i * _CLIENT_CHUNK, (i + 1) * _CLIENT_CHUNK)
+        part = slice(i * per_chunk, (i + 1) * per_chunk)
         expd = np.array(logits[part], dtype=np.float32)
         expd -= expd.max(axis=-1, keepdims=True)
         np.exp(expd, out=expd)  # [k, N, C]; the mean of its rows scaled to sum 1:
         share = (1.0 / row_sums(expd))[:, None, :] / logits.shape[1]  # [k, 1, N]
         prior[part] = np.matmul(share, expd)[:, 0]
 
-    for_each(-(-len(logits) // _CLIENT_CHUNK), chunk)
+    for_each(-(-len(logits) // per_chunk), chunk)
     prior = np.maximum(prior, 1e-4)
     return prior / prior.sum(axis=1, keepdims=True)
+
+
+def own_label_probability(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``[K, M]`` (float64): the probability each client's own softmax (T = 1) of its logits
+    ``[K, M, C]`` gives the labels ``[M]``, clients in chunks on every core."""
+    out = np.empty(logits.shape[:2])
+
+    def chunk(i: int) -> None:
+        part = slice(i * _CLIENT_CHUNK, (i + 1) * _CLIENT_CHUNK)
+        out[part] = label_softmax(logits[part], labels)
+
+    for_each(-(-len(logits) // _CLIENT_CHUNK), chunk)
+    return out
 
 
 def probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -400,6 +418,7 @@ def run_market(
     params: MarketParams,
     held_out: np.ndarray | None = None,
     kernels: MarketKernels = FAST,
+    target_rows: np.ndarray | None = None,
 ) -> MarketOutput:
     """One market round: accuracy, similarity graph, teacher weights and targets.
 
@@ -412,6 +431,12 @@ def run_market(
             scores its candidates there (None or no row set: on every row).
         kernels: the heavy computations (:data:`kta_flwr.maths.market_kernels.FAST`, or
             the direct transcription ``market_reference.REFERENCE``).
+        target_rows: ``[N]`` bool, the rows to compute targets on (the strategy's: those
+            not held out, the only ones it sends); None: every row. Nothing else depends
+            on it.
+
+    Returns:
+        The round's :class:`MarketOutput`; its ``targets`` cover ``target_rows`` only.
     """
     logits = np.asarray(logits)
     if logits.ndim != 3:
@@ -464,6 +489,8 @@ def run_market(
         if _uses_background(params, num_clients):
             weights = with_background(weights[None], divergence, accuracy, params, shares,
                                       np.array([params.tau]))[0]
+    if target_rows is not None:
+        logits = logits[:, np.asarray(target_rows, bool)]
     teachers, teacher_priors = _teachers(logits, priors, weights)
     targets = kernels.targets(
         teachers, weights, temperature=params.temperature, space=params.target_space,
@@ -676,7 +703,7 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
     rows = np.arange(logits.shape[0])
     distill = np.ones(logits.shape[0], dtype=bool)
     if params.gate:
-        own = weighted_log_likelihood(label_softmax(logits, labels), sample_weights)
+        own = weighted_log_likelihood(own_label_probability(logits, labels), sample_weights)
         distill = scores[best, rows] > own
     return grid[best], candidates[best, rows], distill
 

@@ -277,8 +277,8 @@ def soft_targets(
             for start in range(0, flat.shape[1], step):
                 cols = slice(start, start + step)
                 np.matmul(w32[k, teachers], flat[teachers, cols], out=mixed.reshape(-1)[cols])
-            if log_prior is not None:
-                mixed += log_prior[k] - w[k, teachers] @ log_prior[teachers]
+            if log_prior is not None:  # a float32 shift: a float64 one casts every entry
+                mixed += (log_prior[k] - w[k, teachers] @ log_prior[teachers]).astype(np.float32)
             _softmax_rows(mixed, temperature)
 
         for_each(num_clients, student)

@@ -8,7 +8,8 @@ Each point runs :func:`kta_flwr.maths.market.run_market` ``--repeats`` times in 
 Python process (the median round, as a server sees from its second round on, and the
 first; the peak RSS, and the rise over the RSS the process had with the inputs built and
 the libraries loaded: the round's own memory), on seeded random
-float32 logits ``[K, N, C]`` with labels and the default held-out rows, with kta's
+float32 logits ``[K, N, C]`` with labels and the default held-out rows (targets on the
+other rows, the call :class:`kta_flwr.flower.strategies.market.KnowledgeMarket` makes), with kta's
 default market (``market_params`` of the default run config: adaptive tau, prior
 correction, gate, defences). Variants:
 
@@ -71,7 +72,7 @@ def market_round(clients: int, rows: int, classes: int, variant: str,  # pylint:
     seconds = []
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
-        run_market(logits, labels, params, held_out, kernels=kernels)
+        run_market(logits, labels, params, held_out, kernels=kernels, target_rows=~held_out)
         seconds.append(time.perf_counter() - start)
     return {"seconds": float(np.median(seconds)), "first_seconds": seconds[0],
             "rounds": len(seconds), "peak_rss_mib": peak_rss_mib(), "rss_before_mib": before,

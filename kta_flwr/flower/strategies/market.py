@@ -230,11 +230,11 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         stacked = np.stack([self.bank[n] for n in self.market_nodes])
         rows = self.rows(subset_id)
         held_out = self.held_out[rows]
+        # Targets never cover held-out rows; the gate may keep them back.
         out = run_market(stacked, self.reference_labels[rows], self.params, held_out=held_out,
-                         kernels=self.kernels)
+                         kernels=self.kernels, target_rows=~held_out)
         self.last_market = out
-        # The gate may keep targets back; targets never cover held-out rows.
-        self.targets = {n: q[~held_out] for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
+        self.targets = {n: q for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
         self.target_subset = dict.fromkeys(self.targets, subset_id)
         row_bytes = self.codec.row_bytes(self.num_classes)
         uploaded = [self.bank_round[n] == server_round for n in self.market_nodes]
