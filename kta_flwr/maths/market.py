@@ -317,6 +317,15 @@ def class_prior(logits: np.ndarray) -> np.ndarray:
     return prior / prior.sum(axis=1, keepdims=True)
 
 
+def reference_rows(logits: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+    """``logits[:, rows]`` of ``[K, N, C]`` logits, C-contiguous (``rows``: a slice or
+    indices; numpy's fancy indexing would lay the rows out first, and every per-client
+    step after it would stride across them)."""
+    if isinstance(rows, slice):
+        return logits[:, rows]
+    return np.take(logits, rows, axis=1)
+
+
 def own_label_probability(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """``[K, M]`` (float64): the probability each client's own softmax (T = 1) of its logits
     ``[K, M, C]`` gives the labels ``[M]``, clients in chunks on every core."""
@@ -454,7 +463,7 @@ def run_market(
         accuracy = reference_accuracy(logits, labels)
     labels = np.asarray(labels)
     divergence = kernels.divergence(
-        probabilities(logits[:, _divergence_rows(len(labels), params)], params.temperature),
+        probabilities(reference_rows(logits, _divergence_rows(len(labels), params)), params.temperature),
         params.divergence,
     )
     shares = sybil_shares(divergence, params.sybil_divergence)
@@ -479,7 +488,7 @@ def run_market(
         if held_out is not None and np.any(held_out):
             rows = np.flatnonzero(held_out)
         taus, weights, distill = adaptive_weights(
-            logits[:, rows], labels[rows], divergence, accuracy, params,
+            reference_rows(logits, rows), labels[rows], divergence, accuracy, params,
             sample_weights=estimated_priors[:, labels[rows]],
             priors=priors, shares=shares, kernels=kernels,
         )
@@ -490,7 +499,7 @@ def run_market(
             weights = with_background(weights[None], divergence, accuracy, params, shares,
                                       np.array([params.tau]))[0]
     if target_rows is not None:
-        logits = logits[:, np.asarray(target_rows, bool)]
+        logits = reference_rows(logits, np.flatnonzero(target_rows))
     teachers, teacher_priors = _teachers(logits, priors, weights)
     targets = kernels.targets(
         teachers, weights, temperature=params.temperature, space=params.target_space,

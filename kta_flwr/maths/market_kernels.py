@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -83,6 +84,36 @@ def for_each(count: int, body: Callable[[int], None], workers: int | None = None
     # One BLAS thread per worker: BLAS's own threads on top would oversubscribe the cores.
     with threadpool_limits(1, "blas"), ThreadPoolExecutor(num_threads) as pool:
         list(pool.map(run, range(0, count, step)))
+
+
+class Scratch:
+    """Work arrays that the tasks one thread runs in a kernel call reuse: a fresh large
+    temporary per student costs its page faults every time, about as much as the work
+    done on it. Create one per call (no state outlives it)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+        """This thread's array ``name`` of ``shape`` and ``dtype`` (uninitialised)."""
+        arrays = vars(self._local)
+        have = arrays.get(name)
+        if have is None or have.shape != shape or have.dtype != dtype:
+            have = arrays[name] = np.empty(shape, dtype)
+        return have
+
+
+def gather(source: np.ndarray, index: np.ndarray, part: slice, out: np.ndarray) -> np.ndarray:
+    """``source[index, part]`` of a C-contiguous ``source`` ``[J, N, C]`` (``index``
+    ``[m]`` in range, ``part`` a slice of the N rows), written into ``out`` ``[m, b·C]``
+    without the temporary of fancy indexing."""
+    if not source.flags.c_contiguous:  # a reshape would copy all of it for every student
+        raise ValueError("gather needs a C-contiguous source")
+    if part == slice(0, source.shape[1]):
+        return np.take(source.reshape(len(source), -1), index, axis=0, out=out, mode="clip")
+    for row, j in zip(out, index):  # np.take is slow on strided blocks
+        row[:] = source[j, part].reshape(-1)
+    return out
 
 
 def _row_blocks(num_rows: int, bytes_per_row: int, block_bytes: int) -> Iterator[slice]:
@@ -267,16 +298,18 @@ def soft_targets(
     out = np.empty((num_clients, num_rows, num_classes), np.float32)
     w32, rho32 = w.astype(np.float32), rho[:num_clients].astype(np.float32)
     if support is not None:  # float32 mixes of float32 logits: targets within ~1e-6
-        flat = logits.reshape(num_teachers, -1)  # [J, N·C]
-        # One matrix-vector product per student over its m teachers' gathered columns,
-        # at most block_bytes / threads of them at a time.
-        step = max(1, block_bytes // (threads() * 4 * support.shape[1]))
+        # One matrix-vector product per student over its m teachers' gathered rows, at
+        # most block_bytes / threads of them at a time.
+        step = max(1, block_bytes // (threads() * 4 * support.shape[1] * num_classes))
+        source, scratch = np.ascontiguousarray(logits), Scratch()
 
         def student(k: int) -> None:
             teachers, mixed = support[k], out[k]  # [m], [N, C]
-            for start in range(0, flat.shape[1], step):
-                cols = slice(start, start + step)
-                np.matmul(w32[k, teachers], flat[teachers, cols], out=mixed.reshape(-1)[cols])
+            for start in range(0, num_rows, step):
+                rows = slice(start, min(num_rows, start + step))
+                gathered = scratch.array("gathered", (len(teachers), (rows.stop - start) * num_classes))
+                np.matmul(w32[k, teachers], gather(source, teachers, rows, gathered),
+                          out=mixed[rows].reshape(-1))
             if log_prior is not None:  # a float32 shift: a float64 one casts every entry
                 mixed += (log_prior[k] - w[k, teachers] @ log_prior[teachers]).astype(np.float32)
             _softmax_rows(mixed, temperature)
@@ -326,13 +359,16 @@ def _sparse_mixture(logits: np.ndarray, weights: np.ndarray, support: np.ndarray
                     log_prior: np.ndarray | None, rho: np.ndarray, temperature: float) -> np.ndarray:
     """Prob-space targets ``[K, N, C]`` (float32) of students with few teachers each
     (``support``: ``[K, m]``), student by student."""
-    expd = _shifted(logits, log_prior, temperature, np.float32).transpose(1, 0, 2)  # [J, N, C]
+    expd = np.ascontiguousarray(
+        _shifted(logits, log_prior, temperature, np.float32).transpose(1, 0, 2))  # [J, N, C]
     rho32 = rho.astype(np.float32)
     out = np.empty((len(support), *expd.shape[1:]), np.float32)
+    scratch, every, gathered = Scratch(), slice(0, expd.shape[1]), (support.shape[1], expd[0].size)
 
     def student(k: int) -> None:
         teachers = support[k]
-        mine = expd[teachers]  # [m, N, C]
+        mine = gather(expd, teachers, every, scratch.array("gathered", gathered)).reshape(
+            len(teachers), *expd.shape[1:])  # [m, N, C]
         share = weights[k, teachers, None].astype(np.float32) / (mine @ rho32[k])  # [m, N]
         mixed = np.einsum("jn,jnc->nc", share, mine) * rho32[k]
         out[k] = mixed / mixed.sum(axis=-1, keepdims=True)
@@ -375,13 +411,18 @@ def label_probability(
         # so exp never overflows and log pi_k enters as the factor rho_k of each class.
         relative = _relative_logits(logits, log_prior)  # [J, M, C] float32
         if support is not None:  # few teachers per student: gather them
+            scratch, every = Scratch(), slice(0, num_rows)
+            shape = (len(w), num_rows, num_classes)
 
             def logit_student(k: int) -> None:
                 teachers = support[k]
-                mixed = w[:, k, teachers].astype(np.float32) @ relative[teachers].reshape(
-                    len(teachers), -1)  # [G, M·C], float32 products (scores move ~1e-7 nats)
-                out[:, k] = _scaled_label_softmax(
-                    mixed.reshape(len(w), num_rows, num_classes), labels, rho[k])
+                gathered = gather(relative, teachers, every,
+                                  scratch.array("gathered", (len(teachers), num_rows * num_classes)))
+                mixed = np.matmul(w[:, k, teachers].astype(np.float32), gathered,
+                                  out=scratch.array("mixed", (len(w), num_rows * num_classes)))
+                # float32 products: scores move ~1e-7 nats
+                out[:, k] = _scaled_label_softmax(mixed.reshape(shape), labels, rho[k],
+                                                  work=scratch.array("work", shape))
 
             for_each(num_clients, logit_student)
             return out
@@ -391,12 +432,14 @@ def label_probability(
             out[g] = _scaled_label_softmax(mixed, labels, rho[:num_clients])
         return out
     if support is not None:  # few teachers per student: gather them
-        expd = _shifted(logits, log_prior, 1.0).transpose(1, 0, 2)  # [J, M, C]
+        expd = np.ascontiguousarray(_shifted(logits, log_prior, 1.0).transpose(1, 0, 2))  # [J, M, C]
         hit = np.take_along_axis(expd, labels[None, :, None], axis=-1)[..., 0]  # [J, M]
+        scratch, every, gathered = Scratch(), slice(0, num_rows), (support.shape[1], expd[0].size)
 
         def prob_student(k: int) -> None:
             teachers = support[k]
-            ratio = hit[teachers] / (expd[teachers] @ rho[k])  # [m, M]
+            mine = gather(expd, teachers, every, scratch.array("gathered", gathered, np.float64))
+            ratio = hit[teachers] / (mine.reshape(len(teachers), num_rows, num_classes) @ rho[k])
             out[:, k] = (w[:, k, teachers] @ ratio) * rho[k, labels]
 
         for_each(num_clients, prob_student)
@@ -426,7 +469,7 @@ def label_softmax(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def _relative_logits(logits: np.ndarray, log_prior: np.ndarray | None) -> np.ndarray:
     """``[K, M, C]`` float32: ``z - log pi`` (``log_prior`` ``[K, C]``, or none) minus its
     maximum over classes, so every entry is <= 0 and each row's largest is 0."""
-    out = np.array(logits, dtype=np.float32)
+    out = np.array(logits, dtype=np.float32, order="C")
     shift = None if log_prior is None else log_prior.astype(np.float32)[:, None, :]
 
     def client(k: int) -> None:
@@ -438,15 +481,17 @@ def _relative_logits(logits: np.ndarray, log_prior: np.ndarray | None) -> np.nda
     return out
 
 
-def _scaled_label_softmax(mixed: np.ndarray, labels: np.ndarray, rho: np.ndarray) -> np.ndarray:
+def _scaled_label_softmax(mixed: np.ndarray, labels: np.ndarray, rho: np.ndarray,
+                          work: np.ndarray | None = None) -> np.ndarray:
     """``softmax(mixed + log rho)[..., i, y_i]``, ``[..., M]`` (float64), of mixes
     ``[..., M, C]`` of non-positive logits; ``rho`` (``[..., C]``: per leading index, the
     same for every row; in (0, 1]) scales each class. Rows whose every term underflows are
-    redone with their own maximum."""
+    redone with their own maximum. ``work``: an array of ``mixed``'s shape and dtype for
+    the exponentials (None: a new one)."""
     index = labels.reshape((1,) * (mixed.ndim - 2) + (-1, 1))
     hit = np.exp(np.take_along_axis(mixed, index, axis=-1)[..., 0].astype(np.float64))
     scales = np.asarray(rho, mixed.dtype)
-    total = np.matmul(np.exp(mixed), scales[..., :, None])[..., 0].astype(np.float64)  # [..., M]
+    total = np.matmul(np.exp(mixed, out=work), scales[..., :, None])[..., 0].astype(np.float64)
     low = total <= 1e-30
     picked = hit * np.take(scales, labels, axis=-1) / np.where(low, np.inf, total)
     if low.any():  # shifted by their own maximum first: float32 keeps their precision
