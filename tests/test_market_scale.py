@@ -234,14 +234,24 @@ def test_target_rows_cut_the_targets_and_change_nothing_else(variant):
 def test_gather_writes_the_fancy_index_into_reused_scratch():
     source = np.arange(5 * 6 * 3, dtype=np.float32).reshape(5, 6, 3)
     scratch, index = fast.Scratch(), np.array([4, 0, 2])
-    for part in (slice(0, 6), slice(2, 5)):
-        out = scratch.array("rows", (3, (part.stop - part.start) * 3))
-        got = fast.gather(source, index, part, out)
-        assert got is out
+    for part in (slice(None), slice(2, 5)):
+        got = scratch.gather(source, index, part)
+        assert got is scratch.array("gathered", got.shape, got.dtype)  # this thread's array
         np.testing.assert_array_equal(got, source[index, part].reshape(3, -1))
-    assert scratch.array("rows", (3, 9)) is out  # the same shape: the same memory
+    assert scratch.gather(source, index, slice(1, 4)) is got  # the same shape: the same memory
     with pytest.raises(ValueError, match="C-contiguous"):
-        fast.gather(source.transpose(1, 0, 2), index, slice(0, 5), np.empty((3, 15), np.float32))
+        scratch.gather(source.transpose(1, 0, 2), index)
+
+
+def test_for_each_chunk_covers_every_index_once_in_slices_of_the_size():
+    seen = np.zeros(10, int)
+
+    def body(part):
+        assert part.stop - part.start <= 3
+        seen[part] += 1
+
+    fast.for_each_chunk(10, 3, body, workers=2)
+    np.testing.assert_array_equal(seen, 1)
 
 
 def test_market_device_cuda_fails_fast_without_a_gpu():

@@ -82,7 +82,7 @@ from kta_flwr.maths.market_kernels import (
     MarketKernels,
     few_teachers,
     first_true_columns,
-    for_each,
+    for_each_chunk,
     label_softmax,
     pairwise_divergence,
     row_sums,
@@ -194,11 +194,10 @@ def _correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     logits, labels = np.asarray(logits), np.asarray(labels)
     out = np.empty(logits.shape[:2], dtype=bool)
 
-    def chunk(i: int) -> None:
-        part = slice(i * _CLIENT_CHUNK, (i + 1) * _CLIENT_CHUNK)
+    def chunk(part: slice) -> None:
         np.equal(logits[part].argmax(axis=-1), labels[None, :], out=out[part])
 
-    for_each(-(-len(logits) // _CLIENT_CHUNK), chunk)
+    for_each_chunk(len(logits), _CLIENT_CHUNK, chunk)
     return out
 
 
@@ -304,17 +303,16 @@ def class_prior(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits)
     prior = np.empty((logits.shape[0], logits.shape[-1]))
     # Five passes over each chunk: small enough chunks stay in cache between them.
-    per_chunk = max(1, _CACHED_CHUNK_BYTES // (4 * math.prod(logits.shape[1:]) or 1))
+    per_chunk = _CACHED_CHUNK_BYTES // max(1, 4 * math.prod(logits.shape[1:]))
 
-    def chunk(i: int) -> None:
-        part = slice(i * per_chunk, (i + 1) * per_chunk)
+    def chunk(part: slice) -> None:
         expd = np.array(logits[part], dtype=np.float32)
         expd -= expd.max(axis=-1, keepdims=True)
         np.exp(expd, out=expd)  # [k, N, C]; the mean of its rows scaled to sum 1:
         share = (1.0 / row_sums(expd))[:, None, :] / logits.shape[1]  # [k, 1, N]
         prior[part] = np.matmul(share, expd)[:, 0]
 
-    for_each(-(-len(logits) // per_chunk), chunk)
+    for_each_chunk(len(logits), per_chunk, chunk)
     prior = np.maximum(prior, 1e-4)
     return prior / prior.sum(axis=1, keepdims=True)
 
@@ -333,11 +331,10 @@ def own_label_probability(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     ``[K, M, C]`` gives the labels ``[M]``, clients in chunks on every core."""
     out = np.empty(logits.shape[:2])
 
-    def chunk(i: int) -> None:
-        part = slice(i * _CLIENT_CHUNK, (i + 1) * _CLIENT_CHUNK)
+    def chunk(part: slice) -> None:
         out[part] = label_softmax(logits[part], labels)
 
-    for_each(-(-len(logits) // _CLIENT_CHUNK), chunk)
+    for_each_chunk(len(logits), _CLIENT_CHUNK, chunk)
     return out
 
 
@@ -362,12 +359,11 @@ def centre(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits)
     out = np.empty(z.shape, np.float32 if z.dtype == np.float32 else np.float64)
 
-    def chunk(i: int) -> None:
-        part = z[i * _CLIENT_CHUNK:(i + 1) * _CLIENT_CHUNK]
-        mean = part.mean(axis=-1, keepdims=True, dtype=np.float64).astype(out.dtype)
-        np.subtract(part, mean, out=out[i * _CLIENT_CHUNK:(i + 1) * _CLIENT_CHUNK])
+    def chunk(part: slice) -> None:
+        mean = z[part].mean(axis=-1, keepdims=True, dtype=np.float64).astype(out.dtype)
+        np.subtract(z[part], mean, out=out[part])
 
-    for_each(-(-len(z) // _CLIENT_CHUNK), chunk)
+    for_each_chunk(len(z), _CLIENT_CHUNK, chunk)
     return out
 
 

@@ -86,6 +86,15 @@ def for_each(count: int, body: Callable[[int], None], workers: int | None = None
         list(pool.map(run, range(0, count, step)))
 
 
+def for_each_chunk(count: int, size: int, body: Callable[[slice], None],
+                   workers: int | None = None) -> None:
+    """:func:`for_each` over the consecutive slices of ``range(count)`` of ``size`` (the
+    last one shorter): ``body(part)`` for each, on every core."""
+    size = max(1, size)
+    for_each(-(-count // size), lambda i: body(slice(i * size, min(count, (i + 1) * size))),
+             workers)
+
+
 class Scratch:
     """Work arrays that the tasks one thread runs in a kernel call reuse: a fresh large
     temporary per student costs its page faults every time, about as much as the work
@@ -102,18 +111,19 @@ class Scratch:
             have = arrays[name] = np.empty(shape, dtype)
         return have
 
-
-def gather(source: np.ndarray, index: np.ndarray, part: slice, out: np.ndarray) -> np.ndarray:
-    """``source[index, part]`` of a C-contiguous ``source`` ``[J, N, C]`` (``index``
-    ``[m]`` in range, ``part`` a slice of the N rows), written into ``out`` ``[m, b·C]``
-    without the temporary of fancy indexing."""
-    if not source.flags.c_contiguous:  # a reshape would copy all of it for every student
-        raise ValueError("gather needs a C-contiguous source")
-    if part == slice(0, source.shape[1]):
-        return np.take(source.reshape(len(source), -1), index, axis=0, out=out, mode="clip")
-    for row, j in zip(out, index):  # np.take is slow on strided blocks
-        row[:] = source[j, part].reshape(-1)
-    return out
+    def gather(self, source: np.ndarray, index: np.ndarray, part: slice = slice(None)) -> np.ndarray:
+        """``source[index, part]`` of a C-contiguous ``source`` ``[J, N, C]`` (``index``
+        ``[m]`` in range, ``part`` a slice of the N rows) as ``[m, b·C]``, in this
+        thread's work array ``"gathered"`` instead of the temporary of fancy indexing."""
+        if not source.flags.c_contiguous:  # a reshape would copy all of it for every student
+            raise ValueError("gather needs a C-contiguous source")
+        start, stop, _ = part.indices(source.shape[1])
+        out = self.array("gathered", (len(index), (stop - start) * source.shape[2]), source.dtype)
+        if (start, stop) == (0, source.shape[1]):
+            return np.take(source.reshape(len(source), -1), index, axis=0, out=out, mode="clip")
+        for row, j in zip(out, index):  # np.take is slow on strided blocks
+            row[:] = source[j, start:stop].reshape(-1)
+        return out
 
 
 def _row_blocks(num_rows: int, bytes_per_row: int, block_bytes: int) -> Iterator[slice]:
@@ -306,9 +316,8 @@ def soft_targets(
         def student(k: int) -> None:
             teachers, mixed = support[k], out[k]  # [m], [N, C]
             for start in range(0, num_rows, step):
-                rows = slice(start, min(num_rows, start + step))
-                gathered = scratch.array("gathered", (len(teachers), (rows.stop - start) * num_classes))
-                np.matmul(w32[k, teachers], gather(source, teachers, rows, gathered),
+                rows = slice(start, start + step)
+                np.matmul(w32[k, teachers], scratch.gather(source, teachers, rows),
                           out=mixed[rows].reshape(-1))
             if log_prior is not None:  # a float32 shift: a float64 one casts every entry
                 mixed += (log_prior[k] - w[k, teachers] @ log_prior[teachers]).astype(np.float32)
@@ -363,12 +372,11 @@ def _sparse_mixture(logits: np.ndarray, weights: np.ndarray, support: np.ndarray
         _shifted(logits, log_prior, temperature, np.float32).transpose(1, 0, 2))  # [J, N, C]
     rho32 = rho.astype(np.float32)
     out = np.empty((len(support), *expd.shape[1:]), np.float32)
-    scratch, every, gathered = Scratch(), slice(0, expd.shape[1]), (support.shape[1], expd[0].size)
+    scratch = Scratch()
 
     def student(k: int) -> None:
         teachers = support[k]
-        mine = gather(expd, teachers, every, scratch.array("gathered", gathered)).reshape(
-            len(teachers), *expd.shape[1:])  # [m, N, C]
+        mine = scratch.gather(expd, teachers).reshape(len(teachers), *expd.shape[1:])  # [m, N, C]
         share = weights[k, teachers, None].astype(np.float32) / (mine @ rho32[k])  # [m, N]
         mixed = np.einsum("jn,jnc->nc", share, mine) * rho32[k]
         out[k] = mixed / mixed.sum(axis=-1, keepdims=True)
@@ -411,14 +419,12 @@ def label_probability(
         # so exp never overflows and log pi_k enters as the factor rho_k of each class.
         relative = _relative_logits(logits, log_prior)  # [J, M, C] float32
         if support is not None:  # few teachers per student: gather them
-            scratch, every = Scratch(), slice(0, num_rows)
-            shape = (len(w), num_rows, num_classes)
+            scratch, shape = Scratch(), (len(w), num_rows, num_classes)
 
             def logit_student(k: int) -> None:
                 teachers = support[k]
-                gathered = gather(relative, teachers, every,
-                                  scratch.array("gathered", (len(teachers), num_rows * num_classes)))
-                mixed = np.matmul(w[:, k, teachers].astype(np.float32), gathered,
+                mixed = np.matmul(w[:, k, teachers].astype(np.float32),
+                                  scratch.gather(relative, teachers),
                                   out=scratch.array("mixed", (len(w), num_rows * num_classes)))
                 # float32 products: scores move ~1e-7 nats
                 out[:, k] = _scaled_label_softmax(mixed.reshape(shape), labels, rho[k],
@@ -434,12 +440,12 @@ def label_probability(
     if support is not None:  # few teachers per student: gather them
         expd = np.ascontiguousarray(_shifted(logits, log_prior, 1.0).transpose(1, 0, 2))  # [J, M, C]
         hit = np.take_along_axis(expd, labels[None, :, None], axis=-1)[..., 0]  # [J, M]
-        scratch, every, gathered = Scratch(), slice(0, num_rows), (support.shape[1], expd[0].size)
+        scratch = Scratch()
 
         def prob_student(k: int) -> None:
             teachers = support[k]
-            mine = gather(expd, teachers, every, scratch.array("gathered", gathered, np.float64))
-            ratio = hit[teachers] / (mine.reshape(len(teachers), num_rows, num_classes) @ rho[k])
+            mine = scratch.gather(expd, teachers).reshape(len(teachers), num_rows, num_classes)
+            ratio = hit[teachers] / (mine @ rho[k])
             out[:, k] = (w[:, k, teachers] @ ratio) * rho[k, labels]
 
         for_each(num_clients, prob_student)
