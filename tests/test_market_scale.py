@@ -129,6 +129,20 @@ def test_divergence_kernel_on_floored_and_peaked_predictions(kind):
         np.testing.assert_allclose(got, want, atol=1e-7)
 
 
+@pytest.mark.parametrize("columns, tile, students", [(16, 48, 4), (7, 7, 3), (1000, 1000, 25)])
+def test_js_tiles_and_student_groups_do_not_change_the_graph(monkeypatch, columns, tile, students):
+    """Tiles of 1 to 6 teachers, column chunks with a short last one, student groups that
+    straddle the tiles: every pair is summed once, as by the direct formula."""
+    probs = softmax(np.random.default_rng(5).normal(0, 3, (23, 30, 7)))
+    want = reference.pairwise_divergence(probs, "js")
+    monkeypatch.setattr(fast, "_JS_COLUMNS", columns)
+    monkeypatch.setattr(fast, "_JS_TILE", tile)
+    monkeypatch.setattr(fast, "_JS_STUDENTS", students)
+    for workers in (1, 2):
+        got = fast.pairwise_divergence(probs.astype(np.float32), "js", workers=workers)
+        np.testing.assert_allclose(got, want, atol=1e-7)
+
+
 def test_blocked_targets_and_scores_do_not_depend_on_block_size():
     logits, labels, _ = _clients(11, 30)
     weights = np.random.default_rng(4).dirichlet(np.ones(30), size=(3, 30))

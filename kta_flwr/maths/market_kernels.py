@@ -8,9 +8,10 @@ temporaries per client. Here:
 
 - **Divergences**: the symmetric KL, squared Hellinger and cosine are matrix products
   (``[K, N·C] x [N·C, K]``, by column chunks). Jensen-Shannon needs
-  ``sum (p+q) log (p+q)`` for every pair, which no product gives: it runs over cache-sized tiles of the upper triangle on all cores
-  (numpy releases the GIL), in float32 with float64 accumulation (the entropies stay
-  float64); its error is ~1e-8 nats (``tests/test_market_scale.py``).
+  ``sum (p+q) log (p+q)`` for every pair, which no product gives: it runs over
+  cache-sized tiles of the upper triangle, each shared by a group of students, on all
+  cores (numpy releases the GIL), in float32 with float64 accumulation (the entropies
+  stay float64); its error is ~1e-8 nats (``tests/test_market_scale.py``).
 - **Mixtures with the prior correction** (``prob`` space): student k's mix of teacher j's
   prior-shifted softmax is ``q_k[i, c] = rho_k[c] sum_j W[k, j] E_j[i, c] / Z[j, i, k]``
   with ``E_j = exp((z_j - log pi_j) / T)``, ``rho_k = pi_k ** (1 / T)`` and
@@ -45,8 +46,9 @@ DIVERGENCES = ("js", "skl", "hellinger", "cosine")
 #: Working memory of one blocked step (bytes).
 BLOCK_BYTES = 64 * 2**20
 #: Tile of the Jensen-Shannon kernel: at most this many columns, and teachers x columns
-#: of about this many float32 values (a core's L2 cache holds two such tiles).
-_JS_COLUMNS, _JS_TILE = 8192, 131072
+#: of about this many float32 values (1 MiB), shared by this many students while it is in
+#: cache (each tile is read from memory once per group of students, not once per student).
+_JS_COLUMNS, _JS_TILE, _JS_STUDENTS = 16384, 262144, 4
 
 
 def check_divergence(kind: str) -> None:
@@ -165,7 +167,8 @@ def _column_chunks(flat: np.ndarray, block_bytes: int, row_length: int) -> Itera
     """float64 column chunks of ``flat`` [K, L], clipped at EPS, whole rows of ``row_length``."""
     width = max(row_length, (block_bytes // (8 * flat.shape[0])) // row_length * row_length)
     for start in range(0, flat.shape[1], width):
-        yield np.clip(flat[:, start:start + width].astype(np.float64), EPS, 1.0)
+        chunk = flat[:, start:start + width].astype(np.float64)
+        yield np.clip(chunk, EPS, 1.0, out=chunk)  # in place: a second copy costs as much
 
 
 def _product_divergence(flat: np.ndarray, kind: str, num_classes: int, block_bytes: int) -> np.ndarray:
@@ -206,27 +209,36 @@ def _js_sums(flat: np.ndarray, workers: int | None, block_bytes: int) -> np.ndar
     cols = min(length, _JS_COLUMNS)
     teachers = max(1, _JS_TILE // cols)
 
-    def upper_row(k: int) -> np.ndarray:
-        """``sum s log s`` of client k against every client after it (float64)."""
-        others = p32[k + 1:]
-        acc = np.zeros(len(others))
+    def upper_rows(first: int) -> np.ndarray:
+        """``sum s log s`` of students ``first, ..., first + g - 1`` against every client
+        after ``first``, ``[g, K - first - 1]`` float64 (zero where the teacher is not after
+        the student)."""
+        students = range(first, min(num_clients, first + _JS_STUDENTS))
+        others = p32[first + 1:]
+        acc = np.zeros((len(students), len(others)))
         buf = np.empty((teachers, cols), np.float32)
         logs = np.empty((teachers, cols), np.float32)
         for a in range(0, len(others), teachers):
-            rows = others[a:a + teachers]
             for c in range(0, length, cols):
-                block = rows[:, c:c + cols]
-                s, ls = buf[:len(rows), :block.shape[1]], logs[:len(rows), :block.shape[1]]
-                np.add(block, p32[k, c:c + cols], out=s)
-                np.log(s, out=ls)
-                np.multiply(s, ls, out=s)
-                acc[a:a + len(rows)] += s.sum(axis=1, dtype=np.float64)
+                tile = others[a:a + teachers, c:c + cols]
+                for i, k in enumerate(students):
+                    skip = max(0, k - first - a)  # the tile's teachers up to student k
+                    if skip >= len(tile):
+                        continue
+                    shape = len(tile) - skip, tile.shape[1]
+                    s, ls = buf[:shape[0], :shape[1]], logs[:shape[0], :shape[1]]
+                    np.add(tile[skip:], p32[k, c:c + cols], out=s)
+                    np.log(s, out=ls)
+                    np.multiply(s, ls, out=s)
+                    acc[i, a + skip:a + len(tile)] += s.sum(axis=1, dtype=np.float64)
         return acc
 
     sums = np.zeros((num_clients, num_clients))
     with ThreadPoolExecutor(threads(workers)) as pool:
-        for k, row in enumerate(pool.map(upper_row, range(num_clients))):
-            sums[k, k + 1:] = row
+        firsts = range(0, num_clients, _JS_STUDENTS)
+        for first, rows in zip(firsts, pool.map(upper_rows, firsts)):
+            for i, row in enumerate(rows):
+                sums[first + i, first + i + 1:] = row[i:]
     sums += sums.T
     pair_entropy = entropy[:, None] + entropy[None, :]
     pair_mass = mass[:, None] + mass[None, :]
