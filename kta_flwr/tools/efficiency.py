@@ -26,8 +26,6 @@ Writes ``<out>/efficiency/<preset>/efficiency.json``, ``efficiency.md`` and
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from kta_flwr.config import DATA_ROOT, RunConfig, parse_run_config
+from kta_flwr.flower.results import host_environment
 from kta_flwr.flower.timing import EVALUATE_PHASES, TRAIN_PHASES
 from kta_flwr.tools import cli
 from kta_flwr.tools.federation import LocalFederation
@@ -251,10 +250,13 @@ def scaling_point(flower: dict[str, Any], num_clients: int) -> dict[str, Any]:
 
 # --- report --------------------------------------------------------------------------
 def hardware() -> str:
+    """``"<CPU model> (<widest SIMD>), <n> CPUs, <GPU or no GPU>"``: timings depend on the
+    SIMD too (the market's float32 logarithms run much faster with AVX-512)."""
     import torch  # pylint: disable=import-outside-toplevel
 
+    host = host_environment()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
+    return f"{host['cpu']} ({host['simd'] or 'SIMD unknown'}), {host['cpu_count']} CPUs, {gpu}"
 
 
 def markdown(report: dict[str, Any]) -> str:
