@@ -7,7 +7,7 @@ node keeps its models and what happens on faults: ``docs/running.md``.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from kta_flwr.client import handler_for
@@ -30,6 +30,8 @@ def train(msg: Message, context: Context) -> Message:
     wall seconds of each phase (``t-setup``, ``t-restore``, ``t-stage1``, ``t-stage2``,
     ``t-predict``, ``t-save``; :mod:`kta_flwr.flower.timing`) and, under DP, the ε the
     node has spent (``dp-epsilon``, ``logit-epsilon``; :mod:`kta_flwr.client.privacy`).
+    A node that passed over a damaged checkpoint, or started fresh in a resumed run, says
+    so in a ``notes`` record (:attr:`kta_flwr.client.node.Node.notes`).
     """
     timer = PhaseTimer()
     with timer("setup"):  # config, data (cached per process), device, state from disk
@@ -43,6 +45,8 @@ def train(msg: Message, context: Context) -> Message:
         node.privacy.settle(node.server_round, TRAIN, metrics)
     poison_reply(node, msg, content, metrics)
     content[protocol.METRICS] = MetricRecord({**metrics, **timer.metrics()})
+    if node.notes:  # a damaged checkpoint passed over, or a fresh start in a resumed run
+        content[protocol.NOTES] = ConfigRecord(node.notes)
     return Message(content=content, reply_to=msg)
 
 
@@ -63,7 +67,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     with timer("save"):
         node.record_evaluation(metrics)
     metrics = {**metrics, protocol.PARTITION_ID: node.partition_id, **timer.metrics()}
-    return Message(content=RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({protocol.METRICS: MetricRecord(metrics)})
+    if node.notes:
+        content[protocol.NOTES] = ConfigRecord(node.notes)
+    return Message(content=content, reply_to=msg)
 
 
 @app.query()

@@ -74,6 +74,8 @@ MARKET_DEVICES = ("cpu", "auto", "cuda")
 #: disk only (a simulation of many stateful clients holds no model in memory).
 NODE_STATE_MEMORY, NODE_STATE_DISK = "memory", "disk"
 NODE_STATES = (NODE_STATE_MEMORY, NODE_STATE_DISK)
+#: How the compressed baselines combine a round's decoded updates (mean: FedAvg's).
+UPDATE_AGGREGATIONS = ("mean", "median", "trimmed-mean")
 #: Attacks that replace the logits a market client uploads (:mod:`kta_flwr.client.attacks`).
 LOGIT_ATTACKS = ("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled", "confident-wrong",
                  "random", "sybil")
@@ -82,7 +84,7 @@ ATTACK_FAMILIES: dict[str, frozenset[str]] = {
     "none": frozenset({MARKET, PARAMETERS, COMPRESSED, PERSONAL}),
     **dict.fromkeys((*LOGIT_ATTACKS, "malformed"), frozenset({MARKET})),
     "label-flip": frozenset({MARKET, PARAMETERS, COMPRESSED, PERSONAL}),
-    **dict.fromkeys(("negated", "scaled-update"), frozenset({PARAMETERS, PERSONAL})),
+    **dict.fromkeys(("negated", "scaled-update"), frozenset({PARAMETERS, PERSONAL, COMPRESSED})),
 }
 ATTACKS = tuple(ATTACK_FAMILIES)
 
@@ -186,6 +188,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     trim_beta: float = 0.2
     # --- compressed-update baselines ---------------------------------------------
     topk_fraction: float = 0.01
+    update_aggregation: str = "mean"
     sapef_alpha: float = 0.5
     svd_energy: float = 0.95
     svd_energy_end: float = 0.98
@@ -203,6 +206,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     dp_noise: float = 0.0
     dp_delta: float = 0.0
     dp_clip: float = 1.0
+    dp_lifetime_epsilon: float = 0.0
     logit_noise: float = 0.0
     logit_clip: float = 5.0
     # --- fault injection (tests and fault benchmarks; 0 = off) ---------------------------
@@ -251,9 +255,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
 
     @property
     def privacy_metrics(self) -> tuple[str, ...]:
-        """Train metrics every client sends under DP: ``dp-epsilon`` (DP-SGD) and
+        """Train metrics every client sends under DP: ``dp-epsilon`` and
+        ``dp-lifetime-epsilon`` (DP-SGD: this run's, and the data's over every run) and
         ``logit-epsilon`` (noise on the uploaded logits), where on."""
-        return (("dp-epsilon",) if self.private else ()) + (
+        return (("dp-epsilon", "dp-lifetime-epsilon") if self.private else ()) + (
             ("logit-epsilon",) if self.logit_noise > 0 else ())
 
     @property
@@ -404,6 +409,15 @@ def _check_privacy(cfg: RunConfig) -> None:
                           "(0: 1 / the client's number of training examples)")
     _positive("dp-clip", cfg.dp_clip)
     _positive("logit-clip", cfg.logit_clip)
+    _non_negative("dp-lifetime-epsilon", cfg.dp_lifetime_epsilon)
+    if cfg.dp_lifetime_epsilon > 0 and not cfg.private:
+        raise ConfigError(
+            f"run-config 'dp-lifetime-epsilon' = {cfg.dp_lifetime_epsilon!r} bounds what DP-SGD "
+            "spends over a node's runs; set 'dp-epsilon' or 'dp-noise' too")
+    if 0 < cfg.dp_lifetime_epsilon < cfg.dp_epsilon:
+        raise ConfigError(
+            f"run-config 'dp-lifetime-epsilon' = {cfg.dp_lifetime_epsilon!r} is below this run's "
+            f"target 'dp-epsilon' = {cfg.dp_epsilon!r}: no node could ever train")
     if cfg.private and cfg.has_private_teacher:
         raise ConfigError(
             f"run-config 'dp-epsilon'/'dp-noise' cannot be used with strategy {cfg.strategy!r}: "
@@ -432,6 +446,12 @@ def _validate(cfg: RunConfig) -> RunConfig:
                           f"{cfg.target_space!r}")
     _choice("device", cfg.device, DEVICES)
     _choice("codec", cfg.codec, CODECS)
+    _choice("update-aggregation", cfg.update_aggregation, UPDATE_AGGREGATIONS)
+    if cfg.update_aggregation != "mean" and not cfg.is_compressed:
+        raise ConfigError(
+            f"run-config 'update-aggregation' = {cfg.update_aggregation!r} applies to the "
+            f"compressed strategies {list(COMPRESSED_STRATEGIES)}; the stock family has "
+            "'fedmedian' and 'fedtrimmedavg' as strategies of their own")
     for key, value in (
         ("num-server-rounds", cfg.num_server_rounds),
         ("local-epochs", cfg.local_epochs),

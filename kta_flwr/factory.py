@@ -11,13 +11,12 @@ from collections.abc import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord
-from flwr.serverapp.strategy import Strategy
 
 from kta_flwr.config import COMPRESSED, MARKET, PARAMETERS, PERSONAL, RunConfig
-from kta_flwr.flower.strategies.base import EvaluateEvery, MetricsAggregator
+from kta_flwr.flower.strategies.base import MetricsAggregator, NodeOptions, NodeStrategy
 from kta_flwr.flower.strategies.compressed import CompressedUpdates
 from kta_flwr.flower.strategies.market import KnowledgeMarket
-from kta_flwr.flower.strategies.stock import STOCK
+from kta_flwr.flower.strategies.stock import StockStrategy
 from kta_flwr.maths.knowledge_codec import Codec
 from kta_flwr.maths.market import MarketParams
 from kta_flwr.maths.market_kernels import FAST, MarketKernels
@@ -73,49 +72,58 @@ def _numpy_state(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in arrays.items()}
 
 
-def _node_options(cfg: RunConfig) -> dict[str, object]:
-    """How our strategies wait for and sample nodes."""
-    return {"min_nodes": cfg.min_nodes, "node_wait_timeout": cfg.node_wait_timeout,
-            "min_round_nodes": cfg.min_round_nodes, "seed": cfg.seed}
-
-
-def _compressed(cfg: RunConfig, initial_arrays: ArrayRecord, **common: object) -> EvaluateEvery:
+def _compressed(cfg: RunConfig, initial_arrays: ArrayRecord, options: NodeOptions) -> NodeStrategy:
     state = _numpy_state(initial_arrays)
     layout = ParamLayout.of(state)
     return CompressedUpdates(
         codec=update_codec(cfg, layout), initial=layout.flatten(state),
         evaluate_global=not cfg.has_private_teacher, label=cfg.strategy,
-        **_node_options(cfg), **common,  # type: ignore[arg-type]
+        aggregation=cfg.update_aggregation, trim_beta=cfg.trim_beta, **options,
     )
 
 
 def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, fingerprint: str,
-            kernels: MarketKernels, **common: object) -> EvaluateEvery:
+            kernels: MarketKernels, options: NodeOptions) -> NodeStrategy:
     return KnowledgeMarket(
         params=market_params(cfg), reference_labels=reference_labels, num_classes=num_classes,
         fingerprint=fingerprint, codec=knowledge_codec(cfg),
         reference_fraction=cfg.reference_fraction, holdout_fraction=cfg.holdout,
         max_staleness=cfg.max_staleness, kernels=kernels,
-        logit_noise=(cfg.logit_noise, cfg.logit_clip),
-        **_node_options(cfg), **common,  # type: ignore[arg-type]
+        logit_noise=(cfg.logit_noise, cfg.logit_clip), **options,
     )
 
 
-def _stock(cfg: RunConfig, **common: object) -> EvaluateEvery:
+def _stock(cfg: RunConfig, initial_arrays: ArrayRecord, options: NodeOptions) -> NodeStrategy:
     """Flower's stock strategy of ``cfg.strategy``; FedAvg for the personalization family
     (whose clients keep the personal part)."""
-    options: dict[str, object] = {
-        "min_train_nodes": 1, "min_evaluate_nodes": 1,
-        "min_available_nodes": cfg.min_nodes,
-        **{"fedprox": {"proximal_mu": cfg.proximal_mu},
-           "krum": {"num_malicious_nodes": cfg.krum_malicious},
-           "fedtrimmedavg": {"beta": cfg.trim_beta}}.get(cfg.strategy, {}),
-    }
-    strategy = STOCK["fedavg" if cfg.is_personal else cfg.strategy](**options, **common)
-    strategy.min_nodes = cfg.min_nodes
-    strategy.node_wait_timeout = cfg.node_wait_timeout
-    strategy.min_round_nodes = cfg.min_round_nodes
-    return strategy
+    flower_options = {"fedprox": {"proximal_mu": cfg.proximal_mu},
+                      "krum": {"num_malicious_nodes": cfg.krum_malicious},
+                      "fedtrimmedavg": {"beta": cfg.trim_beta}}.get(cfg.strategy, {})
+    return StockStrategy(
+        name="fedavg" if cfg.is_personal else cfg.strategy, initial_arrays=initial_arrays,
+        flower_options=flower_options, keeps_global_model=not cfg.shares_body_only, **options,
+    )
+
+
+def node_options(
+    cfg: RunConfig, evaluate_metrics_aggr_fn: MetricsAggregator,
+    train_metrics_aggr_fn: MetricsAggregator | None = None, max_examples: int | None = None,
+    lineage: int | None = None,
+) -> NodeOptions:
+    """The options every strategy takes (sampling, node wait, evaluation schedule, the
+    boundary's bounds, metric hooks, lineage) from ``cfg``."""
+    options = NodeOptions(
+        evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        train_metrics_aggr_fn=train_metrics_aggr_fn,
+        fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+        min_nodes=cfg.min_nodes, node_wait_timeout=cfg.node_wait_timeout,
+        min_round_nodes=cfg.min_round_nodes, seed=cfg.seed,
+        privacy_metrics=cfg.privacy_metrics,
+        evaluate_every=cfg.evaluate_every, last_round=cfg.num_server_rounds, lineage=lineage,
+    )
+    if max_examples is not None:
+        options["max_examples"] = max_examples
+    return options
 
 
 def build_strategy(  # pylint: disable=too-many-arguments
@@ -125,48 +133,30 @@ def build_strategy(  # pylint: disable=too-many-arguments
     reference_labels: np.ndarray,
     num_classes: int,
     fingerprint: str,
-    evaluate_metrics_aggr_fn: MetricsAggregator,
-    train_metrics_aggr_fn: MetricsAggregator | None = None,
-    max_examples: int | None = None,
+    options: NodeOptions,
     market_kernels: MarketKernels = FAST,
-) -> Strategy:
+) -> NodeStrategy:
     """The Strategy for ``cfg.strategy``: the market (kta, fedmd, ktpfl, local), Flower's
-    stock FedAvg/FedProx (and FedAvg under fedavg-ft, ditto and fedrep, whose clients keep
-    the personal part), or a compressed-update baseline (fedavg-topk, sapef, fedkd, on
-    the shared model ``initial_arrays``), each evaluating every ``cfg.evaluate_every``
-    rounds.
+    stock strategies (FedAvg under fedavg-ft, ditto and fedrep, whose clients keep the
+    personal part), or a compressed-update baseline (fedavg-topk, sapef, fedkd), each
+    behind the one interface :class:`~kta_flwr.flower.strategies.base.NodeStrategy`.
 
     Args:
-        initial_arrays: the shared model's version 0 (compressed baselines; the others
-            ignore it here).
+        initial_arrays: the shared model (or FedRep's body) at its initialisation: what
+            the stock strategies send first, the compressed baselines' version 0; the
+            market ignores it.
         reference_labels: ``[N_ref]`` labels of the public reference set (market).
         num_classes: C (market).
         fingerprint: hash of the reference set, sent so clients can check their copy.
-        evaluate_metrics_aggr_fn, train_metrics_aggr_fn: Flower's metric hooks.
-        max_examples: the largest ``num-examples`` a reply may report (None: the
-            strategies' default bound).
+        options: sampling, evaluation and boundary options (:func:`node_options`).
         market_kernels: the market's heavy computations (the ServerApp passes the torch
             kernels for ``market-device``).
     """
-    common: dict[str, object] = {
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
-        "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn,
-    }
-    if train_metrics_aggr_fn is not None:
-        common["train_metrics_aggr_fn"] = train_metrics_aggr_fn
-    if max_examples is not None:
-        common["max_examples"] = max_examples
-    if cfg.privacy_metrics:
-        common["privacy_metrics"] = cfg.privacy_metrics
-    builders: dict[str, Callable[[], EvaluateEvery]] = {
-        COMPRESSED: lambda: _compressed(cfg, initial_arrays, **common),
+    builders: dict[str, Callable[[], NodeStrategy]] = {
+        COMPRESSED: lambda: _compressed(cfg, initial_arrays, options),
         MARKET: lambda: _market(cfg, reference_labels=reference_labels, num_classes=num_classes,
-                                fingerprint=fingerprint, kernels=market_kernels, **common),
-        PARAMETERS: lambda: _stock(cfg, **common),
-        PERSONAL: lambda: _stock(cfg, **common),
+                                fingerprint=fingerprint, kernels=market_kernels, options=options),
+        PARAMETERS: lambda: _stock(cfg, initial_arrays, options),
+        PERSONAL: lambda: _stock(cfg, initial_arrays, options),
     }
-    strategy = builders[cfg.family]()
-    strategy.evaluate_every = cfg.evaluate_every
-    strategy.last_round = cfg.num_server_rounds
-    return strategy  # type: ignore[return-value]
+    return builders[cfg.family]()

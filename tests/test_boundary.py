@@ -16,7 +16,7 @@ from kta_flwr.factory import market_params
 from kta_flwr.flower import protocol, sync
 from kta_flwr.flower.strategies.compressed import CompressedUpdates
 from kta_flwr.flower.strategies.market import KnowledgeMarket
-from kta_flwr.flower.strategies.stock import STOCK
+from kta_flwr.flower.strategies.stock import StockStrategy
 from kta_flwr.flower.validation import EVALUATE, TRAIN
 from kta_flwr.maths.update_compression import ParamLayout, UpdateCodec
 from tests.conftest import FixedGrid, client_metrics, reply
@@ -52,6 +52,10 @@ def _record_mutations(arrays: dict[str, ArrayRecord], metrics: dict) -> list[tup
     out = [("no metric record", RecordDict(dict(arrays))),
            ("extra metric record", RecordDict({**good, "more": MetricRecord({"a": 1.0})})),
            ("config record", RecordDict({**good, "cfg": ConfigRecord({"a": 1})})),
+           ("unknown note", RecordDict({**good, protocol.NOTES: ConfigRecord({"a": "b"})})),
+           ("note not a string", RecordDict({**good, protocol.NOTES: ConfigRecord({protocol.RESTORE_FILE: 3})})),
+           ("note too long", RecordDict({**good, protocol.NOTES: ConfigRecord({protocol.RESTORE_REASON: "x" * 401})})),
+           ("note with a line break", RecordDict({**good, protocol.NOTES: ConfigRecord({protocol.RESTORE_FILE: "a\nb"})})),
            ("extra array record", RecordDict({**good, "extra": ArrayRecord({"x": Array(np.zeros(3))})}))]
     if arrays:
         out.append(("no array record", RecordDict({protocol.METRICS: MetricRecord(metrics)})))
@@ -130,7 +134,7 @@ def test_market_drops_every_malformed_reply_and_prices_only_the_honest(caplog):
     for node in HONEST:  # exactly the targets of the honest-only round
         np.testing.assert_array_equal(attacked.targets[node], clean.targets[node])
     assert all(np.isfinite(v) for v in metrics.values() if isinstance(v, float))
-    assert attacked.screen.drain() == len(corpus) + 2
+    assert attacked.screen.drain().rejected == len(corpus) + 2
 
 
 def test_a_partition_is_claimed_once_and_a_node_keeps_its_own(caplog):
@@ -260,9 +264,9 @@ def test_stock_strategies_aggregate_only_the_honest_models(name, caplog):
     extra = {"num_malicious_nodes": 1} if name == "krum" else {}
 
     def strategy():
-        made = STOCK[name](min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
-                           max_examples=1000, **extra)
-        return made
+        return StockStrategy(name=name, initial_arrays=ArrayRecord({k: Array(v) for k, v in _model().items()}),
+                             flower_options=extra, max_examples=1000,
+                             evaluate_metrics_aggr_fn=lambda recs, key: MetricRecord({}))
 
     def honest_model(n):
         return {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": np.full(2, n, np.float32),

@@ -101,7 +101,7 @@ def test_run_state_round_trip_and_resume_checks(tmp_path):
     traffic.add("train", "up", 5, RecordDict({"a": ArrayRecord({"v": Array(np.zeros(3, np.float32))})}))
     random.seed(3)
     state = RunState.capture(round=2, lineage=11, config=RunConfig().to_flwr(), strategy={"x": 1},
-                             arrays={}, recorder={"meter": traffic.state()})
+                             recorder={"meter": traffic.state()})
     expected = random.random()
     save_run_state(tmp_path, state)
     loaded = load_run_state(tmp_path)

@@ -261,3 +261,60 @@ def test_a_whole_reply_as_the_client_builds_it_round_trips():
     back = sync.from_record(ArrayRecord({k: Array(v.numpy()) for k, v in record.items()}))
     assert set(back) == set(payload)
     np.testing.assert_array_equal(codec.decompress(back), codec.decompress(payload))
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize("rule", ["mean", "median", "trimmed-mean"])
+@pytest.mark.parametrize("name", ["topk", "svd"])
+def test_robust_aggregation_bounds_a_negated_update(name, rule):
+    """Four honest updates and one negated x10 (``attack = "negated"``): the weighted mean
+    moves against the honest direction; the coordinate-wise median and the trimmed mean
+    stay within the honest updates, coordinate by coordinate."""
+    codec = _codec(name)
+    size = codec.layout.size
+    strategy = CompressedUpdates(
+        codec=codec, initial=np.zeros(size, np.float32), evaluate_global=True, label=name,
+        aggregation=rule, trim_beta=0.2,
+        evaluate_metrics_aggr_fn=lambda recs, key: MetricRecord({"n": len(recs)}),
+    )
+    list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FixedGrid([1, 2, 3, 4, 5])))
+    direction = np.zeros(size, np.float32)
+    direction[:10] = np.linspace(1.0, 2.0, 10)  # row 0 of tensor a: rank 1, inside the top-k
+    honest = [codec.decompress(codec.compress((1 + 0.1 * i) * direction, 1)) for i in range(4)]
+    attacker = codec.compress(-10 * honest[0], 1)
+    replies = [_update_reply(i + 1, codec.compress(u, 1)) for i, u in enumerate(honest)]
+    strategy.aggregate_train(1, [*replies, _update_reply(5, attacker)])
+    moved = strategy.log.vector[:10]
+    low, high = np.min(honest, axis=0)[:10], np.max(honest, axis=0)[:10]
+    if rule == "mean":
+        assert (moved < 0).all()  # the attacker outweighs four honest clients
+    else:
+        assert ((moved >= low - 1e-5) & (moved <= high + 1e-5)).all()
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_negated_compressed_attacker_sends_minus_s_times_its_update(tmp_path):
+    """``attack = "negated"`` on fedavg-topk, through the real ClientApp: the attacker's
+    upload is its honest update times ``-attack-scale`` (same positions)."""
+    from client_app.app import train  # pylint: disable=import-outside-toplevel
+    from kta_flwr.client.attacks import attackers  # pylint: disable=import-outside-toplevel
+    from kta_flwr.config import parse_run_config  # pylint: disable=import-outside-toplevel
+    from tests.conftest import NODE_BASE, FakeNode  # pylint: disable=import-outside-toplevel
+
+    cfg = parse_run_config({**NODE_BASE, "strategy": "fedavg-topk", "attack": "negated",
+                            "attack-fraction": 0.5})
+    partition = min(attackers(cfg, 4))
+    uploads = {}
+    for attack in ("none", "negated"):
+        node = FakeNode(tmp_path / attack, "fedavg-topk", partition, attack=attack,
+                        attack_fraction=0.5 if attack != "none" else 0.0)
+        model = build_model("mlp", ModelSpec((64,), 10, 0, 1), node.cfg.seed)
+        layout = ParamLayout.of(model.state_dict())
+        server = sync.ModelLog(layout.flatten(model.state_dict()), UpdateCodec(layout, "topk", fraction=0.01))
+        msg = node.message("train", 1)
+        for key, record in server.records_for(11).items():
+            msg.content[key] = record
+        out = train(msg, node.context)
+        uploads[attack] = sync.from_record(out.content.array_records[sync.UPDATE])
+    np.testing.assert_array_equal(uploads["negated"]["idx"], uploads["none"]["idx"])
+    np.testing.assert_allclose(uploads["negated"]["val"], -10 * uploads["none"]["val"], rtol=1e-6)

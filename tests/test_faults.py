@@ -2,13 +2,17 @@
 
 - every node's model is on disk after a run, loads, and scores what the run reported; a
   warm start continues from it (FedAvg's kept global model: test_flower_runs.py);
-- a ServerApp killed mid-run is resumed to the same result as an uninterrupted run;
+- a run whose SuperLink was killed mid-run is resumed to the same result as an
+  uninterrupted run, once its orphaned ServerApp has let go of the run folder, and with
+  one node's newest checkpoint damaged (it says which file it used instead);
 - a SuperNode killed mid-run rejoins and continues its saved model;
 - 30 % random client failures and a fleet short of 'min-nodes' never stop the run.
 (Checkpoint refusals and the node-wait deadline are unit-tested in test_checkpoint.py.)
 """
 
 import math
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ from kta_flwr.task.checkpoint import load_personalized, read_checkpoint
 from kta_flwr.task.splits import load_client_data
 from kta_flwr.task.training import evaluate
 from kta_flwr.tools.faults import rounds_done, wait_for_rounds
-from kta_flwr.tools.federation import LocalFederation
+from kta_flwr.tools.federation import LocalFederation, end_processes
 from tests.conftest import read_results
 
 pytestmark = pytest.mark.slow
@@ -101,26 +105,46 @@ def test_killed_server_resumes_to_the_uninterrupted_result(sim, app_dir, tmp_pat
         meta = read_checkpoint(work / "whole" / "models" / f"partition-{pid}" / "kta.pt").meta
         assert (meta.rounds_trained, meta.round) == (rounds + 1, 1)
 
+    # The SuperLink dies; its ServerApp lives on as an orphan (frozen here, so that it
+    # cannot finish the run meanwhile) and still holds the run folder.
     cut = _config(tmp_path, "cut", **{"num-server-rounds": rounds})
     with LocalFederation(tmp_path / "fed-a", CLIENTS, simulation=True) as first:
         first.launch(app_dir, cut)
         wait_for_rounds(tmp_path / "cut" / "out", 2, timeout=300)
-        first.kill()  # the ServerApp, the simulation and the SuperLink die at once
-    (run_dir,) = [p.parent for p in (tmp_path / "cut" / "out").glob("*/server-state.pkl")]
-    killed_at = rounds_done(run_dir.parent)
-    assert 2 <= killed_at < rounds, "the run ended before it could be killed"
+        orphans = first.kill_superlink(freeze=True)
+    try:
+        (run_dir,) = [p.parent for p in (tmp_path / "cut" / "out").glob("*/server-state.json")]
+        killed_at = rounds_done(run_dir.parent)
+        assert 2 <= killed_at < rounds, "the run ended before it could be killed"
+        with LocalFederation(tmp_path / "fed-b", CLIENTS, simulation=True) as second:
+            refused = second.submit(app_dir, {**cut, "resume-from": str(run_dir)})
+        held = re.search(r"held by process (\d+)", refused.stdout + refused.stderr)
+        assert held and int(held.group(1)) in orphans, refused.stdout[-3000:] + refused.stderr[-2000:]
+    finally:
+        end_processes(orphans)  # the orphan exits ...
+    assert rounds_done(run_dir.parent) == killed_at  # ... having written nothing more
 
-    with LocalFederation(tmp_path / "fed-b", CLIENTS, simulation=True) as second:
-        proc = second.submit(app_dir, {**cut, "resume-from": str(run_dir)})
+    # ... and partition 1's newest checkpoint is damaged: it falls back to the one before
+    # (the round the resumed run continues from), says so, and the run is still exact
+    models = tmp_path / "cut" / "models" / "partition-1"
+    if read_checkpoint(models / "kta.pt").meta.round == killed_at:
+        shutil.copyfile(models / "kta.pt", models / "kta.prev.pt")
+    (models / "kta.pt").write_bytes(b"garbage")
+
+    with LocalFederation(tmp_path / "fed-c", CLIENTS, simulation=True) as third:
+        proc = third.submit(app_dir, {**cut, "resume-from": str(run_dir)})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
+    assert "(partition 1), train: restored kta.prev.pt: checkpoint" in log and "kta.pt cannot be read" in log
+    assert re.search(r"round %d/%d .*restored node \d+ from kta.prev.pt" % (killed_at + 1, rounds), log)
     (resumed,) = read_results(tmp_path / "cut" / "out")
+    assert [r["restore_warnings"] for r in resumed["rounds"]][killed_at:] == [1] + [0] * (rounds - killed_at - 1)
     assert len(resumed["run_ids"]) == len(resumed["environments"]) == 2
     assert all(len(env["fab_hash"]) == 64 for env in resumed["environments"])  # the app that ran
     assert [r["round"] for r in resumed["rounds"]] == list(range(1, rounds + 1))
-    for key in ("bytes_up", "bytes_down", "bytes_total"):
+    for key in ("bytes_up", "bytes_down", "bytes_total", "final_personalized_accuracy",
+                "final_global_accuracy"):
         assert resumed["summary"][key] == reference["summary"][key], key
-    for key in ("final_personalized_accuracy", "final_global_accuracy"):
-        assert resumed["summary"][key] == pytest.approx(reference["summary"][key], abs=1e-6), key
 
 
 def test_killed_supernode_rejoins_and_continues_its_model(tmp_path, app_dir):
@@ -142,3 +166,31 @@ def test_killed_supernode_rejoins_and_continues_its_model(tmp_path, app_dir):
     assert meta.lineage == res["run_id"] and meta.round == rounds
     # at most rounds - 2 rounds after the restart: more means it continued its saved model
     assert meta.rounds_trained > rounds - 2
+
+
+def test_a_node_that_never_returns_is_counted_once_and_waited_for_once_per_round(tmp_path, app_dir):
+    """SuperNode 2 of 3 is SIGKILLed after round 1 and never comes back. The SuperLink
+    answers each instruction it was sent with "node unavailable"; that answer is the lost
+    node's failure: counted once (not also as a reply from an unasked node) and named.
+    Every later round waits for the missing node once (``node-wait-timeout``), not once per
+    phase, then goes on with the two present."""
+    rounds, wait = 4, 4.0
+    cfg = _config(tmp_path, "lost", **{"num-server-rounds": rounds, "round-timeout": 120.0,
+                                       "min-nodes": 3, "min-round-nodes": 2, "node-wait-timeout": wait})
+    with LocalFederation(tmp_path / "fed", 3) as fed:
+        run = fed.launch(app_dir, cfg)
+        wait_for_rounds(tmp_path / "lost" / "out", 1, timeout=300)
+        fed.kill_supernode(fed.supernode(2))
+        assert run.wait(timeout=900) == 0, (fed.logs / "run.log").read_text()[-4000:]
+        log = (fed.logs / "run.log").read_text()
+    (res,) = read_results(tmp_path / "lost" / "out")
+    assert [r["round"] for r in res["rounds"]] == list(range(1, rounds + 1))
+    lost = re.findall(r"round (\d+): (train|evaluate) failed on node (\d+) \(partition 2\): "
+                      r"Error: Node Unavailable", log)
+    assert lost and len({node for _, _, node in lost}) == 1, log[-4000:]
+    assert res["summary"]["failed"] == len(lost)  # once per instruction it was sent
+    assert "was not sent a" not in log  # the SuperLink's answer is not mistaken for a reply
+    per_round = re.split(r"\[kta\] round \d+/\d+", log)
+    assert all(chunk.count(f"Waited {wait:.0f} s for 3 nodes") <= 1 for chunk in per_round)
+    assert sum(chunk.count(f"Waited {wait:.0f} s for 3 nodes") for chunk in per_round) >= 1
+    assert [r["clients_evaluated"] for r in res["rounds"]][-1] == 2

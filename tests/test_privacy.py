@@ -14,11 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kta_flwr.client.privacy import Ledger, planned_calls
+from client_app.app import train
+from flwr.app import Context, RecordDict
+from kta_flwr.client.privacy import BudgetExceeded, Ledger, planned_calls
 from kta_flwr.config import ConfigError, parse_run_config
 from kta_flwr.flower.validation import MAX_CENTRED_LOGIT
 from kta_flwr.maths.noisy_logits import logit_noise_std, noisy_logit_bound, noisy_logits
 from kta_flwr.task.models import ModelSpec, build_model
+from kta_flwr.task.splits import load_client_data
 from kta_flwr.task.privacy import (
     PrivateTraining,
     Spend,
@@ -136,8 +139,64 @@ def test_a_node_reports_its_epsilon_and_stays_within_the_target(tmp_path, server
     restarted = FakeNode(tmp_path, "fedavg", dp_epsilon=2.0)  # empty state, same folder
     metrics = restarted.call("train", 2, state).content.metric_records["metrics"]
     assert metrics["dp-epsilon"] == pytest.approx(epsilons[2])  # round 2 replaced, 3 kept
-    saved = json.loads((tmp_path / "fedavg" / "1" / "privacy-fedavg.json").read_text())
-    assert saved["lineage"] == 7
+    saved = json.loads((tmp_path / "fedavg" / "1" / "privacy-ledger.json").read_text())
+    assert list(saved["runs"]) == ["7"] and saved["runs"]["7"]["strategy"] == "fedavg"
+    assert metrics["dp-lifetime-epsilon"] == pytest.approx(metrics["dp-epsilon"])  # one run
+
+
+def _train_run(node: FakeNode, run_id: int, rounds: int, state: dict) -> list[dict]:
+    """``rounds`` train messages of run ``run_id`` on ``node`` (a new run: empty state);
+    each reply's metrics."""
+    node.context = Context(run_id=run_id, node_id=11, state=RecordDict(), run_config=node.context.run_config,
+                           node_config=node.context.node_config)
+    out = []
+    for server_round in range(1, rounds + 1):
+        reply = node.call("train", server_round, state)
+        out.append(dict(reply.content.metric_records["metrics"]))
+    return out
+
+
+def test_lifetime_epsilon_composes_every_run_on_the_data(tmp_path, server_identity):
+    """Two runs on one node folder (a second run, then a warm start's): the second reports
+    its own ε and the accountant's composition of both runs' spends as its lifetime ε."""
+    node = FakeNode(tmp_path, "fedavg", dp_epsilon=1.0, num_server_rounds=2)
+    state = build_model("mlp", ModelSpec((64,), 10, 0, 1), 3).state_dict()
+    first = _train_run(node, 21, 2, state)
+    second = _train_run(node, 22, 2, state)
+    ledger = Ledger(tmp_path / "fedavg" / "1", "fedavg", lineage=22)
+    both = ledger.spends(("train",), other_runs=True)
+    assert len(both) == 4 and len(ledger.spends(("train",))) == 2
+    assert second[-1]["dp-epsilon"] == pytest.approx(first[-1]["dp-epsilon"])
+    assert first[-1]["dp-lifetime-epsilon"] == pytest.approx(first[-1]["dp-epsilon"])
+    lifetime = second[-1]["dp-lifetime-epsilon"]
+    assert second[-1]["dp-epsilon"] < lifetime < first[-1]["dp-epsilon"] + second[-1]["dp-epsilon"]
+    delta = 1.0 / len(load_client_data(node.cfg, 1, 4).train.y)  # dp-delta 0: 1 / its rows
+    assert lifetime == pytest.approx(epsilon_spent(both, delta), rel=1e-12)  # the accountant's
+
+
+def test_a_node_refuses_a_run_past_its_lifetime_budget(tmp_path, server_identity):
+    """With ``dp-lifetime-epsilon``, a node whose data already spent ε refuses a run whose
+    plan would compose past the budget: an error reply that says so, and nothing changed
+    (its model file, its ledger)."""
+    state = build_model("mlp", ModelSpec((64,), 10, 0, 1), 3).state_dict()
+    node = FakeNode(tmp_path, "ditto", dp_epsilon=1.0, num_server_rounds=2, dp_lifetime_epsilon=1.2)
+    first = _train_run(node, 31, 2, state)
+    assert first[-1]["dp-lifetime-epsilon"] <= 1.2
+    folder = tmp_path / "ditto" / "1"
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    node.context = Context(run_id=32, node_id=11, state=RecordDict(), run_config=node.context.run_config,
+                           node_config=node.context.node_config)
+    with pytest.raises(BudgetExceeded, match="dp-lifetime-epsilon' = 1.2") as refused:
+        train(node.message("train", 1, state), node.context)
+    assert "1 earlier run(s)" in str(refused.value) and "nothing was trained" in str(refused.value)
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert after["ditto.pt"] == before["ditto.pt"]
+    runs = json.loads(after["privacy-ledger.json"])["runs"]
+    assert runs["31"] == json.loads(before["privacy-ledger.json"])["runs"]["31"]
+    assert not runs.get("32", {}).get("entries")  # the refused run spent nothing
+    # a budget that fits both runs lets the second train
+    roomy = FakeNode(tmp_path, "ditto", dp_epsilon=1.0, num_server_rounds=2, dp_lifetime_epsilon=2.5)
+    assert _train_run(roomy, 32, 1, state)[0]["dp-lifetime-epsilon"] <= 2.5
 
 
 def test_dp_off_is_plain_minibatch_sgd():

@@ -1,6 +1,7 @@
 """The demo federation's settings, the compose files rendered from them, and the
 `deploy local` launcher that runs the same topology as processes."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -58,7 +59,7 @@ def test_deploy_local_runs_the_compose_topology(tmp_path, capfd):
     """`python -m kta_flwr.tools.deploy local`: TLS + node auth, 3 SuperNodes, results on disk."""
     settings = tmp_path / "federation.toml"
     text = SETTINGS.read_text()
-    for key in ("certs", "data", "results"):
+    for key in ("certs", "data", "results", "models"):
         text = text.replace(f'{key} = "docker/{key}"', f'{key} = "{tmp_path / key}"')
     settings.write_text(text.replace("port = 9093", "port = 9193").replace("first-port = 9101", "first-port = 9201"))
     rc = deploy_main(["local", "--settings", str(settings), "--set", "num-server-rounds=1",
@@ -66,6 +67,15 @@ def test_deploy_local_runs_the_compose_topology(tmp_path, capfd):
     out = capfd.readouterr().out
     assert rc == 0, out[-3000:]
     assert "created a CA" in out and "(TLS, node authentication) + 3 SuperNodes up" in out
-    assert len(list((tmp_path / "results").glob("*/results.json"))) == 1
+    (run_dir,) = [p.parent for p in (tmp_path / "results").glob("*/results.json")]
     assert sorted(p.name for p in (tmp_path / "results" / "federation" / "logs").iterdir()) == [
         "superlink.log", "supernode-0.log", "supernode-1.log", "supernode-2.log"]
+    # a second time with the same settings (the SuperLink's old database is not reused),
+    # resuming the first run for one more round: reported as the success it is
+    rc = deploy_main(["local", "--settings", str(settings), "--set", "num-server-rounds=2",
+                      "reference-size=100", "test-size=100", "local-epochs=1",
+                      f"resume-from={run_dir}"])
+    out = capfd.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert f"[deploy] results in {run_dir}" in out and "created a CA" not in out
+    assert [r["round"] for r in json.loads((run_dir / "results.json").read_text())["rounds"]] == [1, 2]

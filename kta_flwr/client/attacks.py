@@ -23,9 +23,10 @@ Market family (what the attacker uploads instead of its honest logits ``z``, ``[
 - ``malformed``: broken replies (NaN logits, then metrics without ``num-examples``, then
   oversized logits), for the boundary's end-to-end test.
 
-Every family: ``label-flip`` trains on private labels ``C - 1 - y``. Parameter family:
-``negated`` replies ``g - s (w - g)`` and ``scaled-update`` ``g + s (w - g)`` for the
-global model ``g`` and the trained ``w``.
+Every family: ``label-flip`` trains on private labels ``C - 1 - y``. Parameter and
+personalization families: ``negated`` replies ``g - s (w - g)`` and ``scaled-update``
+``g + s (w - g)`` for the global model ``g`` and the trained ``w``; compressed family:
+the compressed update ``u`` becomes ``-s u`` or ``s u``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from flwr.app import Array, ArrayRecord, Message, RecordDict
 from kta_flwr.client.node import Node
 from kta_flwr.config import LOGIT_ATTACKS, RunConfig
 from kta_flwr.factory import knowledge_codec
-from kta_flwr.flower import protocol
+from kta_flwr.flower import protocol, sync
 from kta_flwr.task.datasets import ArrayDataset
 
 
@@ -120,7 +121,7 @@ def poisoned_logits(
 
 def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[str, float]) -> None:
     """Replace what an attacker's honest reply carries (in place): its logits (market),
-    its weights (parameters), or the whole reply (``malformed``)."""
+    its weights (parameters), its compressed update, or the whole reply (``malformed``)."""
     cfg = node.cfg
     if cfg.attack in ("none", "label-flip") or not is_attacker(node):
         return
@@ -132,6 +133,8 @@ def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[st
         honest = protocol.unpack(content, protocol.LOGITS, len(rows), reference.num_classes, codec)
         content[protocol.LOGITS] = protocol.pack(poisoned_logits(
             cfg, cfg.attack, honest, reference.y[rows], held_out, node.seed), codec)
+    elif cfg.attack in ("negated", "scaled-update") and sync.UPDATE in content.array_records:
+        content[sync.UPDATE] = sync.to_record(_poisoned_update(node, content))
     elif cfg.attack in ("negated", "scaled-update"):
         sign = -1.0 if cfg.attack == "negated" else 1.0
         sent = msg.content.array_records["arrays"]
@@ -145,6 +148,16 @@ def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[st
         content["arrays"] = ArrayRecord(poisoned)
     elif cfg.attack == "malformed":
         _malformed(node, content, metrics)
+
+
+def _poisoned_update(node: Node, content: RecordDict) -> dict[str, np.ndarray]:
+    """Compressed family: the honest update ``u`` (decoded) becomes ``-s u`` (``negated``)
+    or ``s u`` (``scaled-update``), compressed again as the honest one was (Top-k keeps
+    the same positions; SVD the same rank)."""
+    sign = -1.0 if node.cfg.attack == "negated" else 1.0
+    _, _, codec = node.shared()
+    honest = codec.decompress(sync.from_record(content.array_records[sync.UPDATE]))
+    return codec.compress((sign * node.cfg.attack_scale * honest).astype(np.float32), node.server_round)
 
 
 def _malformed(node: Node, content: RecordDict, metrics: dict[str, float]) -> None:

@@ -12,24 +12,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common import log
 from torch import nn
 
 from kta_flwr.client.privacy import NodePrivacy
 from kta_flwr.config import NODE_STATE_DISK, PARAMETERS, ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import update_codec
 from kta_flwr.flower import protocol, sync
+from kta_flwr.flower.protocol import RESTORE_FILE, RESTORE_REASON
 from kta_flwr.flower.timing import PhaseTimer
+from kta_flwr.flower.validation import MAX_NOTE
 from kta_flwr.maths.update_compression import ParamLayout, UpdateCodec
 from kta_flwr.task.checkpoint import (
     CheckpointError,
     ModelMeta,
     SavedModel,
     check_meta,
+    check_tensors,
     checkpoint_file,
     read_checkpoint,
     save_checkpoint,
@@ -120,6 +124,9 @@ class Node:  # pylint: disable=too-many-instance-attributes
             self.privacy = NodePrivacy(
                 self.cfg, num_private=len(self.data.train.y), num_reference=len(self.data.reference.y),
                 folder=self.model_folder, lineage=self.lineage, seed=self.seed)
+        #: What this node tells the server about the state it restored (a reply's
+        #: ``notes``; empty when all went as the run expects).
+        self.notes: dict[str, str] = {}
         if self.cfg.family != PARAMETERS and META_STATE not in context.state.config_records:
             self._restore()
 
@@ -321,17 +328,34 @@ class Node:  # pylint: disable=too-many-instance-attributes
         that is not ahead of :attr:`latest_round` (a restarted node, a resumed run), else
         with ``warm-start`` the node's last model of any run, checked against this run.
 
+        A damaged file (unreadable, tensors that do not fit the architecture, NaN/inf) is
+        passed over for the one before it (``.prev.pt``); that, and a fresh start in a
+        resumed run, is logged here and told to the server in :attr:`notes` (the server
+        logs it and counts it in the round's line).
+
         Raises:
             CheckpointError: ``warm-start`` found a model of another architecture, task or
-                reference set (the field is named).
+                reference set (the field is named), or only damaged files.
         """
-        saved = self._lineage_checkpoint()
+        saved, used, problems = self._lineage_checkpoint()
         if saved is None and self.cfg.warm_start:
-            saved = self._warm_start_checkpoint()
+            saved, used, damaged = self._warm_start_checkpoint()
+            problems += damaged
             if saved is not None:  # a new run: only the client's own model carries over
                 saved = SavedModel(saved.meta, saved.state, {})
+        resumed = self.lineage != self.context.run_id
+        if problems or (saved is None and resumed):
+            reason = "; ".join(problems) if problems else (
+                f"no checkpoint of run {self.lineage} at or before round {self.latest_round} "
+                f"in {self.model_folder}")
+            self.notes = {RESTORE_FILE: used.name if used else "none",
+                          RESTORE_REASON: (reason if used else reason + "; starting fresh")[:MAX_NOTE]}
+            log(WARNING, "partition %d: restored %s: %s", self.partition_id,
+                self.notes[RESTORE_FILE], self.notes[RESTORE_REASON])
         if saved is None:
             return
+        if self.cfg.node_state != NODE_STATE_DISK and not problems:
+            log(INFO, "partition %d: restored %s (round %d)", self.partition_id, used, saved.meta.round)
         state = self.context.state
         if saved.state:
             state[MODEL_STATE] = ArrayRecord(saved.state)
@@ -346,23 +370,73 @@ class Node:  # pylint: disable=too-many-instance-attributes
             **{f"acc-{k}": v for k, v in meta.accuracies.items()},
         })
 
-    def _lineage_checkpoint(self) -> SavedModel | None:
-        for previous in (False, True):
-            try:
-                saved = read_checkpoint(checkpoint_file(self.model_folder, self.cfg.strategy, previous))
-            except CheckpointError:
-                continue
-            if saved.meta.lineage == self.lineage and saved.meta.round <= self.latest_round:
-                return saved
-        return None
+    def _check_fits(self, saved: SavedModel, path: Path) -> SavedModel:
+        """``saved`` if its model fits this partition's architecture and its vectors the
+        shared model.
 
-    def _warm_start_checkpoint(self) -> SavedModel | None:
-        if not self.checkpoint_path.is_file():
-            return None
-        saved = read_checkpoint(self.checkpoint_path)
-        mine = self._meta(self.cfg.model_for_partition(self.partition_id), ConfigRecord())
-        check_meta(saved.meta, {k: getattr(mine, k) for k in WARM_START_FIELDS}, self.checkpoint_path)
+        Raises:
+            CheckpointError: a tensor or vector that does not fit, or NaN/inf (named).
+        """
+        if saved.state:
+            check_tensors(self.fresh_model(), saved.state, path)
+        vectors = [name for name in _EXTRA_VECTORS if name in saved.extra]
+        if vectors:
+            size = ParamLayout.of(self.initial_shared_model().state_dict()).size
+            for name in vectors:
+                if saved.extra[name].shape != (size,):
+                    raise CheckpointError(f"checkpoint {path}: array '{name}' has shape "
+                                          f"{list(saved.extra[name].shape)}, the shared model's is [{size}]")
         return saved
+
+    def _candidates(self) -> list[Path]:
+        """This strategy's checkpoint files, newest first."""
+        return [checkpoint_file(self.model_folder, self.cfg.strategy, previous)
+                for previous in (False, True)]
+
+    def _lineage_checkpoint(self) -> tuple[SavedModel | None, Path | None, list[str]]:
+        """The newest usable checkpoint of this lineage not ahead of :attr:`latest_round`,
+        its file, and what was wrong with the files passed over."""
+        problems: list[str] = []
+        for path in self._candidates():
+            if not path.is_file():
+                continue
+            try:
+                saved = read_checkpoint(path)
+                if saved.meta.lineage != self.lineage or saved.meta.round > self.latest_round:
+                    continue
+                return self._check_fits(saved, path), path, problems
+            except CheckpointError as err:
+                problems.append(str(err))
+        return None, None, problems
+
+    def _warm_start_checkpoint(self) -> tuple[SavedModel | None, Path | None, list[str]]:
+        """The newest usable checkpoint of any run (``warm-start``), its file, and what
+        was wrong with the files passed over.
+
+        Raises:
+            CheckpointError: a model of another architecture, task or reference set, or
+                no usable file where there are some.
+        """
+        mine = self._meta(self.cfg.model_for_partition(self.partition_id), ConfigRecord())
+        expected = {k: getattr(mine, k) for k in WARM_START_FIELDS}
+        problems: list[str] = []
+        for path in self._candidates():
+            if not path.is_file():
+                continue
+            try:
+                saved = read_checkpoint(path)
+            except CheckpointError as err:
+                problems.append(str(err))
+                continue
+            check_meta(saved.meta, expected, path)  # another task: the run config is wrong
+            try:
+                return self._check_fits(saved, path), path, problems
+            except CheckpointError as err:
+                problems.append(str(err))
+        if problems:
+            raise CheckpointError("run-config 'warm-start': no usable checkpoint in "
+                                  f"{self.model_folder}: " + "; ".join(problems))
+        return None, None, problems
 
 
 #: ``train(node, msg, timer, metrics)`` -> the reply's records (the caller adds metrics).

@@ -6,10 +6,13 @@ the node's private rows runs :func:`kta_flwr.task.privacy.dp_sgd`. With ``dp-eps
 the noise multiplier is the smallest whose **plan** stays within the target at
 ``dp-delta`` (default ``1 / n``, n the node's training rows): every planned round's calls
 as if the node trained in all ``num-server-rounds`` (:func:`planned_calls`). The node
-records each call's spend per round and phase in its :class:`Ledger`,
-``<model folder>/privacy-<strategy>.json`` (written atomically; a replayed round replaces
-its entries), and reports the ε of all of them as the train metric ``dp-epsilon``
-(:class:`NodePrivacy`).
+records each call's spend per run, round and phase in its :class:`Ledger`, one per node
+for its data across runs, ``<model folder>/privacy-ledger.json`` (written atomically
+under a lock; a replayed round replaces its entries, so resuming never resets or
+double-counts it), and reports the ε of this run's calls as the train metric
+``dp-epsilon`` and the accountant's composition over every run that touched the data as
+``dp-lifetime-epsilon`` (:class:`NodePrivacy`). With ``dp-lifetime-epsilon`` set, a run
+whose plan would take the data past it is refused before it trains.
 
 **Noisy logits** (``logit-noise`` = z, market strategies): the Gaussian mechanism on the
 whole uploaded payload (:mod:`kta_flwr.maths.noisy_logits`), a node-level guarantee;
@@ -23,15 +26,20 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from kta_flwr.config import RunConfig
+from kta_flwr.config import ConfigError, RunConfig
 from kta_flwr.flower import protocol
-from kta_flwr.storage import write_text_atomic
+from kta_flwr.storage import exclusive, write_text_atomic
 from kta_flwr.task.privacy import PrivateTraining, Spend, epsilon_spent, noise_for_target
 from kta_flwr.task.training import stage2_rate
 
 #: Ledger phases: the train instruction's calls, evaluation's (fedavg-ft's fine-tuning),
 #: and the noisy uploads.
 TRAIN, EVALUATE, UPLOAD = "train", "evaluate", "upload"
+#: DP-SGD's phases (example-level ε).
+DP_SGD = (TRAIN, EVALUATE)
+#: The node's ledger, in its model folder, and its format.
+LEDGER_FILE = "privacy-ledger.json"
+LEDGER_FORMAT = "kta-flwr-privacy-ledger/1"
 
 
 def delta_of(cfg: RunConfig, num_private: int) -> float:
@@ -70,52 +78,108 @@ def planned_calls(cfg: RunConfig, num_private: int, num_reference: int) -> list[
     return [(q, s) for q, s in plan if s > 0]
 
 
+class BudgetExceeded(ConfigError):
+    """Training would take the node past its lifetime budget (``dp-lifetime-epsilon``)."""
+
+
 class Ledger:
-    """What a node spent, per round and phase, in ``<folder>/privacy-<strategy>.json``,
-    and the noise multiplier calibrated for its plan (calibration takes seconds: it is
-    done once per run and plan)."""
+    """What a node's data has spent, in every run and warm start that touched it:
+    ``<model folder>/privacy-ledger.json``, one per node (its data), across runs and
+    strategies. Each run (lineage) keeps its spends per round and phase and the noise
+    multiplier calibrated for its plan (calibration takes seconds: once per run and plan).
+
+    The file is updated under a lock (a read-modify-write of this run's entries; other
+    runs' entries are kept as the file has them) and written atomically. A ledger of the
+    older per-strategy layout (``privacy-<strategy>.json``) is taken in on first use.
+
+    Args:
+        folder: the node's model folder; strategy: this run's; lineage: this run's id
+            (a resumed run keeps the one it continues).
+    """
 
     def __init__(self, folder: Path, strategy: str, lineage: int) -> None:
-        self.path = Path(folder) / f"privacy-{strategy}.json"
+        self.path = Path(folder) / LEDGER_FILE
+        self.strategy = strategy
         self.lineage = lineage
-        self.entries: dict[str, list[list[float]]] = {}
-        self.calibrated: dict[str, float] = {}
-        if self.path.is_file():
-            saved = json.loads(self.path.read_text(encoding="utf-8"))
-            if saved.get("lineage") == lineage:  # another run's spending is its own
-                self.entries = saved.get("entries", {})
-                self.calibrated = saved.get("calibrated", {})
+        self.runs: dict[str, dict] = self._read()
+        self._legacy(Path(folder))
+        mine = self.runs.get(str(lineage), {})
+        #: This run's spends: ``"<round>:<phase>" -> [[noise multiplier, rate, steps], ...]``.
+        self.entries: dict[str, list[list[float]]] = dict(mine.get("entries", {}))
+        self.calibrated: dict[str, float] = dict(mine.get("calibrated", {}))
 
-    def _write(self) -> None:
-        write_text_atomic(self.path, json.dumps(
-            {"lineage": self.lineage, "entries": self.entries, "calibrated": self.calibrated}))
+    def _read(self) -> dict[str, dict]:
+        """The runs in the file (empty if there is none).
+
+        Raises:
+            ConfigError: a file that is not a ledger (named): spending is never guessed.
+        """
+        if not self.path.is_file():
+            return {}
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"privacy ledger {self.path} cannot be read ({err}); it records "
+                              "what this node's data has spent, so the node does not train "
+                              "without it: restore it, or move it away to start a new one") from None
+        if not isinstance(saved, dict) or saved.get("format") != LEDGER_FORMAT \
+                or not isinstance(saved.get("runs"), dict):
+            raise ConfigError(f"privacy ledger {self.path} is not a {LEDGER_FORMAT} file")
+        return saved["runs"]
+
+    def _legacy(self, folder: Path) -> None:
+        """Take in the per-strategy ledgers of earlier versions (one run each)."""
+        for old in sorted(folder.glob("privacy-*.json")):
+            if old.name == LEDGER_FILE:
+                continue
+            try:
+                saved = json.loads(old.read_text(encoding="utf-8"))
+                key = str(int(saved["lineage"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            self.runs.setdefault(key, {"strategy": old.stem[len("privacy-"):],
+                                       "entries": saved.get("entries", {}),
+                                       "calibrated": saved.get("calibrated", {})})
 
     def record(self, server_round: int, phase: str, spends: list[Spend]) -> None:
         """Set round ``server_round``'s ``phase`` to ``spends`` (a replayed round replaces
-        what it spent before); :meth:`save` writes the file."""
+        what it spent before: it reran the same mechanism with the same randomness on the
+        same state, so its output is the one already released); :meth:`save` writes it."""
         key = f"{server_round}:{phase}"
         self.entries[key] = [[s.noise_multiplier, s.sample_rate, s.steps] for s in spends]
         if not spends:
             del self.entries[key]
 
     def save(self) -> None:
-        """Write the ledger (atomically)."""
-        self._write()
+        """Write this run's entries into the file (under its lock, atomically)."""
+        with exclusive(self.path.with_name(self.path.name + ".lock")):
+            runs = self._read()
+            runs[str(self.lineage)] = {"strategy": self.strategy, "entries": self.entries,
+                                       "calibrated": self.calibrated}
+            write_text_atomic(self.path, json.dumps({"format": LEDGER_FORMAT, "runs": runs}))
+            self.runs = runs
 
     def noise_for(self, plan_key: str, calibrate: Callable[[], float]) -> float:
         """The noise multiplier kept for ``plan_key``, else ``calibrate()``'s (kept)."""
         if plan_key not in self.calibrated:
             self.calibrated = {plan_key: calibrate()}
-            self._write()
+            self.save()
         return self.calibrated[plan_key]
 
-    def epsilon(self, delta: float, phases: tuple[str, ...]) -> float:
-        """ε of every recorded spend of ``phases`` at ``delta``."""
-        return epsilon_spent(
-            (Spend(sigma, rate, int(steps)) for key, spends in self.entries.items()
-             if key.split(":")[1] in phases for sigma, rate, steps in spends),
-            delta,
-        )
+    def spends(self, phases: tuple[str, ...], *, this_run: bool = True,
+               other_runs: bool = False) -> list[Spend]:
+        """The recorded spends of ``phases``: this run's and/or the other runs'."""
+        tables = [self.entries] if this_run else []
+        if other_runs:
+            tables += [run.get("entries", {}) for key, run in self.runs.items()
+                       if key != str(self.lineage)]
+        return [Spend(sigma, rate, int(steps)) for table in tables for key, spent in table.items()
+                if key.split(":")[1] in phases for sigma, rate, steps in spent]
+
+    def epsilon(self, delta: float, phases: tuple[str, ...], lifetime: bool = False) -> float:
+        """ε at ``delta`` of this run's spends of ``phases`` (``lifetime``: of every run's,
+        composed by the accountant)."""
+        return epsilon_spent(self.spends(phases, other_runs=lifetime), delta)
 
 
 class NodePrivacy:  # pylint: disable=too-many-instance-attributes
@@ -141,23 +205,51 @@ class NodePrivacy:  # pylint: disable=too-many-instance-attributes
 
     def training(self) -> PrivateTraining | None:
         """DP-SGD settings for this message's training calls (None: DP-SGD off):
-        ``dp-noise``, or the noise calibrated on :func:`planned_calls` to ``dp-epsilon``.
+        ``dp-noise``, or the noise calibrated on :func:`planned_calls` to ``dp-epsilon``; refused
+        when that plan would pass the node's lifetime budget.
 
         Raises:
             ValueError: a target too small for any noise.
+            BudgetExceeded: this run's plan would take the node's data past
+                ``dp-lifetime-epsilon`` (checked before any training: nothing is lost).
         """
         cfg = self.cfg
         if not cfg.private:
             return None
         if self._training is None:
             noise = cfg.dp_noise
+            plan = planned_calls(cfg, self.num_private, self.num_reference)
             if noise <= 0:
-                plan = planned_calls(cfg, self.num_private, self.num_reference)
                 key = json.dumps([cfg.dp_epsilon, self.delta, plan])
                 noise = self.ledger.noise_for(key, lambda: noise_for_target(
                     cfg.dp_epsilon, self.delta, plan) if plan else 1.0)
+            self._check_lifetime([Spend(noise, rate, steps) for rate, steps in plan])
             self._training = PrivateTraining(noise_multiplier=noise, clip=cfg.dp_clip, seed=self.seed)
         return self._training
+
+    def _check_lifetime(self, planned: list[Spend]) -> None:
+        """Refuse a run whose plan, composed with every earlier run's spends on this data,
+        would pass ``dp-lifetime-epsilon`` (0: no lifetime budget).
+
+        Raises:
+            BudgetExceeded: naming the budget, what was spent, the plan and the ledger.
+        """
+        budget = self.cfg.dp_lifetime_epsilon
+        if budget <= 0:
+            return
+        earlier = self.ledger.spends(DP_SGD, this_run=False, other_runs=True)
+        prospective = epsilon_spent(earlier + planned, self.delta)
+        if prospective <= budget:
+            return
+        runs = sum(1 for key, run in self.ledger.runs.items()
+                   if key != str(self.ledger.lineage) and run.get("entries"))
+        raise BudgetExceeded(
+            f"{self.ledger.path.parent.name}: refusing to train: this run's plan "
+            f"(epsilon {epsilon_spent(planned, self.delta):.3g}) after what {runs} earlier "
+            f"run(s) on this data spent (epsilon {epsilon_spent(earlier, self.delta):.3g}) "
+            f"composes to epsilon {prospective:.3g} at delta {self.delta:.3g}, past run-config "
+            f"'dp-lifetime-epsilon' = {budget:g} (ledger {self.ledger.path}); nothing was "
+            "trained or changed. Lower 'dp-epsilon' or raise 'dp-lifetime-epsilon'")
 
     def stage2_rate(self) -> float:
         """Stage 2's planned Poisson rate for the private term."""
@@ -166,13 +258,15 @@ class NodePrivacy:  # pylint: disable=too-many-instance-attributes
 
     def settle(self, server_round: int, phase: str, metrics: dict[str, float] | None = None) -> None:
         """Record what this message's training (and, in a ``train`` phase, its noisy
-        upload) spent and, given ``metrics``, report the ε spent so far (``dp-epsilon``,
-        ``logit-epsilon``)."""
+        upload) spent and, given ``metrics``, report the ε spent so far: this run's
+        (``dp-epsilon``, ``logit-epsilon``) and the data's over every run
+        (``dp-lifetime-epsilon``)."""
         if self.cfg.private:
             spent = self._training.spent if self._training is not None else []
             self.ledger.record(server_round, phase, spent)
             if metrics is not None:
-                metrics["dp-epsilon"] = self.ledger.epsilon(self.delta, (TRAIN, EVALUATE))
+                metrics["dp-epsilon"] = self.ledger.epsilon(self.delta, DP_SGD)
+                metrics["dp-lifetime-epsilon"] = self.ledger.epsilon(self.delta, DP_SGD, lifetime=True)
         if self.cfg.logit_noise > 0 and phase == TRAIN:
             self.ledger.record(server_round, UPLOAD, [Spend(self.cfg.logit_noise, 1.0, 1)])
             if metrics is not None:

@@ -24,6 +24,8 @@ from flwr.app import Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
+from kta_flwr.flower.grids import GridView, attribute_lost
+
 UP = "up"  # client -> server
 DOWN = "down"  # server -> client
 
@@ -116,26 +118,14 @@ class ByteMeter:
         return done
 
 
-class MeteredGrid(Grid):
-    """A ``Grid`` that counts the bytes of every message it sends and receives."""
+class MeteredGrid(GridView):
+    """A ``Grid`` that counts the bytes of every message it sends and receives, and
+    attributes the SuperLink's "node unavailable" answers to the lost node
+    (:func:`~kta_flwr.flower.grids.attribute_lost`), so a lost node counts as one failure."""
 
     def __init__(self, inner: Grid, meter: ByteMeter) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.meter = meter
-
-    # Delegation of the Grid interface --------------------------------------------
-    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
-        self._inner.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
-        return self._inner.run
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # noqa: D102
-        return self._inner.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self._inner.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
         messages = list(messages)
@@ -153,7 +143,7 @@ class MeteredGrid(Grid):
         """Send ``messages``, wait for replies (up to ``timeout`` s), count both ways."""
         messages = list(messages)
         self._count_out(messages)
-        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        replies = attribute_lost(messages, self._inner.send_and_receive(messages, timeout=timeout))
         self._count_in(replies)
         errors = sum(msg.has_error() for msg in replies)
         self.meter.record_outcome(len(messages), errors + len(messages) - len(replies))

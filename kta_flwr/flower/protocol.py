@@ -39,6 +39,13 @@ TARGETS_SUBSET = "targets-subset"
 LINEAGE = "lineage"
 #: Reply metric: the partition the node holds.
 PARTITION_ID = "partition-id"
+#: Optional reply ConfigRecord: what a node has to tell about the state it restored
+#: (:data:`NOTE_KEYS`; short strings, checked by :mod:`kta_flwr.flower.validation`).
+NOTES = "notes"
+#: ``notes`` keys: the checkpoint file a node restored its state from ("none": it started
+#: fresh) and why, when that is not what the run expects (a damaged file, nothing found).
+RESTORE_FILE, RESTORE_REASON = "restore-file", "restore-reason"
+NOTE_KEYS = (RESTORE_FILE, RESTORE_REASON)
 #: What the rows under each key are, for the codecs.
 KIND = {LOGITS: "logits", TARGETS: "probs"}
 

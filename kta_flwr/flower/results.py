@@ -21,19 +21,18 @@ import time
 from datetime import datetime
 from importlib import metadata
 from logging import INFO
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import MetricRecord, RecordDict
 from flwr.common import log
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from kta_flwr.config import RunConfig
 from kta_flwr.storage import atomic_path, write_text_atomic
 from kta_flwr.flower.metering import DOWN, UP, ByteMeter, Traffic
-from kta_flwr.flower.protocol import PARTITION_ID
+from kta_flwr.flower.protocol import PARTITION_ID, RESTORE_FILE
+from kta_flwr.flower.strategies.base import RoundReport
 from kta_flwr.flower.round_log import evaluation_arrays, write_round
 from kta_flwr.flower.timing import EVALUATE_PHASES, PREFIX, TRAIN_PHASES
 
@@ -42,7 +41,8 @@ PERSONALIZED = "personalized-accuracy"
 GLOBAL = "global-accuracy"
 SAMPLES = "samples"
 #: Train metrics of the ε each client has spent (DP runs) -> their results key.
-EPSILONS = {"dp-epsilon": "dp_epsilon", "logit-epsilon": "logit_epsilon"}
+EPSILONS = {"dp-epsilon": "dp_epsilon", "dp-lifetime-epsilon": "dp_lifetime_epsilon",
+            "logit-epsilon": "logit_epsilon"}
 
 
 def _mib(num_bytes: int) -> float:
@@ -61,12 +61,29 @@ def _traffic_row(traffic: Traffic, prefix: str) -> dict[str, float]:
 
 
 def _client_metrics(records: list[RecordDict]) -> list[dict[str, float]]:
-    """The numeric metrics of each reply (its first MetricRecord)."""
-    return [
+    """The numeric metrics of each reply (its first MetricRecord), in partition order (so
+    means are summed in the same order whatever order the replies arrived in)."""
+    clients = [
         {k: float(v) for k, v in rec.metric_records[next(iter(rec.metric_records))].items()
          if isinstance(v, (int, float))}
         for rec in records
     ]
+    return sorted(clients, key=lambda c: c.get(PARTITION_ID, math.inf))
+
+
+def _weighted_means(
+    clients: list[dict[str, float]], weighting_key: str, skip: set[str]
+) -> dict[str, float]:
+    """``{key: sum(w_i x_i) / sum(w_i)}`` over the clients that report ``key`` (weights
+    ``w_i`` = their ``weighting_key``), for every key but ``skip``."""
+    keys = sorted({key for c in clients for key in c} - skip)
+    means = {}
+    for key in keys:
+        pairs = [(c.get(weighting_key, 1.0), c[key]) for c in clients if key in c]
+        total = sum(w for w, _ in pairs)
+        if total > 0:
+            means[key] = float(sum(w * x for w, x in pairs) / total)
+    return means
 
 
 def _sums(clients: list[dict[str, float]], keys: list[str]) -> dict[str, float]:
@@ -125,11 +142,15 @@ class RunRecorder:
 
     # Hook: train_metrics_aggr_fn ----------------------------------------------------
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
-        """Flower's weighted mean of the train metrics, but sums of samples and seconds."""
+        """Each train metric's mean weighted by ``weighting_key`` over the replies that
+        carry it (a metric some replies lack, such as ``distill-loss``, is not diluted by
+        them); sums of samples and seconds; no mean of ``partition-id``."""
         self._trained = _client_metrics(records)
-        out = aggregate_metricrecords(records, weighting_key)
         keys = [SAMPLES] + [PREFIX + phase for phase in TRAIN_PHASES]
-        out.update({k: v for k, v in _sums(self._trained, keys).items() if k in out})
+        out = MetricRecord(_weighted_means(self._trained, weighting_key,
+                                           skip={weighting_key, PARTITION_ID, *keys}))
+        out.update({k: v for k, v in _sums(self._trained, keys).items()
+                    if any(k in c for c in self._trained)})
         return out
 
     # Hook: evaluate_metrics_aggr_fn -------------------------------------------------
@@ -141,17 +162,13 @@ class RunRecorder:
         return MetricRecord({k: float(np.mean([c[k] for c in self._clients])) for k in keys})
 
     # Hook: evaluate_fn ----------------------------------------------------------------
-    def end_round(
-        self, server_round: int, arrays: ArrayRecord, rejected: int = 0,
-        decisions: Mapping[str, np.ndarray] | None = None,
-    ) -> MetricRecord | None:
+    def end_round(self, server_round: int, report: RoundReport | None = None) -> MetricRecord:
         """Close round ``server_round``: one row, one log line, and the round's file
-        (:mod:`kta_flwr.flower.round_log`: the market's ``decisions``, each client's
-        evaluation). ``rejected``: replies the boundary checks dropped this round
-        (counted as failed with the error replies)."""
-        del arrays
-        if server_round == 0:  # called once before the first round
-            return None
+        (:mod:`kta_flwr.flower.round_log`: the market's decisions, each client's
+        evaluation). ``report``: the replies the boundary checks dropped (counted as
+        failed with the error replies) and the nodes' restore notes (counted and named)."""
+        report = report or RoundReport()
+        rejected = report.rejected
         traffic = self.meter.close_round()
         clients, self._clients = self._clients, []
         trained, self._trained = self._trained, []
@@ -166,6 +183,7 @@ class RunRecorder:
             "messages": traffic.sent,
             "failed": traffic.failed + rejected,
             "rejected": rejected,
+            "restore_warnings": len(report.notes),
             **_traffic_row(traffic, ""),
             **_traffic_row(self.meter.cumulative, "cum_"),
             SAMPLES: int(sum(c.get(SAMPLES, 0.0) for c in trained)),
@@ -182,14 +200,16 @@ class RunRecorder:
         self.rows.append(row)
         self.clients_last_round = clients
         write_round(self.ensure_run_dir(), server_round,
-                    {**(decisions or {}), **evaluation_arrays(clients)})
+                    {**report.decisions, **evaluation_arrays(clients)})
         log(
             INFO,
-            "[%s] round %d/%d | pers-acc %.4f | global-acc %.4f | clients %d, failed %d%s | "
+            "[%s] round %d/%d | pers-acc %.4f | global-acc %.4f | clients %d, failed %d%s%s | "
             "%s%sMiB up %.4f down %.4f | cum MiB up %.4f down %.4f total %.4f | %.1f s",
             self.cfg.strategy, server_round, self.cfg.num_server_rounds,
             row[PERSONALIZED], row[GLOBAL], len(clients), row["failed"],
             "" if stale is None else f", stale {int(stale)}",
+            "".join(f", restored node {note.node_id} from {note.notes.get(RESTORE_FILE, '?')}"
+                    for note in report.notes),
             "".join(f"{metric} max {row[key + '_max']:.2f} | "
                     for metric, key in EPSILONS.items() if key + "_max" in row),
             "" if market_seconds is None else f"market {market_seconds:.2f} s | ",

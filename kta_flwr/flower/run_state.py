@@ -1,17 +1,18 @@
 """The server's checkpoint of a run, written after every completed round, and what a
 resumed run checks before it continues from it.
 
-``<run dir>/server-state.pkl`` (pickle, written atomically) holds the last completed
-round, the lineage (the id of the run that started the chain), the run config, the
-strategy's state (:meth:`~kta_flwr.flower.strategies.base.NodeStrategy.state_dict`: the
-market's bank and pending targets, the compressed baselines' model log, sampling RNG),
-the global model's arrays (stock strategies), the byte meter, the results rows and the
-process RNG states. Only load files you wrote: pickle runs code from the file.
+``<run dir>/server-state.json`` (with its arrays in ``server-state.<digest>.npz``,
+:mod:`kta_flwr.storage.tree`: no pickle, so opening a planted file runs nothing) holds
+the last completed round, the lineage (the id of the run that started the chain), the
+run config, the strategy's state (:meth:`~kta_flwr.flower.strategies.base.NodeStrategy.state_dict`:
+the market's bank and pending targets, the compressed baselines' model log, the stock
+strategies' global model, the sampling RNG and which node holds which partition), the
+results so far with the byte meter, and the process RNG states. A truncated, garbage or
+foreign file is refused, naming the file and the reason.
 """
 
 from __future__ import annotations
 
-import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,18 @@ from typing import Any
 import numpy as np
 
 from kta_flwr.config import ConfigError, RunConfig
-from kta_flwr.storage import write_bytes_atomic
+from kta_flwr.storage import StateFileError, read_state, write_state
 
-STATE_FILE = "server-state.pkl"
-FORMAT = "kta-flwr-run-state/1"
+STATE_FILE = "server-state.json"
+#: The pickle of kta-flwr before 2026-12: never opened (a pickle runs code when loaded).
+LEGACY_STATE_FILE = "server-state.pkl"
+FORMAT = "kta-flwr-run-state/2"
 #: Run-config keys a resumed run may change (how it waits and times out, where it reads
-#: the state from, how many rounds it runs in all).
+#: the state from, how many rounds it runs in all, the nodes' lifetime privacy budget).
 MAY_CHANGE = ("resume-from", "output-dir", "num-server-rounds", "round-timeout",
-              "node-wait-timeout", "min-round-nodes", "min-nodes", "device")
+              "node-wait-timeout", "min-round-nodes", "min-nodes", "device", "dp-lifetime-epsilon")
+_FIELDS = {"round": int, "lineage": int, "config": dict, "strategy": dict, "recorder": dict,
+           "random_state": tuple, "numpy_state": tuple}
 
 
 @dataclass
@@ -38,10 +43,9 @@ class RunState:  # pylint: disable=too-many-instance-attributes
     lineage: int
     config: dict[str, Any]
     strategy: dict[str, Any]
-    arrays: dict[str, np.ndarray]
     recorder: dict[str, Any]  # rows, train metrics, elapsed seconds, the byte meter
-    random_state: Any
-    numpy_state: Any
+    random_state: tuple[Any, ...]
+    numpy_state: tuple[Any, ...]
 
     @classmethod
     def capture(cls, **fields: Any) -> RunState:
@@ -55,30 +59,42 @@ class RunState:  # pylint: disable=too-many-instance-attributes
 
 
 def save_run_state(run_dir: Path, state: RunState) -> None:
-    """Write ``state`` to ``run_dir/server-state.pkl`` atomically."""
-    blob = pickle.dumps({"format": FORMAT, "state": state}, protocol=pickle.HIGHEST_PROTOCOL)
-    write_bytes_atomic(Path(run_dir) / STATE_FILE, blob)
+    """Write ``state`` to ``run_dir/server-state.json`` (+ ``.npz``) atomically."""
+    write_state(Path(run_dir) / STATE_FILE, vars(state), format_name=FORMAT)
 
 
 def load_run_state(run_dir: Path) -> RunState:
     """The checkpoint of the run in ``run_dir`` (run-config ``resume-from``).
 
     Raises:
-        ConfigError: no such folder or checkpoint, or not one of this format.
+        ConfigError: no such folder or checkpoint, a legacy pickle (not opened), or a
+            file that cannot be used (naming the file, and the field where one is wrong).
     """
-    path = Path(run_dir).expanduser() / STATE_FILE
+    folder = Path(run_dir).expanduser()
+    path = folder / STATE_FILE
     if not path.is_file():
+        if (folder / LEGACY_STATE_FILE).is_file():
+            raise ConfigError(
+                f"run-config 'resume-from': {folder / LEGACY_STATE_FILE} is a pickle (kta-flwr "
+                "before 2026-12) and is not opened: unpickling runs whatever code the file "
+                f"holds. Only {STATE_FILE} checkpoints can be resumed; rerun that run")
         raise ConfigError(
             f"run-config 'resume-from' = {str(run_dir)!r}: no {STATE_FILE} there; pass the "
             "folder of a run (its results.json is next to it) that completed a round"
         )
     try:
-        blob = pickle.loads(path.read_bytes())  # noqa: S301  # our own file, see module doc
-    except Exception as err:  # pylint: disable=broad-except
-        raise ConfigError(f"run-config 'resume-from': {path} cannot be read ({err})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ConfigError(f"run-config 'resume-from': {path} is not a {FORMAT} checkpoint")
-    return blob["state"]
+        raw = read_state(path, format_name=FORMAT)
+    except StateFileError as err:
+        raise ConfigError(f"run-config 'resume-from': {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"run-config 'resume-from': {path}: the state is not a table")
+    for name, kind in _FIELDS.items():
+        if not isinstance(raw.get(name), kind) or (kind is int and isinstance(raw[name], bool)):
+            raise ConfigError(f"run-config 'resume-from': {path}: field '{name}' is missing or "
+                              f"not a {kind.__name__}")
+    if raw["round"] < 1:
+        raise ConfigError(f"run-config 'resume-from': {path}: field 'round' = {raw['round']} < 1")
+    return RunState(**{name: raw[name] for name in _FIELDS})
 
 
 def check_resumable(saved: dict[str, Any], cfg: RunConfig, completed: int) -> None:

@@ -5,7 +5,9 @@ A reply passes :meth:`ReplyScreen.screen` only if
 
 - its sender was sent an instruction of this kind this round, and has not answered yet;
 - it holds exactly the records the strategy expects (``metrics`` and, for train replies,
-  the strategy's array record), and no other;
+  the strategy's array record), and no other but an optional ``notes`` ConfigRecord of
+  short printable strings (:data:`~kta_flwr.flower.protocol.NOTE_KEYS`: the checkpoint
+  a node restored, and why);
 - every metric is a finite scalar within its documented bounds (:data:`TRAIN_METRICS`,
   :data:`EVALUATE_METRICS`): accuracies in [0, 1], ``num-examples`` a positive integer no
   larger than the run's data, seconds and losses non-negative and bounded; no unknown key;
@@ -17,7 +19,9 @@ A reply passes :meth:`ReplyScreen.screen` only if
 
 A reply that fails is dropped with one warning naming the node and the field, and
 counted (:meth:`ReplyScreen.drain`, shown as ``failed`` in the per-round line); the round
-goes on with the others. The threat model and the market's own defences: ``docs/robustness.md``.
+goes on with the others. An error reply (the node failed, or was lost: the grid
+attributes the SuperLink's "node unavailable" answer to it) is counted once, by the byte
+meter, and the warning names the node. The threat model and the market's own defences: ``docs/robustness.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common import log
 
-from kta_flwr.flower.protocol import METRICS, PARTITION_ID
+from kta_flwr.flower.protocol import METRICS, NOTE_KEYS, NOTES, PARTITION_ID
 from kta_flwr.flower.timing import EVALUATE_PHASES, PREFIX, TRAIN_PHASES
 
 NUM_EXAMPLES = "num-examples"
@@ -48,6 +52,8 @@ MAX_LOSS = 1e6
 MAX_PARTITION = 1_000_000
 #: Largest ε a client may report spent.
 MAX_EPSILON = 1e6
+#: Longest ``notes`` string a reply may carry.
+MAX_NOTE = 400
 
 TRAIN = "train"
 EVALUATE = "evaluate"
@@ -132,6 +138,7 @@ def train_metrics(
         "residual-norm": Rule(0.0, MAX_PARAMETER * 1e6),
         "samples": Rule(0, 1e15, integer=True),
         "dp-epsilon": Rule(0.0, MAX_EPSILON),
+        "dp-lifetime-epsilon": Rule(0.0, MAX_EPSILON),
         "logit-epsilon": Rule(0.0, MAX_EPSILON),
         **_seconds(TRAIN_PHASES),
     }
@@ -174,11 +181,31 @@ class Checked:
     msg: Message
     metrics: dict[str, float]
     arrays: dict[str, Any]
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def partition(self) -> int:
         """The partition the sender holds."""
         return int(self.metrics[PARTITION_ID])
+
+
+@dataclass(frozen=True)
+class Note:
+    """What a node told about its state (a reply's ``notes``), with who told it."""
+
+    node_id: int
+    partition: int
+    kind: str  # "train" or "evaluate"
+    notes: Mapping[str, str]
+
+
+@dataclass
+class ScreenReport:
+    """What the screen saw since the last :meth:`ReplyScreen.drain`: replies it dropped,
+    and the notes of those it passed."""
+
+    rejected: int = 0
+    notes: list[Note] = field(default_factory=list)
 
 
 @dataclass
@@ -208,17 +235,17 @@ class ReplyScreen:
 
     def __init__(self, holders: Callable[[], Mapping[int, int]] | None = None) -> None:
         self._asked: dict[str, set[int]] = {}
-        self._rejected = 0
+        self._report = ScreenReport()
         self._holders = holders or dict
 
     def expect(self, kind: str, node_ids: Iterable[int]) -> None:
         """This round's ``kind`` instructions went to ``node_ids``."""
         self._asked[kind] = set(node_ids)
 
-    def drain(self) -> int:
-        """Replies rejected since the last call."""
-        count, self._rejected = self._rejected, 0
-        return count
+    def drain(self) -> ScreenReport:
+        """Replies rejected, and notes passed, since the last call."""
+        report, self._report = self._report, ScreenReport()
+        return report
 
     def screen(
         self, server_round: int, kind: str, replies: Iterable[Message], spec: ReplySpec
@@ -231,7 +258,7 @@ class ReplyScreen:
         holders = dict(self._holders())
 
         def drop(node_id: int, first: bool, err: InvalidReply) -> None:
-            self._rejected += 1
+            self._report.rejected += 1
             if first:
                 out.rejected.append(node_id)
             log(WARNING, "round %d: dropping %s reply of node %d: %s", server_round, kind, node_id, err)
@@ -247,8 +274,9 @@ class ReplyScreen:
                 seen.add(node_id)
                 if msg.has_error():
                     out.errors.append(node_id)
-                    log(WARNING, "round %d: %s failed on node %d: %s", server_round, kind,
-                        node_id, msg.error.reason)
+                    held = f" (partition {holders[node_id]})" if node_id in holders else ""
+                    log(WARNING, "round %d: %s failed on node %d%s: %s", server_round, kind,
+                        node_id, held, msg.error.reason)
                     continue
                 checked = _check(node_id, msg, spec)
                 if node_id in holders and holders[node_id] != checked.partition:
@@ -275,6 +303,8 @@ class ReplyScreen:
                         f"metric '{PARTITION_ID}'", f"partition {partition} is also claimed this "
                         f"round by node(s) {others}" + (f", its holder {rightful[0].node_id}" if rightful else "")))
         out.valid.sort(key=lambda c: passed.index(c))
+        self._report.notes.extend(Note(c.node_id, c.partition, kind, c.notes)
+                                  for c in out.valid if c.notes)
         return out
 
 
@@ -283,8 +313,9 @@ def _check(node_id: int, msg: Message, spec: ReplySpec) -> Checked:
     if not msg.has_content():
         raise InvalidReply("content", "the reply carries neither content nor an error")
     content: RecordDict = msg.content
-    if content.config_records:
-        raise InvalidReply(f"record '{next(iter(content.config_records))}'", "no config record is expected")
+    unexpected_config = sorted(set(content.config_records) - {NOTES})
+    if unexpected_config:
+        raise InvalidReply(f"record '{unexpected_config[0]}'", "no such config record is expected")
     unexpected = sorted(set(content.array_records) - set(spec.arrays))
     if unexpected:
         raise InvalidReply(f"record '{unexpected[0]}'", "is not an array record of this reply")
@@ -305,7 +336,21 @@ def _check(node_id: int, msg: Message, spec: ReplySpec) -> Checked:
             raise
         except Exception as err:  # pylint: disable=broad-except  # a reply never crashes the server
             raise InvalidReply(f"record '{name}'", f"cannot be read ({type(err).__name__}: {err})") from None
-    return Checked(node_id, msg, metrics, arrays)
+    notes = _check_notes(content.config_records[NOTES]) if NOTES in content.config_records else {}
+    return Checked(node_id, msg, metrics, arrays, notes)
+
+
+def _check_notes(record: Mapping[str, Any]) -> dict[str, str]:
+    """A reply's ``notes``: known keys, short printable strings (they reach the logs)."""
+    unknown = sorted(set(record) - set(NOTE_KEYS))
+    if unknown:
+        raise InvalidReply(f"note '{unknown[0]}'", f"is not a note; notes are {list(NOTE_KEYS)}")
+    for key, value in record.items():
+        if not isinstance(value, str):
+            raise InvalidReply(f"note '{key}'", f"must be a string, got {type(value).__name__}")
+        if len(value) > MAX_NOTE or not value.isprintable():
+            raise InvalidReply(f"note '{key}'", f"must be printable and at most {MAX_NOTE} characters")
+    return {key: str(value) for key, value in record.items()}
 
 
 def numpy_arrays(record: ArrayRecord, name: str) -> dict[str, np.ndarray]:

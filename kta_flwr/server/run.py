@@ -4,42 +4,51 @@ keeps (results and the server's checkpoint after every round, the final global m
 A new run writes into a new ``<output-dir>/<timestamp>-<strategy>/`` folder. With
 ``resume-from`` it continues the run in that folder after its last completed round: it
 restores the strategy, the byte meter, the results rows and the RNGs from the folder's
-``server-state.pkl``, asks every node which partition it holds (the node ids are new),
-and stamps the original run's id (the lineage) into every instruction, so each node
-restores its model of that round from disk. See ``docs/running.md``.
+``server-state.json`` (:mod:`kta_flwr.flower.run_state`), asks every node which partition
+it holds (the node ids are new), and stamps the original run's id (the lineage) into
+every instruction, so each node restores its state of that round from disk. The run
+folder has one writer at a time (:class:`~kta_flwr.storage.FolderLock`): a resume is
+refused while another live process (an orphaned ServerApp) holds it. Every strategy is
+driven through the one interface :class:`~kta_flwr.flower.strategies.base.NodeStrategy`.
+See ``docs/running.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import OrderedDict
 from logging import ERROR, INFO
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from kta_flwr.config import ConfigError, RunConfig, parse_run_config
-from kta_flwr.factory import build_strategy
+from kta_flwr.factory import build_strategy, node_options
 from kta_flwr.flower import protocol
 from kta_flwr.flower.metering import ByteMeter, MeteredGrid
 from kta_flwr.flower.results import RunRecorder
-from kta_flwr.flower.run_state import RunState, check_resumable, load_run_state, save_run_state
+from kta_flwr.flower.run_state import (
+    STATE_FILE,
+    RunState,
+    check_resumable,
+    load_run_state,
+    save_run_state,
+)
 from kta_flwr.flower.strategies.base import FederationError, NodeStrategy, wait_for_nodes
-from kta_flwr.flower.strategies.compressed import CompressedUpdates
-from kta_flwr.flower.strategies.market import KnowledgeMarket
 from kta_flwr.flower.strategies.rounds import RoundsFrom
 from kta_flwr.flower.validation import QUERY, QUERY_METRICS, ReplyScreen, ReplySpec
-from kta_flwr.maths.update_compression import ParamLayout
+from kta_flwr.maths.market_kernels import MarketKernels
+from kta_flwr.storage import FolderBusy, FolderLock
 from kta_flwr.task.checkpoint import ModelMeta, save_checkpoint
 from kta_flwr.task.market_torch import market_kernels
 from kta_flwr.task.models import build_model, head_keys
 from kta_flwr.task.splits import CentralSplits, load_splits, partition_indices
 from kta_flwr.task.text import minilm_path
-from kta_flwr.task.training import load_vector
 
 #: The final global model of the parameter strategies, next to ``results.json``.
 GLOBAL_MODEL_FILE = "global-model.pt"
@@ -69,75 +78,81 @@ def run(grid: Grid, context: Context) -> None:
     """Run (or resume) ``num-server-rounds`` rounds of the configured strategy.
 
     Raises:
-        ConfigError: a bad config, missing data, or a checkpoint that cannot be resumed
-            (logged first: nothing was trained).
+        ConfigError: a bad config, missing data, a checkpoint that cannot be resumed, or
+            a run folder another live process holds (logged first: nothing was trained).
         FederationError: too few nodes after ``node-wait-timeout`` (the results of the
             completed rounds are on disk).
     """
-    try:
-        cfg = parse_run_config(context.run_config)
-        splits = load_splits(cfg)
-        _check_federation(cfg, splits, grid)
-        kernels = market_kernels(cfg.market_device)  # ConfigError: 'cuda' without a GPU
-        saved = _resumable_state(cfg)
-    except ConfigError as err:
-        log(ERROR, "Invalid configuration, nothing was trained: %s", err)
-        raise ConfigError(str(err)) from None
+    with contextlib.ExitStack() as held:  # the run folder's lock, released on the way out
+        try:
+            cfg = parse_run_config(context.run_config)
+            splits = load_splits(cfg)
+            _check_federation(cfg, splits, grid)
+            kernels = market_kernels(cfg.market_device)  # ConfigError: 'cuda' without a GPU
+            if cfg.resume_from and Path(cfg.resume_from).expanduser().is_dir():
+                # before reading it: an orphaned ServerApp may still be writing it
+                held.enter_context(_hold(Path(cfg.resume_from).expanduser()))
+            saved = _resumable_state(cfg)
+        except ConfigError as err:
+            log(ERROR, "Invalid configuration, nothing was trained: %s", err)
+            raise ConfigError(str(err)) from None
+        _run(grid, cfg, splits, kernels, saved, held)
 
-    random.seed(cfg.seed)  # Flower's stock strategies sample nodes with `random`
+
+def _run(  # pylint: disable=too-many-arguments
+    grid: Grid, cfg: RunConfig, splits: CentralSplits, kernels: MarketKernels,
+    saved: RunState | None, held: contextlib.ExitStack,
+) -> None:
+    """The rounds of a run whose config and checkpoint passed the checks."""
+    random.seed(cfg.seed)  # Flower's stock strategies shuffle their sample with `random`
     np.random.seed(cfg.seed)
     meter = ByteMeter()
-    run_dir = Path(cfg.resume_from).expanduser() if saved else None
-    recorder = RunRecorder(cfg, meter, run_id=grid.run.run_id, run_dir=run_dir,
+    recorder = RunRecorder(cfg, meter, run_id=grid.run.run_id,
+                           run_dir=Path(cfg.resume_from).expanduser() if saved else None,
                            fab_hash=grid.run.fab_hash)
-    initial_arrays = _initial_arrays(cfg, splits)
+    if saved is None:
+        held.enter_context(_hold(recorder.ensure_run_dir()))
+    lineage = saved.lineage if saved else grid.run.run_id
     strategy = build_strategy(
         cfg,
-        initial_arrays=initial_arrays,
+        initial_arrays=_initial_arrays(cfg, splits),
         reference_labels=splits.reference.y,
         num_classes=splits.num_classes,
         fingerprint=splits.reference_fingerprint,
-        evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
-        train_metrics_aggr_fn=recorder.aggregate_train,
-        max_examples=max(len(splits.train.y), len(splits.test.y)),
+        options=node_options(cfg, recorder.aggregate_evaluate, recorder.aggregate_train,
+                             max_examples=max(len(splits.train.y), len(splits.test.y)),
+                             lineage=saved.lineage if saved else None),
         market_kernels=kernels,
     )
     metered = MeteredGrid(grid, meter)
-    lineage, first = grid.run.run_id, 1
-    arrays = ArrayRecord() if cfg.is_compressed else initial_arrays
+    first = 1
     if saved is not None:
-        lineage, first = saved.lineage, saved.round + 1
-        arrays = _resume(saved, strategy, recorder, metered, cfg) or arrays
-    if isinstance(strategy, NodeStrategy) and lineage != grid.run.run_id:
-        strategy.lineage = lineage
+        first = saved.round + 1
+        _resume(saved, strategy, recorder, metered, cfg)
     log(INFO, "kta-flwr: strategy=%s dataset=%s reference=%d test=%d train-pool=%d%s",
         cfg.strategy, cfg.dataset, len(splits.reference.y), len(splits.test.y),
         len(splits.train.y), f"; resuming run {lineage} at round {first}" if saved else "")
 
-    latest = {"arrays": arrays}  # the stock strategies' global model after the last round
     rounds = RoundsFrom(strategy, first, recorder.note_train_metrics)
 
     def end_round(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        del arrays  # the strategy keeps its global model (start_arrays, state_dict)
         if local_round == 0:  # Strategy.start calls it once before the first round
             return None
         server_round = rounds.true_round(local_round)
-        decisions = strategy.take_round_record() if isinstance(strategy, KnowledgeMarket) else None
-        out = recorder.end_round(server_round, arrays, rejected=strategy.screen.drain(),
-                                 decisions=decisions)
+        out = recorder.end_round(server_round, strategy.take_round_report())
         save_run_state(recorder.ensure_run_dir(), RunState.capture(
             round=server_round, lineage=lineage, config=cfg.to_flwr(),
-            strategy=strategy.state_dict() if isinstance(strategy, NodeStrategy) else {},
-            arrays={k: v.numpy() for k, v in arrays.items()}, recorder=recorder.state(),
+            strategy=strategy.state_dict(), recorder=recorder.state(),
         ))
         recorder.write()
-        latest["arrays"] = arrays
         return out
 
     remaining = cfg.num_server_rounds - first + 1
     try:
         if remaining > 0:
             rounds.start(
-                grid=metered, initial_arrays=arrays, num_rounds=remaining,
+                grid=metered, initial_arrays=strategy.start_arrays(), num_rounds=remaining,
                 timeout=cfg.round_timeout, train_config=ConfigRecord({}),
                 evaluate_config=ConfigRecord({}), evaluate_fn=end_round,
             )
@@ -146,12 +161,28 @@ def run(grid: Grid, context: Context) -> None:
         log(ERROR, "kta-flwr: run stopped after %d rounds: %s; results so far in %s",
             len(recorder.rows), err, recorder.ensure_run_dir())
         raise
-    _save_global_model(cfg, splits, strategy, recorder, latest["arrays"], (grid.run.run_id, lineage))
+    _save_global_model(cfg, splits, strategy.global_model(), recorder, (grid.run.run_id, lineage))
     run_dir = recorder.write()
     summary = recorder.summary()
     log(INFO, "kta-flwr: %s finished: personalized %.4f, global %.4f, %.4f MiB total; "
         "results in %s", cfg.strategy, summary["final_personalized_accuracy"],
         summary["final_global_accuracy"], summary["mib_total"], run_dir)
+
+
+def _hold(run_dir: Path) -> FolderLock:
+    """This process's lock on ``run_dir`` (one writer per run folder).
+
+    Raises:
+        ConfigError: another live process holds it (naming it).
+    """
+    try:
+        return FolderLock(run_dir).acquire()
+    except FolderBusy as err:
+        raise ConfigError(
+            f"run-config 'resume-from': {err}: a ServerApp still writes that run (one whose "
+            "SuperLink died can live on for a minute or two); wait until it exits, or stop it "
+            f"(kill {err.holder.get('pid', '<pid>')}), then resume"
+        ) from None
 
 
 def _resumable_state(cfg: RunConfig) -> RunState | None:
@@ -164,18 +195,22 @@ def _resumable_state(cfg: RunConfig) -> RunState | None:
 
 
 def _resume(
-    saved: RunState, strategy: Strategy, recorder: RunRecorder, grid: MeteredGrid, cfg: RunConfig
-) -> ArrayRecord | None:
-    """Restore what ``saved`` holds; map the new node ids to the saved partitions. Returns
-    the global model's arrays (stock strategies), else None."""
-    recorder.restore(saved.recorder)
-    saved.restore_rngs()
-    if isinstance(strategy, NodeStrategy):
+    saved: RunState, strategy: NodeStrategy, recorder: RunRecorder, grid: MeteredGrid, cfg: RunConfig
+) -> None:
+    """Restore what ``saved`` holds; map the new node ids to the saved partitions.
+
+    Raises:
+        ConfigError: the saved state does not fit this strategy (a field is named).
+    """
+    try:
+        recorder.restore(saved.recorder)
         strategy.load_state_dict(saved.strategy)
-        strategy.adopt(_partitions(grid, cfg, saved.round))
-    if saved.arrays and not cfg.is_compressed:
-        return ArrayRecord({k: np.asarray(v) for k, v in saved.arrays.items()})
-    return None
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(
+            f"run-config 'resume-from': {Path(cfg.resume_from) / STATE_FILE}: its saved state "
+            f"does not fit strategy {cfg.strategy!r} ({type(err).__name__}: {err})") from None
+    saved.restore_rngs()
+    strategy.adopt(_partitions(grid, cfg, saved.round))
 
 
 def _partitions(grid: Grid, cfg: RunConfig, completed: int) -> dict[int, int]:
@@ -196,23 +231,20 @@ def _partitions(grid: Grid, cfg: RunConfig, completed: int) -> dict[int, int]:
     return found
 
 
-def _save_global_model(  # pylint: disable=too-many-arguments
-    cfg: RunConfig, splits: CentralSplits, strategy: Strategy, recorder: RunRecorder,
-    arrays: ArrayRecord, ids: tuple[int, int],
+def _save_global_model(
+    cfg: RunConfig, splits: CentralSplits, tensors: dict[str, np.ndarray] | None,
+    recorder: RunRecorder, ids: tuple[int, int],
 ) -> None:
-    """The final global model of FedAvg/FedProx, fedavg-ft and Ditto (the last aggregate)
-    or fedavg-topk/SA-PEF (the model log's last version) next to ``results.json`` (FedRep
-    has no whole global model: the heads stay on the nodes)."""
-    if cfg.is_market or cfg.has_private_teacher or cfg.shares_body_only or not recorder.rows:
+    """The strategy's final global model (:meth:`~kta_flwr.flower.strategies.base.NodeStrategy.global_model`:
+    FedAvg's family and fedavg-ft/Ditto's last aggregate, fedavg-topk/SA-PEF's last
+    version; none under the market, FedKD or FedRep) next to ``results.json``."""
+    if tensors is None or not recorder.rows:
         return
     spec = splits.spec_for(cfg)
     model = build_model(cfg.shared_model, spec, cfg.seed, private=cfg.private)
-    if isinstance(strategy, CompressedUpdates):
-        load_vector(model, ParamLayout.of(model.state_dict()), strategy.log.vector)
-    elif len(arrays):
-        model.load_state_dict(arrays.to_torch_state_dict())
-    else:
-        return
+    state = model.state_dict()
+    state.update({name: torch.from_numpy(np.array(value)) for name, value in tensors.items()})
+    model.load_state_dict(state)
     run_id, lineage = ids
     last = recorder.rows[-1]
     meta = ModelMeta(

@@ -5,7 +5,9 @@ A checkpoint is one torch file (``torch.save`` of plain tensors and a metadata d
 back with ``weights_only=True``) written atomically (:mod:`kta_flwr.storage`). Each save
 keeps the file it replaces as ``<name>.prev.pt``, so a node whose run is resumed from an
 earlier round still finds that round's model. Loading checks the metadata against what
-the caller expects and refuses a mismatch with an error naming the field. Where models
+the caller expects, and the tensors against the architecture the metadata names (names,
+shapes, dtypes, finite values), and refuses a mismatch with a one-line error naming the
+file and the field. Where models
 live and how to use them: ``docs/running.md`` ("Models that outlive the run").
 """
 
@@ -138,12 +140,47 @@ def read_checkpoint(path: Path) -> SavedModel:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pylint: disable=broad-except  # truncated, not torch, ...
-        raise CheckpointError(f"checkpoint {path} cannot be read: {type(err).__name__}: {err}") from None
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint {path} cannot be read: {type(err).__name__}: {first_line}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
-    meta = ModelMeta.from_dict(blob["meta"], path)
-    extra = {k: v.numpy() for k, v in blob.get("extra", {}).items()}
-    return SavedModel(meta, dict(blob.get("model", {})), extra)
+    try:
+        meta = ModelMeta.from_dict(blob["meta"], path)
+        extra = {str(k): v.numpy() for k, v in blob.get("extra", {}).items()}
+        state = {str(k): v for k, v in blob.get("model", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint {path} is malformed ({type(err).__name__}: {err})") from None
+    for name, value in extra.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise CheckpointError(f"checkpoint {path}: array '{name}' holds "
+                                  f"{int((~np.isfinite(value)).sum())} NaN/inf values")
+    return SavedModel(meta, state, extra)
+
+
+def check_tensors(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse a saved ``state`` that does not fit ``model``: a tensor missing or extra, of
+    another shape or dtype, or holding NaN/inf.
+
+    Raises:
+        CheckpointError: naming ``path`` and the first tensor at fault.
+    """
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    extra = [name for name in state if name not in expected]
+    if missing or extra:
+        name, what = (missing[0], "is missing") if missing else (extra[0], "is not a tensor of the model")
+        raise CheckpointError(f"checkpoint {path}: tensor '{name}' {what} "
+                              f"({len(missing)} missing, {len(extra)} unexpected)")
+    for name, want in expected.items():
+        have = state[name]
+        if not isinstance(have, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path}: tensor '{name}' is a {type(have).__name__}")
+        if tuple(have.shape) != tuple(want.shape) or have.dtype != want.dtype:
+            raise CheckpointError(f"checkpoint {path}: tensor '{name}' is {have.dtype}{list(have.shape)}, "
+                                  f"the model's is {want.dtype}{list(want.shape)}")
+        if have.is_floating_point() and not bool(torch.isfinite(have).all()):
+            raise CheckpointError(f"checkpoint {path}: tensor '{name}' holds "
+                                  f"{int((~torch.isfinite(have)).sum())} NaN/inf values")
 
 
 def check_meta(meta: ModelMeta, expected: Mapping[str, Any], path: Path) -> None:
@@ -177,20 +214,29 @@ def load_personalized(
     Raises:
         CheckpointError: no checkpoint, an ambiguous folder, or a field that differs.
     """
-    saved = read_checkpoint(resolve_checkpoint(path))
+    file = resolve_checkpoint(path)
+    saved = read_checkpoint(file)
     check_meta(saved.meta, expected or {}, Path(path))
-    return model_from(saved, device)
+    return model_from(saved, device, file)
 
 
-def model_from(saved: SavedModel, device: str = "cpu") -> nn.Module:
+def model_from(saved: SavedModel, device: str = "cpu", path: Path | None = None) -> nn.Module:
     """The model of a checkpoint already read, built from its metadata, in eval mode.
 
     Raises:
-        CheckpointError: the checkpoint holds no model (e.g. fedavg-topk's node state).
+        CheckpointError: the checkpoint holds no model (e.g. fedavg-topk's node state), an
+            architecture this version does not build, or tensors that do not fit it.
     """
+    where = path or f"of strategy {saved.meta.strategy!r}"
     if not saved.state:
-        raise CheckpointError(f"the checkpoint holds no model (strategy {saved.meta.strategy!r})")
-    model = build_model(saved.meta.architecture, saved.meta.spec, seed=0, private=saved.meta.private)
+        raise CheckpointError(f"the checkpoint {where} holds no model (strategy {saved.meta.strategy!r})")
+    try:
+        model = build_model(saved.meta.architecture, saved.meta.spec, seed=0, private=saved.meta.private)
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {where}: field 'architecture' = "
+                              f"{saved.meta.architecture!r} with input {saved.meta.input_shape} "
+                              f"cannot be built ({type(err).__name__}: {err})") from None
+    check_tensors(model, saved.state, Path(str(where)))
     model.load_state_dict(saved.state)
     return model.to(device).eval()
 

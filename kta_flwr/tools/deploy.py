@@ -45,7 +45,7 @@ def run_local(settings: Path, overrides: dict[str, Any], timeout: float) -> int:
     run_config["data-path"] = parse_run_config(run_config).resolved_data_path(topo.data)
     workdir = topo.results / "federation"
     workdir.mkdir(parents=True, exist_ok=True)
-    before = set(topo.results.glob("*/results.json"))
+    before = _results_files(topo.results)
     with LocalFederation(
         workdir, len(topo.partition_ids), partition_ids=list(topo.partition_ids),
         credentials=creds, port=topo.superlink_port, supernode_ports=topo.supernode_ports(),
@@ -55,13 +55,19 @@ def run_local(settings: Path, overrides: dict[str, Any], timeout: float) -> int:
               f"authentication) + {len(topo.partition_ids)} SuperNodes up; logs in {fed.logs}",
               flush=True)
         proc = fed.submit(REPO_ROOT, run_config, timeout=timeout, echo=True)
-    written = sorted(set(topo.results.glob("*/results.json")) - before)
+    written = [path for path, stamp in _results_files(topo.results).items() if before.get(path) != stamp]
     if proc.returncode != 0 or not written:
-        print(f"[deploy] run failed (flwr run exit code {proc.returncode}); see {workdir / 'logs'}",
-              file=sys.stderr)
+        why = f"flwr run exit code {proc.returncode}" if proc.returncode else "no results.json was written"
+        print(f"[deploy] run failed ({why}); see {workdir / 'logs'}", file=sys.stderr)
         return 1
-    print(f"[deploy] results in {written[-1].parent}")
+    print(f"[deploy] results in {max(written, key=lambda p: p.stat().st_mtime_ns).parent}")
     return 0
+
+
+def _results_files(results: Path) -> dict[Path, int]:
+    """Every run's ``results.json`` under ``results`` and its modification time (ns): a
+    new run adds one, a resumed run (``resume-from``) rewrites its own."""
+    return {path: path.stat().st_mtime_ns for path in results.glob("*/results.json")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,8 @@ from kta_flwr.tools.certs import Credentials
 from kta_flwr.tools.presets import config_arg, toml_value
 
 CONNECTION = "kta-local"
+#: The SuperLink's database in a federation's work folder (with SQLite's -wal/-shm files).
+DATABASE = "state.db"
 
 
 def free_port() -> int:
@@ -156,8 +158,13 @@ class LocalFederation:
         return proc
 
     def start(self) -> None:
-        """Start the SuperLink, then the SuperNodes; wait until each listens."""
+        """Start the SuperLink, then the SuperNodes; wait until each listens. A new
+        federation starts from an empty SuperLink database (a ``workdir`` used before, as
+        by ``deploy local``, would otherwise hold that SuperLink's key registrations and
+        nodes: "Public key already in use")."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
+        for old in self.workdir.glob(f"{DATABASE}*"):
+            old.unlink()
         self._write_connection()
         try:
             link = self._spawn("superlink", self._superlink_args())
@@ -173,7 +180,7 @@ class LocalFederation:
             raise
 
     def _superlink_args(self) -> list[str]:
-        return superlink_args(self.port, str(self.workdir / "state.db"), self.credentials,
+        return superlink_args(self.port, str(self.workdir / DATABASE), self.credentials,
                               simulation=self.simulation)
 
     def register_supernode(self, key_index: int) -> None:
@@ -227,6 +234,24 @@ class LocalFederation:
         """SIGKILL every process and their descendants at once: a crash, not a shutdown
         (the fault tests kill a running ServerApp this way)."""
         self._end(signal.SIGKILL, grace=0.0)
+
+    def kill_superlink(self, freeze: bool = False) -> list[int]:
+        """SIGKILL the SuperLink alone, as a crash of that service: what it started in
+        sessions of their own (the SuperExec's ServerApp or simulation process) lives on as
+        an orphan. With ``freeze`` those are stopped (SIGSTOP) first, so an orphan holds
+        on (to its run folder) without making progress. Returns the orphans' pids; end
+        them with :func:`end_processes` (:meth:`stop` no longer finds them)."""
+        link = self.processes[0]
+        found = descendants(link.pid)
+        if freeze:
+            for pid in found:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGSTOP)
+        _signal_group(link, signal.SIGKILL)
+        link.wait()
+        self.processes.remove(link)
+        time.sleep(0.5)  # the group's members die; the orphans remain
+        return [pid for pid in found if _alive(pid)]
 
     def kill_supernode(self, proc: subprocess.Popen) -> None:
         """SIGKILL one SuperNode (and its ClientApp processes), as a crashed device."""
@@ -300,6 +325,25 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux ``/proc``)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def end_processes(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGKILL ``pids`` (stopped ones too) and wait until they are gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def descendants(pid: int) -> list[int]:

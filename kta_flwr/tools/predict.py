@@ -32,7 +32,8 @@ def predict(model_path: Path, inputs: np.ndarray, expected: dict[str, object] | 
     """Class probabilities ``[M, C]`` of the checkpoint's model on ``inputs``.
 
     Raises:
-        CheckpointError: no checkpoint, or metadata that differs from ``expected``.
+        CheckpointError: no checkpoint, metadata that differs from ``expected``, or
+            tensors that do not fit the architecture it names (file and tensor named).
         ConfigError: ``inputs`` whose rows do not have the checkpoint's input shape.
     """
     path = resolve_checkpoint(model_path)
@@ -43,7 +44,7 @@ def predict(model_path: Path, inputs: np.ndarray, expected: dict[str, object] | 
             f"reads {list(saved.meta.input_shape)} ('input_shape')"
         )
     check_meta(saved.meta, expected or {}, path)
-    model = model_from(saved, device)
+    model = model_from(saved, device, path)
     logits = predict_logits(model, inputs, resolve_device(device))
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)

@@ -1,18 +1,40 @@
-"""What every strategy of ours shares: evaluation every few rounds, waiting for nodes with a
-deadline, node sampling, config stamping, evaluation aggregation, and the bookkeeping that
-lets a run survive node restarts and be resumed (which node holds which partition; the
-strategy's state as a checkpoint). The market (:mod:`.market`) and the compressed-update
-baselines (:mod:`.compressed`) build on it; Flower's stock strategies take the mixins
-(:mod:`.stock`). What happens on each fault: ``docs/running.md``."""
+"""The one interface every server strategy of ours implements, and what they all share.
+
+:class:`NodeStrategy` is Flower's ``Strategy`` plus what the ServerApp
+(:mod:`kta_flwr.server.run`) asks of every strategy, the market, the compressed-update
+baselines and Flower's stock strategies (:mod:`.stock`, which wraps them) alike:
+
+- **screening**: every reply passes its :class:`~kta_flwr.flower.validation.ReplyScreen`
+  (``screen``) before anything is aggregated; subclasses say what a valid train reply
+  holds (:meth:`NodeStrategy.train_spec`);
+- **sampling**: wait for nodes once per round, with a deadline (:func:`wait_for_nodes`),
+  then a seeded sample ordered by partition, so a resumed run samples the same partitions;
+  evaluation every ``evaluate_every`` rounds and in the last;
+- **which node holds which partition**, learnt from the checked replies, so that a node
+  that comes back under a new id (a restarted SuperNode, a resumed run) takes over what
+  the strategy kept for its partition (:meth:`NodeStrategy.rekey`, :meth:`NodeStrategy.adopt`);
+- **the lineage** (the run a resumed run continues), stamped into every instruction so
+  nodes find their checkpoints of that run;
+- **saved state** (:meth:`NodeStrategy.state_dict`; the server's checkpoint after every
+  round) and **the round's record** (:meth:`NodeStrategy.take_round_report`: rejected
+  replies, nodes' notes, the market's decisions);
+- **the global model**: what ``Strategy.start`` starts from (:meth:`NodeStrategy.start_arrays`)
+  and what is kept after the run (:meth:`NodeStrategy.global_model`).
+
+Every option is a constructor argument (:class:`NodeOptions`). What happens on each
+fault: ``docs/running.md``.
+"""
 
 from __future__ import annotations
 
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, NotRequired, TypedDict, Unpack
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -25,6 +47,7 @@ from kta_flwr.flower.validation import (
     NUM_EXAMPLES,
     TRAIN,
     Checked,
+    Note,
     ReplyScreen,
     ReplySpec,
     Screened,
@@ -69,55 +92,6 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, quorum: int) -> l
     return nodes
 
 
-class NodeWait:  # pylint: disable=too-few-public-methods
-    """Strategy mixin for Flower's stock strategies: before each round, wait for nodes
-    with a deadline (:func:`wait_for_nodes`) instead of forever, then let the parent
-    sample among those connected."""
-
-    min_available_nodes: int
-    node_wait_timeout: float = 300.0
-    min_round_nodes: int = 1
-    min_nodes: int = 2
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Wait for nodes (with the deadline), then the parent's train messages."""
-        self._wait(grid)
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Wait for nodes (with the deadline), then the parent's evaluate messages."""
-        self._wait(grid)
-        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
-
-    def _wait(self, grid: Grid) -> None:
-        nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, self.min_round_nodes)
-        self.min_available_nodes = min(self.min_nodes, len(nodes))
-
-
-class EvaluateEvery:  # pylint: disable=too-few-public-methods
-    """Strategy mixin: client-side evaluation only every ``evaluate_every`` rounds and in
-    round ``last_round`` (the others send no evaluate messages; their rows have no accuracy)."""
-
-    evaluate_every: int = 1
-    last_round: int = 0
-
-    def evaluates_in(self, server_round: int) -> bool:
-        """True if clients evaluate in ``server_round``."""
-        return evaluation_round(server_round, self.evaluate_every, self.last_round)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The parent's evaluate messages in evaluation rounds, none otherwise."""
-        if not self.evaluates_in(server_round):
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
-
-
 class NodeOptions(TypedDict):
     """Keyword arguments every :class:`NodeStrategy` takes.
 
@@ -127,13 +101,17 @@ class NodeOptions(TypedDict):
         fraction_train: fraction of connected nodes sampled per training round (default 1).
         fraction_evaluate: fraction sampled per evaluation round (default 1).
         min_nodes: wait for this many connected nodes before sampling (default 2).
-        node_wait_timeout: seconds to wait for them (default 300).
+        node_wait_timeout: seconds to wait for them, once per round (default 300).
         min_round_nodes: after that, proceed with at least this many (default 1).
         seed: seeds node sampling (default 0).
         max_examples: the largest ``num-examples`` a reply may report (default 1e9; the
             ServerApp passes the size of the run's data).
         privacy_metrics: train metrics every reply must carry under DP (default none;
             :attr:`kta_flwr.config.RunConfig.privacy_metrics`).
+        evaluate_every: clients evaluate every this many rounds (default 1) ...
+        last_round: ... and in this round (default 0: only by ``evaluate_every``).
+        lineage: the run a resumed run continues, stamped into every instruction
+            (default None: a new run, nothing stamped; nodes use the run's own id).
     """
 
     evaluate_metrics_aggr_fn: MetricsAggregator
@@ -146,19 +124,25 @@ class NodeOptions(TypedDict):
     seed: NotRequired[int]
     max_examples: NotRequired[int]
     privacy_metrics: NotRequired[tuple[str, ...]]
+    evaluate_every: NotRequired[int]
+    last_round: NotRequired[int]
+    lineage: NotRequired[int | None]
 
 
-class NodeStrategy(EvaluateEvery, Strategy):
-    """Base of strategies that address each node with its own message; takes the
-    :class:`NodeOptions`.
+@dataclass
+class RoundReport:
+    """What a round leaves besides its metrics, for the results (:meth:`NodeStrategy.take_round_report`)."""
 
-    Every reply passes its :class:`~kta_flwr.flower.validation.ReplyScreen` (``screen``)
-    before anything is aggregated; subclasses say what a valid train reply holds
-    (:meth:`train_spec`). It learns which partition each node holds from the checked
-    replies (``partition-id``), so that a node that comes back under a new id (a
-    restarted SuperNode, a resumed run) takes over what the strategy kept for its
-    partition (:meth:`rekey`).
-    """
+    #: Replies the boundary checks dropped.
+    rejected: int = 0
+    #: What nodes told about the state they restored (damaged checkpoints, fresh starts).
+    notes: list[Note] = field(default_factory=list)
+    #: The market's decisions as arrays (:mod:`kta_flwr.flower.round_log`); empty otherwise.
+    decisions: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
+    """Base of every server strategy of ours; takes the :class:`NodeOptions`."""
 
     def __init__(self, **options: Unpack[NodeOptions]) -> None:
         self.fraction_train = options.get("fraction_train", 1.0)
@@ -171,13 +155,47 @@ class NodeStrategy(EvaluateEvery, Strategy):
         self.seed = options.get("seed", 0)
         self.max_examples = options.get("max_examples", DEFAULT_MAX_EXAMPLES)
         self.privacy_metrics = options.get("privacy_metrics", ())
+        self.evaluate_every = options.get("evaluate_every", 1)
+        self.last_round = options.get("last_round", 0)
+        #: Stamped into every instruction: the run a resumed run continues (None: not sent).
+        self.lineage = options.get("lineage")
         #: The boundary every reply passes (it checks claims against ``partition_of``).
         self.screen = ReplyScreen(holders=lambda: self.partition_of)
         self._rng = random.Random(self.seed)
         #: Node id -> the partition it reported.
         self.partition_of: dict[int, int] = {}
-        #: Stamped into every instruction: the run a resumed run continues (None: not sent).
-        self.lineage: int | None = None
+        #: The round whose node wait is done (a round waits once, in its first sampling).
+        self._waited_round = -1
+
+    # --- what a subclass says ---------------------------------------------------------------
+    def train_spec(self, server_round: int) -> ReplySpec:
+        """What a valid train reply of ``server_round`` holds (subclasses)."""
+        raise NotImplementedError
+
+    def start_arrays(self) -> ArrayRecord:
+        """What ``Strategy.start`` passes to the first round: the global model where the
+        strategy sends one (after a resume, the restored one); empty by default."""
+        return ArrayRecord()
+
+    def global_model(self) -> dict[str, np.ndarray] | None:
+        """The final global model's tensors (state-dict names -> arrays; entries it lacks
+        keep the shared model's initialisation), or None where there is none."""
+        return None
+
+    def round_decisions(self) -> dict[str, np.ndarray]:
+        """The last round's decisions as arrays for the round file (the market's); taken
+        once, then empty."""
+        return {}
+
+    # --- the round's record -----------------------------------------------------------------
+    def take_round_report(self) -> RoundReport:
+        """Rejected replies, nodes' notes and decisions since the last call."""
+        screened = self.screen.drain()
+        for note in screened.notes:
+            log(WARNING, "node %d (partition %d), %s: restored %s: %s", note.node_id,
+                note.partition, note.kind, note.notes.get("restore-file", "?"),
+                note.notes.get("restore-reason", ""))
+        return RoundReport(screened.rejected, screened.notes, self.round_decisions())
 
     # --- which node holds which partition --------------------------------------------------
     def observe(self, reply: Checked) -> None:
@@ -208,18 +226,54 @@ class NodeStrategy(EvaluateEvery, Strategy):
 
     # --- checkpoint ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue exactly (subclasses extend it)."""
+        """What a resumed run needs to continue exactly (subclasses extend it); numbers,
+        strings, containers and numpy arrays only (:mod:`kta_flwr.storage.tree`)."""
         return {"rng": self._rng.getstate(), "partition_of": dict(self.partition_of)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self._rng.setstate(state["rng"])
-        self.partition_of = dict(state["partition_of"])
+        self.partition_of = {int(n): int(p) for n, p in state["partition_of"].items()}
 
-    def train_spec(self, server_round: int) -> ReplySpec:
-        """What a valid train reply of ``server_round`` holds (subclasses)."""
-        raise NotImplementedError
+    # --- sampling, stamping ----------------------------------------------------------------
+    def evaluates_in(self, server_round: int) -> bool:
+        """True if clients evaluate in ``server_round``."""
+        return evaluation_round(server_round, self.evaluate_every, self.last_round)
 
+    def present_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """The connected nodes, sorted by partition where known: the round's first call
+        waits for ``min_nodes`` (at most ``node_wait_timeout``, :func:`wait_for_nodes`),
+        later calls of the same round take the nodes present (a node that never comes
+        back costs one wait per round, not one per phase)."""
+        if server_round != self._waited_round:
+            nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, self.min_round_nodes)
+            self._waited_round = server_round
+        else:
+            nodes = sorted(grid.get_node_ids())
+            if not nodes:
+                raise FederationError(f"round {server_round}: no node is connected any more")
+        nodes.sort(key=lambda n: (self.partition_of.get(n, 1 << 62), n))
+        return nodes
+
+    def sample(self, grid: Grid, fraction: float, kind: str, server_round: int) -> list[int]:
+        """A seeded sample of ``fraction`` of the present nodes (at least one,
+        :meth:`present_nodes`); the screen expects their ``kind`` replies."""
+        nodes = self.present_nodes(grid, server_round)
+        size = max(1, int(round(len(nodes) * fraction)))
+        sampled = sorted(self._rng.sample(nodes, size))
+        self.screen.expect(kind, sampled)
+        return sampled
+
+    def stamp(self, config: ConfigRecord, server_round: int, **extra: str) -> ConfigRecord:
+        """A copy of ``config`` with the round number, the lineage and ``extra`` entries."""
+        stamped = ConfigRecord(dict(config))
+        stamped["server-round"] = server_round
+        if self.lineage is not None:
+            stamped[LINEAGE] = self.lineage
+        stamped.update(extra)
+        return stamped
+
+    # --- replies -----------------------------------------------------------------------
     def screen_train(self, server_round: int, replies: Iterable[Message]) -> Screened:
         """The round's train replies through the screen; senders noted (:meth:`observe`)."""
         screened = self.screen.screen(server_round, TRAIN, replies, self.train_spec(server_round))
@@ -248,23 +302,4 @@ class NodeStrategy(EvaluateEvery, Strategy):
             metrics.update(self.train_metrics_aggr_fn(contents, NUM_EXAMPLES))
         return metrics
 
-    def sample(self, grid: Grid, fraction: float, kind: str = TRAIN) -> list[int]:
-        """A seeded sample of ``fraction`` of the connected nodes (at least one), after
-        waiting for ``min_nodes`` to connect (:func:`wait_for_nodes`); the screen expects
-        their ``kind`` replies. Nodes are ordered by partition where known, so a resumed
-        run samples the same partitions."""
-        nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, self.min_round_nodes)
-        nodes.sort(key=lambda n: (self.partition_of.get(n, 1 << 62), n))
-        size = max(1, int(round(len(nodes) * fraction)))
-        sampled = sorted(self._rng.sample(nodes, size))
-        self.screen.expect(kind, sampled)
-        return sampled
 
-    def stamp(self, config: ConfigRecord, server_round: int, **extra: str) -> ConfigRecord:
-        """A copy of ``config`` with the round number, the lineage and ``extra`` entries."""
-        stamped = ConfigRecord(dict(config))
-        stamped["server-round"] = server_round
-        if self.lineage is not None:
-            stamped[LINEAGE] = self.lineage
-        stamped.update(extra)
-        return stamped

@@ -11,8 +11,9 @@ Round ``r`` as seen by the server (:class:`CompressedUpdates`):
 3. ``aggregate_train``: every reply passes the boundary checks
    (:mod:`kta_flwr.flower.validation`: sender, records, metrics, the update's names,
    shapes, entry count and bounded finite values) and bad ones are dropped with a
-   warning naming the node; the example-weighted mean of the
-   decompressed updates is compressed for the downlink (Top-k: the union of the clients'
+   warning naming the node; the example-weighted mean of the decompressed updates (or,
+   with ``update-aggregation``, their coordinate-wise median or trimmed mean) is
+   compressed for the downlink (Top-k: the union of the clients'
    positions, lossless; SVD: the round's energy threshold) and becomes version ``r``.
 
 Evaluation: under ``fedavg-topk``/``sapef`` each node evaluates the current global model
@@ -33,8 +34,10 @@ from typing import Any, Unpack
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp import Grid
 
+from kta_flwr.config import UPDATE_AGGREGATIONS
 from kta_flwr.flower import protocol
 from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
 from kta_flwr.flower.sync import UPDATE, ModelLog
@@ -42,6 +45,7 @@ from kta_flwr.flower.validation import (
     EVALUATE,
     MAX_PARAMETER,
     NUM_EXAMPLES,
+    TRAIN,
     InvalidReply,
     ReplySpec,
     check_bounded,
@@ -52,7 +56,22 @@ from kta_flwr.maths.payload import payload_bytes
 from kta_flwr.maths.update_compression import CompressionError, UpdateCodec
 
 
-class CompressedUpdates(NodeStrategy):
+def combine_updates(updates: list[np.ndarray], weights: list[float], rule: str,
+                    trim_beta: float = 0.2) -> np.ndarray:
+    """One ``[P]`` update from the clients' decoded ``[P]`` updates: their mean weighted
+    by ``weights`` (FedAvg), or, robust to a few hostile clients and unweighted, their
+    coordinate-wise median or ``trim_beta``-trimmed mean (Flower's own ``aggregate_median``
+    and ``aggregate_trimmed_avg``, as FedMedian and FedTrimmedAvg use them)."""
+    if rule == "mean":
+        total = sum(u * w for u, w in zip(updates, weights, strict=True))
+        return total / sum(weights)
+    results = [([update], 1) for update in updates]
+    if rule == "median":
+        return aggregate_median(results)[0]
+    return aggregate_trimmed_avg(results, trim_beta)[0]
+
+
+class CompressedUpdates(NodeStrategy):  # pylint: disable=too-many-instance-attributes
     """FedAvg over compressed client updates, with compressed broadcasts.
 
     Args:
@@ -60,6 +79,9 @@ class CompressedUpdates(NodeStrategy):
         initial: version 0 of the shared model, float32 ``[P]``.
         evaluate_global: True: nodes evaluate the global model; False: their own model.
         label: the strategy name, for the logs.
+        aggregation: how the round's decoded updates are combined, one of
+            :data:`kta_flwr.config.UPDATE_AGGREGATIONS` (:func:`combine_updates`).
+        trim_beta: the share cut at each end under ``trimmed-mean``.
         options: sampling and metric hooks, :class:`~kta_flwr.flower.strategies.base.NodeOptions`.
     """
 
@@ -70,9 +92,15 @@ class CompressedUpdates(NodeStrategy):
         initial: np.ndarray,
         evaluate_global: bool,
         label: str,
+        aggregation: str = "mean",
+        trim_beta: float = 0.2,
         **options: Unpack[NodeOptions],
     ) -> None:
         super().__init__(**options)
+        if aggregation not in UPDATE_AGGREGATIONS:
+            raise ValueError(f"aggregation {aggregation!r}: one of {list(UPDATE_AGGREGATIONS)}")
+        self.aggregation = aggregation
+        self.trim_beta = trim_beta
         self.codec = codec
         self.log = ModelLog(initial, codec)
         self.evaluate_global = evaluate_global
@@ -85,7 +113,7 @@ class CompressedUpdates(NodeStrategy):
         what = (f"top-k, {codec.k} of {codec.layout.size} values ({codec.fraction:.4%})"
                 if codec.name == "topk" else
                 f"SVD, energy {codec.energy:.3f} -> {codec.energy_end:.3f}")
-        log(INFO, "\t├──> %s: %s", self.label, what)
+        log(INFO, "\t├──> %s: %s, updates combined by %s", self.label, what, self.aggregation)
         log(INFO, "\t└──> Sampling: fraction %.2f, min nodes %d", self.fraction_train, self.min_nodes)
 
     def configure_train(
@@ -96,7 +124,7 @@ class CompressedUpdates(NodeStrategy):
         config = self.stamp(config, server_round)
         messages = []
         self._sent = {}
-        for node_id in self.sample(grid, self.fraction_train):
+        for node_id in self.sample(grid, self.fraction_train, TRAIN, server_round):
             content = RecordDict({protocol.CONFIG: config, **self.log.records_for(node_id)})
             self._sent[node_id] = self.log.version
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
@@ -107,25 +135,26 @@ class CompressedUpdates(NodeStrategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the valid updates (weighted by examples) into the next version; the
-        screen drops the others."""
+        """Combine the valid updates (:func:`combine_updates`: by default their mean
+        weighted by examples) into the next version; the screen drops the others."""
         screened = self.screen_train(server_round, replies)
         for node_id in screened.errors:
             self.log.lost(node_id)
         for node_id in screened.rejected:  # it synced, but its update is not used
             self.log.acknowledge(node_id, self._sent.get(node_id, 0))
-        total, weight_sum, up_bytes = None, 0.0, 0
+        updates, weights, up_bytes = [], [], 0
         for reply in screened.valid:
             self.log.acknowledge(reply.node_id, self._sent.get(reply.node_id, 0))
             (update, num_bytes), weight = reply.arrays[UPDATE], reply.metrics[NUM_EXAMPLES]
-            total = update * weight if total is None else total + update * weight
-            weight_sum += weight
+            updates.append(update)
+            weights.append(weight)
             up_bytes += num_bytes
         for node_id in set(self._sent) - screened.answered:  # timed out: state unknown
             self.log.lost(node_id)
         metrics = self.train_metrics(screened)
-        if total is not None and weight_sum > 0:
-            aggregate = self.codec.compress_aggregate(total / weight_sum, server_round)
+        if updates:
+            combined = combine_updates(updates, weights, self.aggregation, self.trim_beta)
+            aggregate = self.codec.compress_aggregate(combined.astype(np.float32), server_round)
             self.log.commit(aggregate)
             metrics["uplink-bytes-per-client"] = up_bytes / len(screened.valid)
             metrics["downlink-update-bytes"] = payload_bytes(aggregate)
@@ -159,7 +188,7 @@ class CompressedUpdates(NodeStrategy):
             return []
         config = self.stamp(config, server_round)
         messages = []
-        for node_id in self.sample(grid, self.fraction_evaluate, EVALUATE):
+        for node_id in self.sample(grid, self.fraction_evaluate, EVALUATE, server_round):
             content = RecordDict({protocol.CONFIG: config})
             if self.evaluate_global:
                 content.update(self.log.records_for(node_id))
@@ -194,6 +223,11 @@ class CompressedUpdates(NodeStrategy):
         log_ = self.log
         log_.vector = np.array(state["vector"], np.float32)
         log_.version = int(state["version"])
-        log_.updates = dict(state["updates"])
-        log_.held = dict(state["held"])
-        log_.unknown = set(state["unknown"])
+        log_.updates = {int(v): dict(payload) for v, payload in state["updates"].items()}
+        log_.held = {int(node): int(version) for node, version in state["held"].items()}
+        log_.unknown = {int(node) for node in state["unknown"]}
+
+    def global_model(self) -> dict[str, np.ndarray] | None:
+        """The global model's floating-point tensors (fedavg-topk, sapef); None under
+        FedKD, whose shared student is not the model clients are evaluated on."""
+        return self.codec.layout.unflatten(self.log.vector) if self.evaluate_global else None

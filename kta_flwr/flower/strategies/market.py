@@ -36,6 +36,7 @@ from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
 from kta_flwr.flower.validation import (
     EVALUATE,
     MAX_CENTRED_LOGIT,
+    TRAIN,
     InvalidReply,
     ReplySpec,
     check_bounded,
@@ -110,7 +111,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self.last_market: MarketOutput | None = None
         self.market_nodes: list[int] = []
         #: The last round's decisions as arrays for the run folder
-        #: (:func:`kta_flwr.flower.round_log.market_arrays`); taken by :meth:`take_round_record`.
+        #: (:func:`kta_flwr.flower.round_log.market_arrays`); taken by :meth:`round_decisions`.
         self.round_record: dict[str, np.ndarray] = {}
 
     # --- Strategy interface -----------------------------------------------------------
@@ -125,7 +126,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Instructions for the sampled nodes, each with its own targets (if any)."""
-        node_ids = self.sample(grid, self.fraction_train)
+        node_ids = self.sample(grid, self.fraction_train, TRAIN, server_round)
         config = self.stamp(config, server_round, **{
             protocol.FINGERPRINT: self.fingerprint, protocol.LOGITS_SUBSET: server_round + 1,
         })
@@ -193,7 +194,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         rounds :meth:`evaluates_in` names."""
         if not self.evaluates_in(server_round):
             return []
-        node_ids = self.sample(grid, self.fraction_evaluate, EVALUATE)
+        node_ids = self.sample(grid, self.fraction_evaluate, EVALUATE, server_round)
         config = self.stamp(config, server_round, **{protocol.FINGERPRINT: self.fingerprint})
         return [
             Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n,
@@ -256,7 +257,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             "effective-teachers": float(np.exp(entropy).mean()),
         }
 
-    def take_round_record(self) -> dict[str, np.ndarray]:
+    def round_decisions(self) -> dict[str, np.ndarray]:
         """The last market round's arrays (empty if the market did not run since)."""
         record, self.round_record = self.round_record, {}
         return record
@@ -280,4 +281,4 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
         for name in ("bank", "bank_subset", "bank_round", "targets", "target_subset"):
-            setattr(self, name, dict(state[name]))
+            setattr(self, name, {int(node): value for node, value in state[name].items()})

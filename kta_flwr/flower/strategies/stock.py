@@ -1,116 +1,139 @@
 """Flower's stock parameter strategies (FedAvg, FedProx and the robust aggregators
-FedMedian, Krum, FedTrimmedAvg), their maths unchanged, with evaluation every few rounds,
-waiting for nodes with a deadline, and the boundary checks of every reply
-(:mod:`kta_flwr.flower.validation`) before their aggregation sees it."""
+FedMedian, Krum, FedTrimmedAvg), their maths unchanged, behind our one interface.
+
+:class:`StockStrategy` is a :class:`~kta_flwr.flower.strategies.base.NodeStrategy` that
+delegates the stock strategy's own work to a Flower instance (``flower``): building the
+instructions (``configure_train``/``configure_evaluate``, FedProx's ``proximal-mu``
+included) and aggregating the arrays (``aggregate_train``). Everything else is ours, as
+for every other strategy: the node wait and the seeded sample (the Flower instance sees
+only the sampled nodes, :class:`~kta_flwr.flower.grids.SampledGrid`), the lineage in the
+config, the boundary checks of every reply before the Flower instance sees it, and the
+global model it keeps as saved state (so a resumed run continues it).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any, Unpack
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
-from kta_flwr.flower.strategies.base import DEFAULT_MAX_EXAMPLES, EvaluateEvery, NodeWait
-from kta_flwr.flower.validation import (
-    EVALUATE,
-    TRAIN,
-    Checked,
-    ReplyScreen,
-    ReplySpec,
-    evaluate_metrics,
-    like_model,
-    train_metrics,
-)
+from kta_flwr.flower.grids import SampledGrid
+from kta_flwr.flower.protocol import NOTES
+from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
+from kta_flwr.flower.validation import EVALUATE, TRAIN, ReplySpec, like_model, train_metrics
+
+#: Stock strategy name -> Flower's class.
+STOCK: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg, "fedprox": FedProx, "fedmedian": FedMedian, "krum": Krum,
+    "fedtrimmedavg": FedTrimmedAvg,
+}
 
 
-class BoundaryChecks:
-    """Strategy mixin for Flower's stock strategies: the nodes each round's instructions
-    went to are noted, and only replies that pass the screen reach the parent's
-    ``aggregate_train``/``aggregate_evaluate`` (train replies: the model's arrays with
-    its names, shapes and dtypes, bounded finite values; the client's metrics)."""
+def _no_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """The Flower instance's metric hook: ours aggregates the metrics (:meth:`NodeStrategy.train_metrics`)."""
+    del records, weighting_key
+    return MetricRecord()
 
-    arrayrecord_key: str
 
-    def __init__(self, *args: Any, max_examples: int = DEFAULT_MAX_EXAMPLES,
-                 privacy_metrics: tuple[str, ...] = (), **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: The largest ``num-examples`` a reply may report.
-        self.max_examples = max_examples
-        #: Train metrics every reply carries under DP (``dp-epsilon``).
-        self.privacy_metrics = privacy_metrics
-        #: Node id -> the partition it reported (the boundary checks claims against it).
-        self.partition_of: dict[int, int] = {}
-        #: The boundary every reply passes.
-        self.screen = ReplyScreen(holders=lambda: self.partition_of)
-        self._train_spec = ReplySpec(train_metrics(max_examples, required=privacy_metrics))
+class StockStrategy(NodeStrategy):
+    """A Flower stock strategy under our sampling, screening, lineage and state.
+
+    Args:
+        name: a key of :data:`STOCK`.
+        flower_options: the Flower class's own options (``proximal_mu``,
+            ``num_malicious_nodes``, ``beta``); sampling options are ours.
+        initial_arrays: the shared model (or FedRep's body) the first round sends.
+        keeps_global_model: whether the arrays are a whole model to keep after the run
+            (False for FedRep's body).
+        options: sampling and metric hooks, :class:`~kta_flwr.flower.strategies.base.NodeOptions`.
+    """
+
+    def __init__(
+        self, *, name: str, initial_arrays: ArrayRecord,
+        flower_options: Mapping[str, Any] | None = None, keeps_global_model: bool = True,
+        **options: Unpack[NodeOptions],
+    ) -> None:
+        super().__init__(**options)
+        self.name = name
+        # The Flower instance addresses every node it is shown: ours samples.
+        self.flower = STOCK[name](
+            fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
+            min_available_nodes=1, train_metrics_aggr_fn=_no_metrics,
+            evaluate_metrics_aggr_fn=_no_metrics, **(flower_options or {}),
+        )
+        self.keeps_global_model = keeps_global_model
+        #: The global model after the last aggregation (what the next round sends).
+        self.arrays = initial_arrays
+
+    def summary(self) -> None:
+        """The Flower strategy's summary."""
+        self.flower.summary()
+
+    def train_spec(self, server_round: int) -> ReplySpec:
+        """Train metrics (the same keys in every reply, as Flower's aggregation needs) and
+        a model like the one sent: its array names, shapes, dtypes, bounded values."""
+        del server_round
+        template = {key: value.numpy() for key, value in self.arrays.items()}
+        return ReplySpec(train_metrics(self.max_examples, required=self.privacy_metrics),
+                         {self.flower.arrayrecord_key: like_model(template, self.flower.arrayrecord_key)})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The parent's train messages; their replies must hold a model like ``arrays``."""
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
-        self._train_spec = ReplySpec(
-            train_metrics(self.max_examples, required=self.privacy_metrics),
-            {self.arrayrecord_key: like_model({k: v.numpy() for k, v in arrays.items()},
-                                              self.arrayrecord_key)},
-        )
-        self.screen.expect(TRAIN, (m.metadata.dst_node_id for m in messages))
-        return messages
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The parent's evaluate messages, noted for the screen."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
-        self.screen.expect(EVALUATE, (m.metadata.dst_node_id for m in messages))
-        return messages
+        """The Flower strategy's train messages to our sample, with our config stamp."""
+        nodes = self.sample(grid, self.fraction_train, TRAIN, server_round)
+        return list(self.flower.configure_train(server_round, arrays, self.stamp(config, server_round),
+                                                SampledGrid(grid, nodes)))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The parent's aggregation of the replies that pass the screen."""
-        valid = self.screen.screen(server_round, TRAIN, replies, self._train_spec).valid
-        self._note_partitions(valid)
-        return super().aggregate_train(server_round, [r.msg for r in valid])  # type: ignore[misc]
+        """The Flower strategy's aggregation of the replies that pass the screen."""
+        screened = self.screen_train(server_round, replies)
+        valid = [reply.msg for reply in screened.valid]
+        for msg in valid:  # what the screen read; Flower's checks expect no other record
+            if NOTES in msg.content.config_records:
+                del msg.content[NOTES]
+        arrays, _ = self.flower.aggregate_train(server_round, valid) if valid else (None, None)
+        if arrays is not None:
+            self.arrays = arrays
+        return arrays, self.train_metrics(screened)
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """The parent's aggregation of the evaluation replies that pass the screen."""
-        spec = ReplySpec(evaluate_metrics(self.max_examples))
-        valid = self.screen.screen(server_round, EVALUATE, replies, spec).valid
-        self._note_partitions(valid)
-        return super().aggregate_evaluate(server_round, [r.msg for r in valid])  # type: ignore[misc]
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The Flower strategy's evaluate messages to our sample, in evaluation rounds."""
+        if not self.evaluates_in(server_round):
+            return []
+        nodes = self.sample(grid, self.fraction_evaluate, EVALUATE, server_round)
+        return list(self.flower.configure_evaluate(server_round, arrays, self.stamp(config, server_round),
+                                                   SampledGrid(grid, nodes)))
 
-    def _note_partitions(self, valid: list[Checked]) -> None:
-        """Each sender now holds the partition it reported (a restarted node takes over)."""
-        for reply in valid:
-            self.partition_of = {n: p for n, p in self.partition_of.items() if p != reply.partition}
-            self.partition_of[reply.node_id] = reply.partition
+    # --- the global model, saved state -----------------------------------------------------
+    def start_arrays(self) -> ArrayRecord:
+        """The global model: the initial one, or the one a resumed run restored."""
+        return self.arrays
 
+    def global_model(self) -> dict[str, np.ndarray] | None:
+        """The last aggregate (None for FedRep's body)."""
+        if not self.keeps_global_model:
+            return None
+        return {key: value.numpy() for key, value in self.arrays.items()}
 
-class FedAvgEvery(EvaluateEvery, NodeWait, BoundaryChecks, FedAvg):
-    """Flower's FedAvg with our evaluation schedule, node wait and boundary checks."""
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling state and the global model (names in their order)."""
+        names = list(self.arrays.keys())
+        return {**super().state_dict(), "array_names": names,
+                "arrays": [self.arrays[name].numpy() for name in names]}
 
-
-class FedProxEvery(EvaluateEvery, NodeWait, BoundaryChecks, FedProx):
-    """Flower's FedProx with our evaluation schedule, node wait and boundary checks."""
-
-
-class FedMedianEvery(EvaluateEvery, NodeWait, BoundaryChecks, FedMedian):
-    """Flower's FedMedian (coordinate-wise median) with the same additions."""
-
-
-class KrumEvery(EvaluateEvery, NodeWait, BoundaryChecks, Krum):
-    """Flower's Krum with the same additions."""
-
-
-class FedTrimmedAvgEvery(EvaluateEvery, NodeWait, BoundaryChecks, FedTrimmedAvg):
-    """Flower's FedTrimmedAvg with the same additions."""
-
-
-#: Stock strategy name -> its class.
-STOCK = {"fedavg": FedAvgEvery, "fedprox": FedProxEvery, "fedmedian": FedMedianEvery,
-         "krum": KrumEvery, "fedtrimmedavg": FedTrimmedAvgEvery}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.arrays = ArrayRecord(OrderedDict(
+            (str(name), Array(np.asarray(value)))
+            for name, value in zip(state["array_names"], state["arrays"], strict=True)))
