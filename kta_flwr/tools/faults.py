@@ -90,7 +90,7 @@ def _server_kill(cfg: RunConfig, clients: int, work: Path) -> dict[str, Any]:
         fed.launch(REPO_ROOT, cfg.to_flwr())
         wait_for_rounds(out, cfg.num_server_rounds // 2)
         fed.kill()
-    (run_dir,) = [p.parent for p in out.glob("*/server-state.pkl")]
+    (run_dir,) = [p.parent for p in out.glob("*/server-state.json")]
     killed_after = rounds_done(out)
     with LocalFederation(work / "fed-b", clients, simulation=True) as fed:
         proc = fed.submit(REPO_ROOT, {**cfg.to_flwr(), "resume-from": str(run_dir)}, timeout=24 * 3600)
