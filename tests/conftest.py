@@ -123,3 +123,13 @@ class FakeNode:
     def personal(self) -> dict[str, np.ndarray]:
         record = self.context.state.array_records["personal-model"]
         return {k: v.numpy() for k, v in record.items()}
+
+
+def model_meta(**changes: object) -> "ModelMeta":
+    """Checkpoint metadata of a small CNN on 1x8x8 inputs, 10 classes (round 1 of run 7)."""
+    from kta_flwr.task.checkpoint import ModelMeta  # pylint: disable=import-outside-toplevel
+
+    values = dict(architecture="cnn", num_classes=10, input_shape=(1, 8, 8), vocab_size=0,
+                  finetune_layers=1, fingerprint="f" * 16, strategy="kta", partition_id=0,
+                  run_id=7, lineage=7, round=1, rounds_trained=1)
+    return ModelMeta(**{**values, **changes})

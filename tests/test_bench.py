@@ -93,6 +93,9 @@ def test_robustness_runs_each_attack_where_it_applies_and_compares_like_with_lik
     assert methods == ["kta", "kta:attack=gaming:attack-fraction=0.1", "kta:attack=gaming:attack-fraction=0.2",
                        "fedavg", "fedavg:attack=negated:attack-fraction=0.1",
                        "fedavg:attack=negated:attack-fraction=0.2"]
+    variant = methods_for(["sapef:update-aggregation=median"], ["gaming", "negated"], [0.2])
+    assert variant == ["sapef:update-aggregation=median",
+                       "sapef:update-aggregation=median:attack=negated:attack-fraction=0.2"]
     clean = {"0": 0.9, "1": 0.8, "2": 0.5}
     row = {"strategy": "kta", "attack": "gaming", "share": 0.34, "seed": 0, "attackers": [2],
            "clients": {"0": 0.85, "1": 0.8, "2": 0.0}}

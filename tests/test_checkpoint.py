@@ -32,16 +32,13 @@ from kta_flwr.task.checkpoint import (
 )
 from kta_flwr.task.models import ModelSpec, build_model
 from kta_flwr.flower.validation import Checked
-from tests.conftest import FixedGrid, client_metrics, reply, train_round
+from tests.conftest import FixedGrid, client_metrics, model_meta, reply, train_round
 
 SPEC = ModelSpec((1, 8, 8), 10)
 
 
 def _meta(round_: int = 1, **changes) -> ModelMeta:
-    values = dict(architecture="cnn", num_classes=10, input_shape=(1, 8, 8), vocab_size=0,
-                  finetune_layers=1, fingerprint="f" * 16, strategy="kta", partition_id=0,
-                  run_id=7, lineage=7, round=round_, rounds_trained=round_)
-    return ModelMeta(**{**values, **changes})
+    return model_meta(round=round_, rounds_trained=round_, **changes)
 
 
 def test_checkpoint_round_trip_keeps_the_previous_round(tmp_path):

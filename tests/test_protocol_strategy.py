@@ -23,16 +23,16 @@ def logits_reply(node_id, values):
                                       protocol.METRICS: client_metrics(node_id)}))
 
 
-def make_strategy(strategy="kta", holdout_fraction=0.0, **changes):
+def make_strategy(strategy="kta", holdout_fraction=0.0, options=None, **changes):
     """A market whose gate is off unless asked for: the random logits of these protocol
-    tests would have it keep most targets back."""
+    tests would have it keep most targets back. ``options``: more constructor arguments."""
     rng = np.random.default_rng(0)
     cfg = RunConfig(strategy=strategy).replace(**{"distill_gate": False, **changes})
     return KnowledgeMarket(
         params=market_params(cfg),
         reference_labels=rng.integers(0, C, N), num_classes=C, fingerprint="abc",
         evaluate_metrics_aggr_fn=lambda recs, key: MetricRecord({"n": len(recs)}),
-        holdout_fraction=holdout_fraction,
+        holdout_fraction=holdout_fraction, **(options or {}),
     )
 
 
@@ -103,8 +103,7 @@ def test_local_strategy_exchanges_nothing():
 
 
 def test_evaluation_only_every_k_rounds_and_in_the_last():
-    strategy = make_strategy()
-    strategy.evaluate_every, strategy.last_round = 3, 7
+    strategy = make_strategy(options={"evaluate_every": 3, "last_round": 7})
     grid = FixedGrid([11, 12])
     asked = [r for r in range(1, 8)
              if list(strategy.configure_evaluate(r, ArrayRecord(), ConfigRecord(), grid))]
@@ -145,8 +144,7 @@ def test_reference_subsets_rotate_over_the_whole_set():
 
 def test_market_on_a_rotating_reference_subset():
     rng = np.random.default_rng(3)
-    strategy = make_strategy()
-    strategy.reference_fraction = 0.5
+    strategy = make_strategy(options={"reference_fraction": 0.5})
     msgs = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 2, 3])))
     assert all(m.content.config_records[protocol.CONFIG][protocol.LOGITS_SUBSET] == 2 for m in msgs)
     half = N // 2

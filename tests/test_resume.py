@@ -16,7 +16,7 @@ import pytest
 
 from kta_flwr.tools.faults import rounds_done, wait_for_rounds
 from kta_flwr.tools.federation import LocalFederation
-from tests.conftest import read_results
+from tests.conftest import APP_DIR, read_results
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +38,13 @@ def _config(folder: Path, case: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, app_dir) -> dict[str, dict]:
+def uninterrupted(tmp_path_factory) -> dict[str, dict]:
     """Each case run once without faults, in one simulation federation."""
     work = tmp_path_factory.mktemp("resume-whole")
     out = {}
     with LocalFederation(work / "fed", CLIENTS, simulation=True) as fed:
         for case in CASES:
-            proc = fed.submit(app_dir, _config(work / case, case))
+            proc = fed.submit(APP_DIR, _config(work / case, case))
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             (out[case],) = read_results(work / case / "out")
     return out

@@ -4,6 +4,7 @@ and a node that says which checkpoint it restored when the newest one is damaged
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -30,14 +31,13 @@ from kta_flwr.flower.run_state import (
 from kta_flwr.storage import FolderBusy, FolderLock, StateFileError, read_state, write_state
 from kta_flwr.task.checkpoint import (
     CheckpointError,
-    ModelMeta,
     checkpoint_file,
     load_personalized,
     read_checkpoint,
     save_checkpoint,
 )
 from kta_flwr.task.models import ModelSpec, build_model
-from tests.conftest import FakeNode
+from tests.conftest import FakeNode, model_meta
 
 SPEC = ModelSpec((1, 8, 8), 10)
 FORMAT = "test-state/1"
@@ -163,13 +163,6 @@ def test_a_run_folder_has_one_writer_and_a_dead_one_leaves_no_lock(tmp_path):
     assert FolderLock(tmp_path).acquire()  # and again after a release
 
 
-def _meta(**changes) -> ModelMeta:
-    values = dict(architecture="cnn", num_classes=10, input_shape=(1, 8, 8), vocab_size=0,
-                  finetune_layers=1, fingerprint="f" * 16, strategy="kta", partition_id=0,
-                  run_id=7, lineage=7, round=1, rounds_trained=1)
-    return ModelMeta(**{**values, **changes})
-
-
 @pytest.mark.parametrize("change, field", [
     ("shape", "tensor '6.weight' is torch.float32[5, 16], the model's is torch.float32[10, 512]"),
     ("missing", "tensor '6.bias' is missing"),
@@ -191,7 +184,7 @@ def test_a_checkpoint_that_does_not_fit_its_architecture_is_refused(tmp_path, ch
     else:
         state["6.bias"] = state["6.bias"].double()
     path = checkpoint_file(tmp_path, "kta")
-    save_checkpoint(path, _meta(), state)
+    save_checkpoint(path, model_meta(), state)
     with pytest.raises(CheckpointError, match=field.replace("[", r"\[").replace("]", r"\]")) as err:
         load_personalized(tmp_path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
@@ -214,16 +207,21 @@ def _restart(node: FakeNode, run_id: int) -> None:
                                  run_config=context.run_config, node_config=context.node_config)
 
 
-@pytest.mark.usefixtures("server_identity")
-def test_a_resumed_node_passes_over_a_damaged_checkpoint_and_says_so(tmp_path):
-    node = FakeNode(tmp_path, "kta", num_server_rounds=4)
+def _trained_kta_node(tmp_path, **config) -> tuple[FakeNode, object]:
+    """A kta node (partition 1) after rounds 1 and 2 of run 7, and its model folder."""
+    node = FakeNode(tmp_path, "kta", **config)
     for server_round in (1, 2):
         node.call("train", server_round)
-    folder = tmp_path / "kta" / "1"
-    trained = read_checkpoint(folder / "kta.pt").state
-    # the resumed run continues after round 2; round 3's checkpoint was written, then damaged
-    save_checkpoint(folder / "kta.pt", read_checkpoint(folder / "kta.pt").meta.__class__(
-        **{**read_checkpoint(folder / "kta.pt").meta.__dict__, "round": 3}), trained)
+    return node, tmp_path / "kta" / "1"
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_resumed_node_passes_over_a_damaged_checkpoint_and_says_so(tmp_path):
+    node, folder = _trained_kta_node(tmp_path, num_server_rounds=4)
+    # the resumed run continues after round 2: round 2's file is the previous one (round 3
+    # was saved), and round 3's is damaged
+    saved = read_checkpoint(folder / "kta.pt")
+    save_checkpoint(folder / "kta.pt", dataclasses.replace(saved.meta, round=3), saved.state)
     (folder / "kta.pt").write_bytes(b"\x80garbage")
     _restart(node, run_id=8)
     out = train(_instruction("train", 3, lineage=7), node.context)
@@ -240,10 +238,7 @@ def test_a_resumed_node_passes_over_a_damaged_checkpoint_and_says_so(tmp_path):
 
 @pytest.mark.usefixtures("server_identity")
 def test_a_warm_start_falls_back_to_an_intact_previous_checkpoint(tmp_path):
-    node = FakeNode(tmp_path, "kta", num_server_rounds=2)
-    for server_round in (1, 2):
-        node.call("train", server_round)
-    folder = tmp_path / "kta" / "1"
+    _, folder = _trained_kta_node(tmp_path, num_server_rounds=2)
     state = read_checkpoint(folder / "kta.pt").state
     next(iter(state.values())).fill_(float("nan"))
     save_checkpoint(folder / "kta.pt", read_checkpoint(folder / "kta.pt").meta, state, keep_previous=False)

@@ -393,25 +393,37 @@ class Node:  # pylint: disable=too-many-instance-attributes
         return [checkpoint_file(self.model_folder, self.cfg.strategy, previous)
                 for previous in (False, True)]
 
-    def _lineage_checkpoint(self) -> tuple[SavedModel | None, Path | None, list[str]]:
-        """The newest usable checkpoint of this lineage not ahead of :attr:`latest_round`,
-        its file, and what was wrong with the files passed over."""
+    def _first_usable(
+        self, wanted: Callable[[SavedModel, Path], bool]
+    ) -> tuple[SavedModel | None, Path | None, list[str]]:
+        """The newest of this strategy's checkpoint files that reads, that ``wanted``
+        accepts (it may raise to refuse the run) and that fits this node's models; its
+        file; and what was wrong with the files passed over."""
         problems: list[str] = []
         for path in self._candidates():
             if not path.is_file():
                 continue
             try:
                 saved = read_checkpoint(path)
-                if saved.meta.lineage != self.lineage or saved.meta.round > self.latest_round:
-                    continue
+            except CheckpointError as err:
+                problems.append(str(err))
+                continue
+            if not wanted(saved, path):  # outside the try: it may refuse the run
+                continue
+            try:
                 return self._check_fits(saved, path), path, problems
             except CheckpointError as err:
                 problems.append(str(err))
         return None, None, problems
 
+    def _lineage_checkpoint(self) -> tuple[SavedModel | None, Path | None, list[str]]:
+        """The newest usable checkpoint of this lineage not ahead of :attr:`latest_round`
+        (:meth:`_first_usable`)."""
+        return self._first_usable(lambda saved, path: saved.meta.lineage == self.lineage
+                                  and saved.meta.round <= self.latest_round)
+
     def _warm_start_checkpoint(self) -> tuple[SavedModel | None, Path | None, list[str]]:
-        """The newest usable checkpoint of any run (``warm-start``), its file, and what
-        was wrong with the files passed over.
+        """The newest usable checkpoint of any run (``warm-start``, :meth:`_first_usable`).
 
         Raises:
             CheckpointError: a model of another architecture, task or reference set, or
@@ -419,24 +431,16 @@ class Node:  # pylint: disable=too-many-instance-attributes
         """
         mine = self._meta(self.cfg.model_for_partition(self.partition_id), ConfigRecord())
         expected = {k: getattr(mine, k) for k in WARM_START_FIELDS}
-        problems: list[str] = []
-        for path in self._candidates():
-            if not path.is_file():
-                continue
-            try:
-                saved = read_checkpoint(path)
-            except CheckpointError as err:
-                problems.append(str(err))
-                continue
+
+        def same_task(saved: SavedModel, path: Path) -> bool:
             check_meta(saved.meta, expected, path)  # another task: the run config is wrong
-            try:
-                return self._check_fits(saved, path), path, problems
-            except CheckpointError as err:
-                problems.append(str(err))
-        if problems:
+            return True
+
+        found = self._first_usable(same_task)
+        if found[0] is None and found[2]:
             raise CheckpointError("run-config 'warm-start': no usable checkpoint in "
-                                  f"{self.model_folder}: " + "; ".join(problems))
-        return None, None, problems
+                                  f"{self.model_folder}: " + "; ".join(found[2]))
+        return found
 
 
 #: ``train(node, msg, timer, metrics)`` -> the reply's records (the caller adds metrics).

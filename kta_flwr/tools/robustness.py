@@ -39,13 +39,14 @@ PERSONALIZED = "personalized-accuracy"
 
 
 def methods_for(strategies: list[str], attacks: list[str], shares: list[float]) -> list[str]:
-    """The harness's method strings: each strategy clean, then under every attack that
-    applies to its family at every share (``kta:attack=gaming:attack-fraction=0.2``)."""
+    """The harness's method strings: each strategy (a name, or a variant such as
+    ``fedavg-topk:update-aggregation=median``) clean, then under every attack that applies
+    to its family at every share (``kta:attack=gaming:attack-fraction=0.2``)."""
     methods = []
     for strategy in strategies:
         methods.append(strategy)
         for attack in attacks:
-            if STRATEGY_FAMILIES[strategy] in ATTACK_FAMILIES[attack]:
+            if STRATEGY_FAMILIES[strategy.split(":")[0]] in ATTACK_FAMILIES[attack]:
                 methods += [f"{strategy}:attack={attack}:attack-fraction={share}" for share in shares]
     return methods
 
@@ -63,7 +64,8 @@ def _row(results_dir: Path, method: str, seed: int) -> dict[str, Any] | None:
     cfg = parse_run_config(json.loads(found[-1].read_text())["config"])
     accuracies = client_accuracies(found[-1])
     hostile = attackers(cfg, len(accuracies))
-    return {"strategy": cfg.strategy, "attack": cfg.attack, "share": cfg.attack_fraction,
+    variant = ":".join(p for p in method.split(":") if not p.startswith(("attack=", "attack-fraction=")))
+    return {"strategy": variant, "attack": cfg.attack, "share": cfg.attack_fraction,
             "seed": seed, "attackers": sorted(hostile),
             "clients": {str(p): a for p, a in sorted(accuracies.items())}}
 

@@ -143,7 +143,7 @@ class CompressedUpdates(NodeStrategy):  # pylint: disable=too-many-instance-attr
         for node_id in screened.rejected:  # it synced, but its update is not used
             self.log.acknowledge(node_id, self._sent.get(node_id, 0))
         updates, weights, up_bytes = [], [], 0
-        for reply in screened.valid:
+        for reply in sorted(screened.valid, key=lambda c: c.partition):  # arrival order aside
             self.log.acknowledge(reply.node_id, self._sent.get(reply.node_id, 0))
             (update, num_bytes), weight = reply.arrays[UPDATE], reply.metrics[NUM_EXAMPLES]
             updates.append(update)

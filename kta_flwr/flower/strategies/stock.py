@@ -95,7 +95,9 @@ class StockStrategy(NodeStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The Flower strategy's aggregation of the replies that pass the screen."""
         screened = self.screen_train(server_round, replies)
-        valid = [reply.msg for reply in screened.valid]
+        # in partition order: the aggregate (Krum's choice among ties, the float sums) does
+        # not depend on the order the replies arrived in, so runs and resumes reproduce
+        valid = [reply.msg for reply in sorted(screened.valid, key=lambda c: c.partition)]
         for msg in valid:  # what the screen read; Flower's checks expect no other record
             if NOTES in msg.content.config_records:
                 del msg.content[NOTES]
