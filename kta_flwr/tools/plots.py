@@ -55,9 +55,12 @@ def save_panels(fig: Any, axes: list[Any], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
-    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=max(1, len(entries)))
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
+    longest = max((len(label) for label in entries), default=1)
+    per_row = max(1, int(fig.get_figwidth() * 11 // (longest + 4)))  # ~11 characters an inch
+    fig.legend(list(entries.values()), list(entries), loc="upper center",
+               bbox_to_anchor=(0.5, 0.0), ncol=max(1, min(len(entries), per_row)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend below the panels included
     plt.close(fig)
 
 
