@@ -41,7 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from kta_flwr.config import evaluation_round
-from kta_flwr.flower.protocol import LINEAGE
+from kta_flwr.flower.protocol import LINEAGE, RESTORE_FILE, RESTORE_REASON
 from kta_flwr.flower.validation import (
     EVALUATE,
     NUM_EXAMPLES,
@@ -193,8 +193,8 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
         screened = self.screen.drain()
         for note in screened.notes:
             log(WARNING, "node %d (partition %d), %s: restored %s: %s", note.node_id,
-                note.partition, note.kind, note.notes.get("restore-file", "?"),
-                note.notes.get("restore-reason", ""))
+                note.partition, note.kind, note.notes.get(RESTORE_FILE, "?"),
+                note.notes.get(RESTORE_REASON, ""))
         return RoundReport(screened.rejected, screened.notes, self.round_decisions())
 
     # --- which node holds which partition --------------------------------------------------
