@@ -66,6 +66,8 @@ TEXT_MODELS = frozenset({"textbag", "minilm"})
 
 PARTITIONERS = ("dirichlet", "iid", "natural")
 TARGET_SPACES = ("prob", "logit")
+#: What a kta teacher's weight is scaled by (:mod:`kta_flwr.maths.market`, step 5).
+TEACHER_QUALITIES = ("likelihood", "accuracy")
 MARKETS = ("adaptive", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
 #: Where the server runs the market's heavy steps: numpy on the CPU, or torch on a GPU.
@@ -78,7 +80,7 @@ NODE_STATES = (NODE_STATE_MEMORY, NODE_STATE_DISK)
 UPDATE_AGGREGATIONS = ("mean", "median", "trimmed-mean")
 #: Attacks that replace the logits a market client uploads (:mod:`kta_flwr.client.attacks`).
 LOGIT_ATTACKS = ("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled", "confident-wrong",
-                 "random", "sybil")
+                 "random", "sybil", "budgeted")
 #: Attack name -> the strategy families it applies to.
 ATTACK_FAMILIES: dict[str, frozenset[str]] = {
     "none": frozenset({MARKET, PARAMETERS, COMPRESSED, PERSONAL}),
@@ -181,8 +183,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     distill_clip: float = 5.0
     # --- defences of the market (kta; docs/robustness.md) ------------------------------
     consistency_check: bool = True
+    teacher_quality: str = "likelihood"
     sybil_divergence: float = 1e-5
-    loudness_cap: float = 0.0
+    loudness_cap: float = 2.0
     # --- robust parameter aggregators (Flower's Krum, FedTrimmedAvg) ---------------------
     krum_malicious: int = 2
     trim_beta: float = 0.2
@@ -216,6 +219,8 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     attack: str = "none"
     attack_fraction: float = 0.0
     attack_scale: float = 10.0
+    attack_budget: float = 0.2
+    attack_noise: float = 0.0
 
     # ---------------------------------------------------------------------------
     @property
@@ -439,6 +444,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
     _choice("market-device", cfg.market_device, MARKET_DEVICES)
     _choice("divergence", cfg.divergence, DIVERGENCES)
     _choice("target-space", cfg.target_space, TARGET_SPACES)
+    _choice("teacher-quality", cfg.teacher_quality, TEACHER_QUALITIES)
     if cfg.background_teacher and (cfg.neighbours == 0 or cfg.target_space != "logit"):
         raise ConfigError("run-config 'background-teacher' = true needs 'neighbours' > 0 (it "
                           "stands in for the teachers beyond the m nearest) and 'target-space' = "
@@ -506,6 +512,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("loudness-cap", cfg.loudness_cap),
         ("krum-malicious", cfg.krum_malicious),
         ("attack-scale", cfg.attack_scale),
+        ("attack-noise", cfg.attack_noise),
         ("dp-epsilon", cfg.dp_epsilon),
         ("dp-noise", cfg.dp_noise),
         ("logit-noise", cfg.logit_noise),
@@ -518,6 +525,8 @@ def _validate(cfg: RunConfig) -> RunConfig:
     _choice("attack", cfg.attack, ATTACKS)
     if not 0.0 <= cfg.attack_fraction < 1.0:
         raise ConfigError(f"run-config 'attack-fraction' = {cfg.attack_fraction!r} must be in [0, 1)")
+    if not 0.0 <= cfg.attack_budget <= 1.0:
+        raise ConfigError(f"run-config 'attack-budget' = {cfg.attack_budget!r} must be in [0, 1]")
     if not 0.0 <= cfg.trim_beta < 0.5:
         raise ConfigError(f"run-config 'trim-beta' = {cfg.trim_beta!r} must be in [0, 0.5)")
     if cfg.attack != "none" and cfg.family not in ATTACK_FAMILIES[cfg.attack]:

@@ -62,6 +62,7 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
         gate=cfg.distill_gate,
         # The defences are kta's (docs/robustness.md); the baselines stay as published.
         consistency=cfg.consistency_check and kta,
+        teacher_quality=cfg.teacher_quality if kta else "accuracy",
         sybil_divergence=cfg.sybil_divergence if kta else 0.0,
         loudness_cap=cfg.loudness_cap if kta else 0.0,
     )

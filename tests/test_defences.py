@@ -12,19 +12,22 @@ from kta_flwr.client.attacks import attackers, poisoned_logits
 from kta_flwr.config import LOGIT_ATTACKS, RunConfig
 from kta_flwr.factory import market_params
 from kta_flwr.flower.protocol import held_out_mask
-from kta_flwr.maths.market import cap_loudness, centre, consistent_accuracy, run_market, sybil_shares
+from kta_flwr.maths.market import (
+    cap_loudness, centre, class_prior, consistent_accuracy, run_market, soft_targets, sybil_shares,
+)
 
 N, C, HONEST = 200, 5, 8
 
 
-def _honest(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``[8, N, C]`` logits of clients right on ~75 % of the rows, and the labels."""
+def _honest(seed: int = 0, unsure: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    """``[8, N, C]`` logits of clients right on ~75 % of the rows (logit 4 on the label),
+    and the labels; elsewhere they guess a class with logit ``unsure``."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, C, N)
     logits = rng.normal(0, 1, (HONEST, N, C))
     right = rng.random((HONEST, N)) < 0.75
     guess = np.where(right, labels[None], rng.integers(0, C, (HONEST, N)))
-    np.put_along_axis(logits, guess[..., None], 4.0, axis=-1)
+    np.put_along_axis(logits, guess[..., None], np.where(right, 4.0, unsure)[..., None], axis=-1)
     return logits, labels
 
 
@@ -46,11 +49,13 @@ def _honest_distilled_accuracy(out, labels: np.ndarray, held_out: np.ndarray) ->
 
 def test_gaming_attackers_lose_their_weight_to_the_consistency_check():
     logits, labels = _honest()
-    held_out = held_out_mask(N, 0.2, 0)
+    held_out = held_out_mask(N, 0.2, 0)  # known to the gamers: the worst case
     attacked = np.concatenate([logits, _gamers(labels, held_out)])
-    undefended = run_market(attacked, labels, _kta(consistency=False, sybil_divergence=0.0), held_out)
-    defended = run_market(attacked, labels, _kta(), held_out)
-    clean = run_market(logits, labels, _kta(), held_out)
+    accuracy = _kta(teacher_quality="accuracy", loudness_cap=0.0)
+    undefended = run_market(attacked, labels, replace(accuracy, consistency=False, sybil_divergence=0.0),
+                            held_out)
+    defended = run_market(attacked, labels, accuracy, held_out)
+    clean = run_market(logits, labels, accuracy, held_out)
     weight = lambda out: out.weights[:HONEST, HONEST:].sum(axis=1).mean()  # noqa: E731
     assert weight(undefended) > 0.05  # the attack buys weight on the undefended market ...
     assert weight(defended) < 0.01  # ... and not on kta's
@@ -130,6 +135,15 @@ def test_logit_attacks_upload_what_they_say(attack):
         assert not (predicted == honest.argmax(1) if attack == "rolled" else predicted == labels).any()
     if attack in ("cpa", "celmax"):  # never the class the attacker itself predicts
         assert not (predicted == honest.argmax(axis=1)).any()
+    if attack == "budgeted":  # wrong on a budget of the rows it thinks distilled, loud
+        wrong = predicted != labels
+        assert not wrong[held_out].any() and wrong[~held_out].sum() == round(0.2 * (~held_out).sum())
+        assert np.abs(out).max() == cfg.attack_scale
+        quiet = poisoned_logits(cfg.replace(attack_scale=0.0), attack, honest, labels, held_out, seed=5)
+        np.testing.assert_array_equal(np.sort(quiet, axis=1), np.sort(honest, axis=1))  # its own loudness
+        np.testing.assert_array_equal(quiet.argmax(1) != labels, wrong)  # the same rows, shared
+        noisy = poisoned_logits(cfg.replace(attack_noise=0.5), attack, honest, labels, held_out, seed=6)
+        assert 0.4 < (noisy - out).std() < 0.6  # its own noise: not a near-copy of another attacker
     if attack == "sybil":  # every attacker uploads the same rows, whatever its own model
         other = poisoned_logits(cfg, attack, rng.normal(size=(N, C)).astype(np.float32), labels, held_out, 9)
         np.testing.assert_array_equal(out, other)
@@ -146,3 +160,60 @@ def test_attack_config_is_checked():
         parse_run_config({"attack": "backdoor"})
     with pytest.raises(ConfigError, match="'trim-beta'"):
         parse_run_config({"strategy": "fedtrimmedavg", "trim-beta": 0.5})
+
+
+def _targets(uploads: np.ndarray, weights: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:
+    """kta's targets step for fixed ``weights``: centred, loudness-capped, prior-corrected
+    logit mix at T = 3; and each row's median teacher norm ``[N]``."""
+    z = cap_loudness(centre(uploads), cap)
+    targets = soft_targets(z, weights, temperature=3.0, space="logit", priors=class_prior(centre(uploads)))
+    return targets, np.median(np.linalg.norm(centre(uploads), axis=-1), axis=0)
+
+
+@pytest.mark.parametrize("cap", [2.0, 0.0])
+def test_one_teachers_pull_on_a_row_is_bounded_by_the_loudness_cap(cap):
+    """docs/robustness.md: with the weights fixed, whatever teacher ``a`` uploads moves a
+    student's target logits on row i (``T log q``, up to a constant) by a range of at most
+    ``W[k, a] (sqrt(2) c (m_i + m'_i) + 2 ln(1e4 (1 + C 1e-4)))``, ``m_i`` the row's median
+    teacher norm. Without the cap (c = 0) a loud teacher breaks it."""
+    rng = np.random.default_rng(7)
+    honest = rng.normal(0, 1, (6, N, C))  # rows of norm 3 to 5: none of them capped
+    honest *= rng.uniform(3, 5, (6, N, 1)) / np.linalg.norm(centre(honest), axis=-1, keepdims=True)
+    weights = rng.dirichlet(np.ones(7), size=7)
+    labels = rng.integers(0, C, N)
+    quiet = np.concatenate([honest, honest[:1]])
+    loud = np.concatenate([honest, 90.0 * np.eye(C)[(labels + 1) % C][None]])
+    (q_quiet, m_quiet), (q_loud, m_loud) = _targets(quiet, weights, cap), _targets(loud, weights, cap)
+    pull = 3.0 * (np.log(q_loud[:6]) - np.log(q_quiet[:6]))  # [6, N, C]: the honest students
+    spread = pull.max(axis=-1) - pull.min(axis=-1)  # [6, N]
+    bound = weights[:6, 6:7] * (np.sqrt(2) * 2.0 * (m_quiet + m_loud)[None] + 2 * np.log(1e4 * (1 + C * 1e-4)))
+    if cap > 0:
+        assert (spread <= bound + 1e-4).all()
+    else:
+        assert (spread > bound).any()
+
+
+def test_budgeted_attackers_lose_their_weight_when_the_scored_rows_are_secret():
+    """Two loud budgeted attackers (true labels, but wrong on 30 % of the rows they think
+    are distilled) among honest clients that are less sure where they are wrong: on the
+    old market (accuracy quality, no loudness cap, held-out rows known to the attackers)
+    they buy weight and poison the honest targets; on kta's (secret rows: they guessed
+    the last round's, likelihood quality, cap 2) they get a fifth of it, and the honest
+    targets stay as good as in the clean market."""
+    logits, labels = _honest(3, unsure=2.0)
+    scored, last_rounds = held_out_mask(N, 0.2, 11), held_out_mask(N, 0.2, 12)
+    cfg = RunConfig(attack="budgeted", attack_fraction=0.2, attack_scale=90.0, attack_budget=0.3)
+
+    def attackers_for(belief: np.ndarray) -> np.ndarray:
+        return np.stack([poisoned_logits(cfg, "budgeted", logits[k].astype(np.float32), labels, belief,
+                                         seed=k, server_round=2) for k in (0, 1)])
+
+    old = _kta(teacher_quality="accuracy", loudness_cap=0.0)
+    undefended = run_market(np.concatenate([logits, attackers_for(scored)]), labels, old, scored)
+    defended = run_market(np.concatenate([logits, attackers_for(last_rounds)]), labels, _kta(), scored)
+    clean = run_market(logits, labels, _kta(), scored)
+    weight = lambda out: out.weights[:HONEST, HONEST:].sum(axis=1).mean()  # noqa: E731
+    assert weight(undefended) > 0.1 and weight(defended) < weight(undefended) / 5
+    right = lambda out: _honest_distilled_accuracy(out, labels, scored)  # noqa: E731
+    assert right(undefended) < right(clean) - 0.05
+    assert abs(right(defended) - right(clean)) < 0.01

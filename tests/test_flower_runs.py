@@ -5,6 +5,7 @@ assertion fails. Checked through the results files the ServerApp writes.
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,10 +42,14 @@ def _check_common(res: dict, strategy: str) -> None:
     assert not math.isnan(res["summary"]["final_personalized_accuracy"])
 
 
-def _target_rows(subset_id: int, fraction: float = 1.0) -> int:
-    """Rows the targets of reference subset ``subset_id`` cover (held-out rows left out)."""
-    rows = protocol.reference_subset(N_REF, fraction, 0, subset_id)
-    return len(protocol.distill_rows(rows, protocol.held_out_mask(N_REF, HOLDOUT, 0)))
+def _target_rows(run_dir: Path, server_round: int, fraction: float = 1.0) -> int:
+    """Rows the targets priced in ``server_round`` cover: the rows of that round's
+    reference subset (the next round's) but those the market scored on (held out), as
+    the run folder records them."""
+    rows = protocol.reference_subset(N_REF, fraction, 0, server_round + 1)
+    scored = read_rounds(run_dir)[server_round]["scored_rows"]
+    assert np.isin(scored, rows).all() and len(scored) > 0
+    return len(rows) - len(scored)
 
 
 def _targets_sent(res: dict) -> list[int]:
@@ -102,6 +107,8 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
         if server_round < ROUNDS:  # the targets priced in round r are sent in round r + 1
             assert arrays["bytes_down"].sum() == kta["rounds"][server_round]["bytes_down"]
         assert arrays["distill"].sum() == kta["train_metrics"][str(server_round)]["distilling-clients"]
+    scored = [arrays["scored_rows"] for arrays in rounds.values()]  # drawn anew each round
+    assert all(not np.array_equal(a, b) for a, b in zip(scored, scored[1:]))
     drawn = inspect_run(kta_dir)["drawn"]
     assert all((kta_dir / name).stat().st_size > 5_000 for name in drawn) and len(drawn) == 4
     (fedavg_dir,) = [p.parent for p in (out / "1").glob("*/results.json")]
@@ -117,13 +124,15 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     # that are not held out, to the clients the gate let through.
     _check_common(half, "kta")
     assert half["summary"]["bytes_up"] == ROUNDS * CLIENTS * (N_REF // 2) * C * 4
+    (half_dir,) = [p.parent for p in (out / "3").glob("*/results.json")]
     assert half["summary"]["bytes_down"] == sum(
-        n * _target_rows(r + 1, 0.5) * C * 4 for r, n in enumerate(_targets_sent(half), start=1)
+        n * _target_rows(half_dir, r, 0.5) * C * 4 for r, n in enumerate(_targets_sent(half), start=1)
     )
 
     # kta with the topk codec (k = 2): per row 2 uint8 class indices + 2 uint8 probabilities.
     _check_common(topk, "kta")
-    held_in = _target_rows(0)
+    held_in = N_REF - protocol.held_out_count(N_REF, HOLDOUT)
+    assert all(_target_rows(kta_dir, r) == held_in for r in range(1, ROUNDS))
     assert topk["summary"]["bytes_up"] == ROUNDS * CLIENTS * N_REF * 4
     assert topk["summary"]["bytes_down"] == sum(_targets_sent(topk)) * held_in * 4
     assert set(topk["summary"]["wire_manifest"]) <= {

@@ -167,11 +167,9 @@ def test_market_on_a_rotating_reference_subset():
 
 def test_targets_skip_held_out_rows_and_the_gate_keeps_some_back():
     """Node 1 predicts the labels, nodes 2 and 3 guess: node 1 gets no targets (no
-    teacher beats it on the held-out rows), the guessers get targets on the other rows."""
+    teacher beats it on the held-out rows), the guessers get targets on the other rows,
+    and their instruction names the draw of the rows the market held out."""
     strategy = make_strategy(holdout_fraction=0.25, distill_gate=True)
-    held_out = strategy.held_out
-    assert held_out.sum() == N // 4
-    np.testing.assert_array_equal(held_out, protocol.held_out_mask(N, 0.25, 0))
     rng = np.random.default_rng(4)
     expert = 5.0 * np.eye(C, dtype=np.float32)[strategy.reference_labels]
     guessers = [rng.normal(size=(N, C)).astype(np.float32) for _ in (2, 3)]
@@ -183,8 +181,42 @@ def test_targets_skip_held_out_rows_and_the_gate_keeps_some_back():
             strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), FixedGrid([1, 2, 3]))}
     assert payload_bytes(msgs[1].content) == 0
     assert payload_bytes(msgs[2].content) == (N - N // 4) * C * 4
+    draw = msgs[2].content.config_records[protocol.CONFIG][protocol.TARGETS_HOLDOUT]
+    assert draw == strategy.last_draw and protocol.TARGETS_HOLDOUT not in msgs[1].content.config_records[protocol.CONFIG]
+    held_out = protocol.held_out_mask(N, 0.25, draw)
     rows = protocol.distill_rows(np.arange(N), held_out)
-    assert len(rows) == N - N // 4 and not held_out[rows].any()
+    assert held_out.sum() == N // 4 and len(rows) == N - N // 4 and not held_out[rows].any()
+
+
+def test_the_scored_rows_change_every_round_and_follow_from_the_uploads_not_the_config():
+    """The held-out rows are drawn after the uploads, from all of them: two rounds with
+    the same run config hold out different rows, and one client's upload changed in one
+    value changes the draw (so no client can compute it before uploading)."""
+    rng = np.random.default_rng(5)
+    uploads = [rng.normal(size=(N, C)).astype(np.float32) for _ in range(3)]
+    masks = []
+    for server_round in (1, 2, 3):
+        strategy = make_strategy(holdout_fraction=0.25) if server_round == 1 else strategy
+        train_round(strategy, server_round, [logits_reply(i, x) for i, x in zip((1, 2, 3), uploads)])
+        masks.append(protocol.held_out_mask(N, 0.25, strategy.last_draw))
+    assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[1], masks[2])
+    other = make_strategy(holdout_fraction=0.25)
+    changed = [uploads[0], uploads[1], uploads[2].copy()]
+    changed[2][0, 0] = np.nextafter(changed[2][0, 0], np.float32(np.inf))
+    train_round(other, 1, [logits_reply(i, x) for i, x in zip((1, 2, 3), changed)])
+    assert not np.array_equal(protocol.held_out_mask(N, 0.25, other.last_draw), masks[0])
+    # the same uploads give the same draw (a run replays and resumes bit for bit)
+    again = make_strategy(holdout_fraction=0.25)
+    train_round(again, 1, [logits_reply(i, x) for i, x in zip((1, 2, 3), uploads)])
+    np.testing.assert_array_equal(protocol.held_out_mask(N, 0.25, again.last_draw), masks[0])
+
+
+def test_a_draw_that_repeats_the_last_rounds_rows_is_drawn_again():
+    uploads = np.random.default_rng(6).normal(size=(3, N, C)).astype(np.float32)
+    first = protocol.scoring_draw(2, uploads, None, N, 0.25)
+    # told that the previous round held out exactly these rows, it draws other rows
+    again = protocol.scoring_draw(2, uploads, first, N, 0.25)
+    assert not np.array_equal(protocol.held_out_mask(N, 0.25, again), protocol.held_out_mask(N, 0.25, first))
 
 
 def test_cross_device_rounds_keep_the_bank_bounded():

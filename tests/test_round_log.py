@@ -24,7 +24,8 @@ def test_round_file_keeps_the_market_decisions(tmp_path, top):
     out = run_market(logits, labels, MarketParams(**KTA), held_out)
     np.testing.assert_allclose(out.priors, class_prior(logits - logits.mean(-1, keepdims=True)), atol=1e-6)
     arrays = market_arrays(out, range(100, 112), [True] * 11 + [False], [40] * 11 + [0],
-                           [4 * int(go) for go in out.distill], top=top)
+                           [4 * int(go) for go in out.distill], top=top,
+                           scored_rows=np.flatnonzero(held_out)[::-1])
     clients = [{"partition-id": 100 + k, "personalized-accuracy": 0.5, "global-accuracy": 0.25}
                for k in range(12)]
     path = write_round(tmp_path, 3, {**arrays, **evaluation_arrays(clients)})
@@ -40,6 +41,7 @@ def test_round_file_keeps_the_market_decisions(tmp_path, top):
     np.testing.assert_array_equal(back["tau"], out.tau)
     np.testing.assert_array_equal(back["distill"], out.distill)
     assert back["uploaded"].sum() == 11 and back["bytes_up"].sum() == 440
+    np.testing.assert_array_equal(back["scored_rows"], np.flatnonzero(held_out))  # ascending
     np.testing.assert_array_equal(back["eval_partition"], np.arange(100, 112))
     assert write_round(tmp_path, 4, {}) is None  # nothing to keep: no file
 

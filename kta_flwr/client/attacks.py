@@ -4,14 +4,22 @@ defences it meets: ``docs/robustness.md``.
 
 A seeded share of the partitions (:func:`attackers`) turns hostile; the others stay
 honest. Attackers are white-box: they know the code, the run config and seed, the
-reference set with its labels and hence the held-out rows.
+reference set with its labels, and the rows the market scored in the round before
+(the rows its last targets left out); not the rows it will score this round, which the
+server draws after every upload is in.
 
 Market family (what the attacker uploads instead of its honest logits ``z``, ``[M, C]``;
 ``s`` = ``attack-scale``):
 
-- ``gaming``: the true labels (one-hot x s) on the held-out rows, confident wrong
-  labels on every distilled row: a perfect teacher where the market scores, a poisoner
-  where clients learn;
+- ``gaming``: the true labels (one-hot x s) on the rows it believes held out (those
+  its last targets left out), confident wrong labels on every other row: a perfect
+  teacher where it thinks the market scores, a poisoner where clients learn;
+- ``budgeted``: the true labels on every row but a budget (``attack-budget``) of the
+  rows it believes are distilled, where it uploads its most likely wrong class: loud
+  (one-hot x s) or, with ``attack-scale`` = 0, quiet (its own logits with the top class
+  swapped, as loud as an honest client); every colluder picks the same budget rows (from
+  the run's seed and the round) and adds its own Gaussian noise of std ``attack-noise``,
+  so that they are not near-copies;
 - ``rolled``: ``z`` with its classes rolled by one; ``sign-flip``: ``-z``;
 - ``cpa``: each row pushes (one-hot x s) the class least correlated, over the reference
   set, with the class the attacker predicts; ``celmax``: the class it finds least likely
@@ -75,16 +83,18 @@ def _one_hot(classes: np.ndarray, num_classes: int, scale: float) -> np.ndarray:
     return (scale * np.eye(num_classes, dtype=np.float32)[classes]).astype(np.float32)
 
 
-def poisoned_logits(
+def poisoned_logits(  # pylint: disable=too-many-arguments
     cfg: RunConfig, attack: str, logits: np.ndarray, labels: np.ndarray, held_out: np.ndarray,
-    seed: int,
+    seed: int, server_round: int = 0,
 ) -> np.ndarray:
     """What an attacker uploads instead of its honest ``logits`` (``[M, C]``) on reference
-    rows with ``labels`` (``[M]``) and held-out flags ``held_out`` (``[M]`` bool).
+    rows with ``labels`` (``[M]``) and ``held_out`` (``[M]`` bool: the rows it believes
+    the market scores, those its last targets left out).
 
     Args:
-        seed: the node's seed for this round (``random``); ``sybil`` uses the run's seed,
-            so every attacker uploads the same rows.
+        seed: the node's seed for this round (``random``, ``budgeted``'s noise); ``sybil``
+            uses the run's seed, so every attacker uploads the same rows.
+        server_round: the round (``budgeted``'s budget rows, shared by the colluders).
     """
     z = np.asarray(logits, np.float32)
     num_classes, scale = z.shape[1], cfg.attack_scale
@@ -113,10 +123,35 @@ def poisoned_logits(
         return _one_hot(most_likely_wrong, num_classes, scale)
     if attack == "random":
         return np.random.default_rng(seed).normal(0.0, scale, z.shape).astype(np.float32)
+    if attack == "budgeted":
+        return _budgeted(cfg, z, labels, held_out, most_likely_wrong, seed, server_round)
     if attack == "sybil":
         offset = np.random.default_rng([cfg.seed, 77]).integers(1, num_classes, len(labels))
         return _one_hot((labels + offset) % num_classes, num_classes, scale)
     raise ValueError(f"{attack!r} is not a logit attack; use one of {list(LOGIT_ATTACKS)}")
+
+
+def _budgeted(cfg: RunConfig, z: np.ndarray, labels: np.ndarray, held_out: np.ndarray,
+              wrong: np.ndarray, seed: int, server_round: int) -> np.ndarray:
+    """``budgeted``: ``[M, C]`` uploads that give the true ``labels`` (``[M]``) but on
+    ``attack-budget`` of the rows not believed held out, where the most likely wrong class
+    ``wrong`` (``[M]``) wins. The budget rows come from the run's seed and the round (the
+    same for every colluder); ``seed`` (the node's) draws its own noise."""
+    candidates = np.flatnonzero(~held_out)
+    budget = int(math.floor(cfg.attack_budget * len(candidates) + 0.5))
+    chosen = np.asarray(labels).copy()
+    poisoned = np.random.default_rng([cfg.seed, 4343, server_round]).choice(candidates, budget, replace=False)
+    chosen[poisoned] = wrong[poisoned]
+    if cfg.attack_scale > 0:  # loud
+        out = _one_hot(chosen, z.shape[1], cfg.attack_scale)
+    else:  # quiet: the attacker's own logits, its top class swapped with the chosen one
+        out = z.copy()
+        rows = np.arange(len(z))
+        top = z.argmax(axis=1)
+        out[rows, top], out[rows, chosen] = z[rows, chosen], z[rows, top]
+    if cfg.attack_noise > 0:
+        out += np.random.default_rng([seed, 4343]).normal(0.0, cfg.attack_noise, out.shape).astype(np.float32)
+    return out
 
 
 def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[str, float]) -> None:
@@ -128,11 +163,11 @@ def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[st
     if cfg.attack in LOGIT_ATTACKS and protocol.LOGITS in content.array_records:
         rows = node.reference_rows(protocol.LOGITS_SUBSET)
         reference = node.data.splits.reference
-        held_out = protocol.held_out_mask(len(reference.y), cfg.holdout_fraction, cfg.seed)[rows]
+        held_out = node.held_out()[rows]  # what the attacker knows: the last scored rows
         codec = knowledge_codec(cfg)
         honest = protocol.unpack(content, protocol.LOGITS, len(rows), reference.num_classes, codec)
         content[protocol.LOGITS] = protocol.pack(poisoned_logits(
-            cfg, cfg.attack, honest, reference.y[rows], held_out, node.seed), codec)
+            cfg, cfg.attack, honest, reference.y[rows], held_out, node.seed, node.server_round), codec)
     elif cfg.attack in ("negated", "scaled-update") and sync.UPDATE in content.array_records:
         content[sync.UPDATE] = sync.to_record(_poisoned_update(node, content))
     elif cfg.attack in ("negated", "scaled-update"):

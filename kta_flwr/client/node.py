@@ -98,6 +98,8 @@ class Node:  # pylint: disable=too-many-instance-attributes
         )
         self.config: ConfigRecord = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
         self.server_round = int(self.config.get("server-round", 0))
+        #: Whether the message carries soft targets (market family).
+        self.has_targets = protocol.TARGETS in msg.content.array_records
         expected = self.config.get(protocol.FINGERPRINT)
         if expected is not None and expected != self.data.splits.reference_fingerprint:
             raise ConfigError(
@@ -214,10 +216,25 @@ class Node:  # pylint: disable=too-many-instance-attributes
         )
 
     def target_rows(self) -> np.ndarray:
-        """Reference rows this round's targets cover: the targets' subset, held-out rows
-        (adaptive market) left out."""
-        held_out = protocol.held_out_mask(len(self.data.reference.y), self.cfg.holdout, self.cfg.seed)
-        return protocol.distill_rows(self.reference_rows(protocol.TARGETS_SUBSET), held_out)
+        """Reference rows this round's targets cover: the targets' subset, less the rows
+        the market held out (adaptive market; the draw the instruction names).
+
+        Raises:
+            ValueError: the run holds rows out but the instruction names no draw.
+        """
+        return protocol.distill_rows(self.reference_rows(protocol.TARGETS_SUBSET), self.held_out())
+
+    def held_out(self) -> np.ndarray:
+        """``[N_ref]`` bool: the rows the market scored when it computed this instruction's
+        targets (none without targets or without held-out rows)."""
+        num_reference = len(self.data.reference.y)
+        if self.cfg.holdout <= 0 or not self.has_targets:
+            return np.zeros(num_reference, dtype=bool)
+        if protocol.TARGETS_HOLDOUT not in self.config:
+            raise ValueError(f"the instruction carries targets but no '{protocol.TARGETS_HOLDOUT}' "
+                             f"(the run holds out {self.cfg.holdout:g} of the reference rows)")
+        return protocol.held_out_mask(num_reference, self.cfg.holdout,
+                                      int(self.config[protocol.TARGETS_HOLDOUT]))
 
     def train_stage2(self, model: nn.Module, targets: np.ndarray) -> float:
         """``distill-epochs`` of KL toward ``targets`` (``[len(target_rows()), C]``) on the

@@ -51,7 +51,7 @@ def stage2_steps(cfg: RunConfig, num_reference: int) -> int:
     """Steps per stage-2 epoch with the most distillation rows any round can have: a
     reference subset's size, at most the rows not held out."""
     size = len(protocol.reference_subset(num_reference, cfg.reference_fraction, cfg.seed, 0))
-    held_out = int(protocol.held_out_mask(num_reference, cfg.holdout, cfg.seed).sum())
+    held_out = protocol.held_out_count(num_reference, cfg.holdout)
     return -(-max(1, min(size, num_reference - held_out)) // cfg.batch_size)
 
 

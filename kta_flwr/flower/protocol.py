@@ -12,14 +12,20 @@ client uploads logits for (``logits-subset``, used by the next round's targets) 
 subset its targets cover (``targets-subset``); both sides derive the rows from the run's
 seed, so no index is sent.
 
-Under the adaptive market a fixed, seeded share of the reference rows is **held out**
-(:func:`held_out_mask`): clients upload logits there but never distill on them, so the
-market can judge its candidate targets on honest predictions; targets cover only the
-other rows (:func:`distill_rows`).
+Under the adaptive market a share of the reference rows is **held out** each round
+(:func:`held_out_mask`): the market scores teachers, chooses each client's τ and gates
+on those rows, and the targets it computes cover only the other rows
+(:func:`distill_rows`). The held-out rows are drawn *after* the round's uploads are in,
+from a digest of all of them (:func:`scoring_draw`): no client can compute them before
+it uploads, since they depend on the other clients' private predictions, and a run still
+replays bit for bit. The instruction that carries a client's targets names the draw
+(``targets-holdout``, one integer; the payload bytes are unchanged), so the client learns
+which rows were scored only after the fact (``docs/robustness.md``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -35,6 +41,8 @@ VALUES = "values"  # the single array of a float32 payload
 FINGERPRINT = "reference-fingerprint"
 LOGITS_SUBSET = "logits-subset"
 TARGETS_SUBSET = "targets-subset"
+#: Instruction config (with targets): the draw of the held-out rows the targets leave out.
+TARGETS_HOLDOUT = "targets-holdout"
 #: Instruction config: the run a resumed run continues (absent: the run itself).
 LINEAGE = "lineage"
 #: Reply metric: the partition the node holds.
@@ -107,14 +115,36 @@ def reference_subset(num_reference: int, fraction: float, seed: int, subset_id: 
     return np.sort(order[(subset_id * size + np.arange(size)) % num_reference])
 
 
-def held_out_mask(num_reference: int, fraction: float, seed: int) -> np.ndarray:
-    """``[N_ref]`` bool: ``floor(fraction * N_ref)`` rows drawn once from the run's seed
-    (the same on every node and the server); none when ``fraction`` is 0."""
+def held_out_mask(num_reference: int, fraction: float, draw: int | list[int]) -> np.ndarray:
+    """``[N_ref]`` bool: ``floor(fraction * N_ref)`` rows (:func:`held_out_count`) drawn
+    from ``draw`` (a round's :func:`scoring_draw`); none when ``fraction`` is 0."""
     mask = np.zeros(num_reference, dtype=bool)
-    size = math.floor(fraction * num_reference)
+    size = held_out_count(num_reference, fraction)
     if size > 0:
-        mask[np.random.default_rng([seed, 1]).choice(num_reference, size, replace=False)] = True
+        mask[np.random.default_rng(draw).choice(num_reference, size, replace=False)] = True
     return mask
+
+
+def held_out_count(num_reference: int, fraction: float) -> int:
+    """How many reference rows are held out each round: ``floor(fraction * N_ref)``."""
+    return math.floor(fraction * num_reference)
+
+
+def scoring_draw(server_round: int, uploads: np.ndarray, previous: int | None,
+                 num_reference: int, fraction: float) -> int:
+    """The round's draw of held-out rows: the first 63 bits of SHA-256 over the round
+    number and the bytes of every upload the market prices (``[K, M, C]``, in partition
+    order), re-hashed until its :func:`held_out_mask` differs from ``previous``'s (so no
+    two consecutive rounds score the same rows, when more than one set is possible)."""
+    digest = hashlib.sha256(np.int64(server_round).tobytes())
+    digest.update(np.ascontiguousarray(uploads).tobytes())
+    draw = int.from_bytes(digest.digest()[:8], "big") >> 1
+    if previous is None or held_out_count(num_reference, fraction) in (0, num_reference):
+        return draw
+    before = held_out_mask(num_reference, fraction, previous)
+    while np.array_equal(held_out_mask(num_reference, fraction, draw), before):
+        draw = int.from_bytes(hashlib.sha256(draw.to_bytes(8, "big")).digest()[:8], "big") >> 1
+    return draw
 
 
 def distill_rows(rows: np.ndarray, held_out: np.ndarray) -> np.ndarray:

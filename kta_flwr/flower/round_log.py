@@ -14,7 +14,10 @@ order, C classes, m = min(K, :data:`TOP_TEACHERS`)):
   (indices into ``partition``), largest first; every weight when K ≤ m;
 - ``prior`` [K, C] float32: its class prior (mean predicted distribution);
 - ``bytes_up`` [K] int64: payload bytes of its upload this round (0 when banked);
-- ``bytes_down`` [K] int64: payload bytes of the targets it receives next round.
+- ``bytes_down`` [K] int64: payload bytes of the targets it receives next round;
+- ``scored_rows`` [H] int64: the reference rows of this round's subset held out (where
+  the market scored its teachers; drawn after the uploads, ``protocol.scoring_draw``),
+  ascending.
 
 Arrays of the evaluation (every strategy, in rounds with an evaluation; E clients):
 ``eval_partition`` [E] int64, ``eval_personalized`` [E], ``eval_global`` [E].
@@ -39,9 +42,11 @@ FOLDER = "rounds"
 def market_arrays(  # pylint: disable=too-many-arguments
     out: MarketOutput, partitions: Sequence[int], uploaded: Sequence[bool],
     bytes_up: Sequence[int], bytes_down: Sequence[int], top: int = TOP_TEACHERS,
+    scored_rows: Sequence[int] = (),
 ) -> dict[str, np.ndarray]:
     """The market's decisions of one round as the arrays above (``out`` from
-    :func:`kta_flwr.maths.market.run_market` over the K clients of ``partitions``)."""
+    :func:`kta_flwr.maths.market.run_market` over the K clients of ``partitions``;
+    ``scored_rows``: reference row indices)."""
     weights = np.asarray(out.weights)
     m = min(top, weights.shape[1])
     teacher = np.argsort(-weights, axis=1, kind="stable")[:, :m]
@@ -56,6 +61,7 @@ def market_arrays(  # pylint: disable=too-many-arguments
         "prior": np.asarray(out.priors, np.float32),
         "bytes_up": np.asarray(bytes_up, np.int64),
         "bytes_down": np.asarray(bytes_down, np.int64),
+        "scored_rows": np.sort(np.asarray(scored_rows, np.int64)),
     }
 
 

@@ -26,7 +26,8 @@ from kta_flwr.storage import StateFileError, read_state, write_state
 STATE_FILE = "server-state.json"
 #: The pickle of kta-flwr before 2026-12: never opened (a pickle runs code when loaded).
 LEGACY_STATE_FILE = "server-state.pkl"
-FORMAT = "kta-flwr-run-state/2"
+#: /3: the market's held-out rows are drawn each round (``target_draw``, ``last_draw``).
+FORMAT = "kta-flwr-run-state/3"
 #: Run-config keys a resumed run may change (how it waits and times out, where it reads
 #: the state from, how many rounds it runs in all, the nodes' lifetime privacy budget).
 MAY_CHANGE = ("resume-from", "output-dir", "num-server-rounds", "round-timeout",

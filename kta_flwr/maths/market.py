@@ -20,6 +20,16 @@ Notation: K clients, N reference samples, C classes. Client k uploads logits
    ``softmax(sum_j W[k, j] z[j] / T)`` (``logit`` space); each row of ``q[k]`` is a
    probability distribution over the C classes.
 
+**Teacher quality** (``teacher_quality="likelihood"``, kta's default): ``acc[j]`` in
+step 5 becomes a quality per student and teacher, the geometric mean probability that
+teacher j's own prediction (T = 1) gives the label of each scored (held-out) row,
+weighted by the student's predicted class marginal at that label:
+``Q[k, j] = exp(sum_i pi_k(y_i) log p_j(y_i | x_i) / sum_i pi_k(y_i))`` (:func:`label_quality`).
+A proper score: it counts how wrong a teacher is, not only how often, so a confident
+wrong answer on a few rows costs more than many unsure ones; and it judges each teacher
+on the classes the student cares about, so a label-skewed teacher keeps its weight with
+the students that share its classes.
+
 **Prior correction** (``prior_correction=True``, the default): teachers trained on other
 label mixes carry their own class priors into the targets. Each client's prior is
 estimated from what it already uploads, its mean predicted distribution on the reference
@@ -102,6 +112,7 @@ __all__ = [
     "consistent_accuracy",
     "dense_weights",
     "label_likelihood",
+    "label_quality",
     "learned_weights",
     "neighbour_mask",
     "own_label_probability",
@@ -146,6 +157,9 @@ class MarketParams:
     gate: bool = True  # adaptive: no targets for a client its own predictions serve best
     # --- defences (docs/robustness.md); kta turns them on, FedMD and KT-pFL stay as published
     consistency: bool = False  # a teacher's accuracy: the lower of held-out and distilled rows
+    # "accuracy" (acc[j], step 5) or "likelihood" (Q[k, j], :func:`label_quality`: each
+    # teacher's log score on the scored rows, weighted by the student's classes)
+    teacher_quality: str = "accuracy"
     sybil_divergence: float = 0.0  # teachers closer than this (mean JS, nats) share one weight
     loudness_cap: float = 0.0  # cap each teacher's centred logit row norm at this x the median
     # --- scale (docs/scaling.md): 0 keeps the exact market
@@ -223,7 +237,8 @@ def teacher_weights(
 
     Args:
         similarity: ``[K, K]`` similarity graph.
-        accuracy: ``[K]`` reference accuracies in [0, 1].
+        accuracy: ``[K]`` reference accuracies in [0, 1], or ``[K, K]`` qualities
+            ``Q[k, j]`` of each teacher j for each student k (:func:`label_quality`).
         accuracy_exponent: ``gamma``; 0 ignores accuracy.
         neighbours: keep only the ``m`` most similar other clients (0 keeps all).
         self_weight: fixed weight ``rho`` in [0, 1] on the client itself, or -1 to let
@@ -249,7 +264,7 @@ def teacher_weights(
         raise ValueError("teacher_weights: columns needs keep")
     else:
         others = keep
-    scores = sim * quality[columns]
+    scores = sim * _pick(quality, columns)
     own = columns == np.arange(num_clients)[:, None]
     if self_weight < 0:
         scores = np.where(others | own, scores, 0.0)
@@ -266,10 +281,43 @@ def teacher_weights(
 
 def _teacher_quality(accuracy: np.ndarray, accuracy_exponent: float,
                      shares: np.ndarray | None) -> np.ndarray:
-    """``[K]`` each teacher's factor ``acc ** gamma * share`` in :func:`teacher_weights`."""
+    """``[K]`` (or ``[K, K]``, per student) each teacher's factor ``acc ** gamma * share``
+    in :func:`teacher_weights`."""
     # A tiny floor keeps a zero-accuracy client from zeroing a whole row.
     quality = np.maximum(np.asarray(accuracy, dtype=np.float64), 1e-3) ** accuracy_exponent
     return quality if shares is None else quality * shares
+
+
+def _pick(quality: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """The qualities of the teachers ``columns`` (``[1, K]`` or ``[K, J]`` client indices)
+    stand for, in their layout: ``quality[columns]`` of ``[K]`` qualities, each row's own
+    entries of ``[K, K]`` ones."""
+    if quality.ndim == 1:
+        return quality[columns]
+    return np.take_along_axis(quality, np.broadcast_to(columns, (len(quality), columns.shape[1])), axis=1)
+
+
+def _own(quality: np.ndarray) -> np.ndarray:
+    """``[K]``: each client's quality as its own teacher."""
+    return quality if quality.ndim == 1 else np.diagonal(quality)
+
+
+def label_quality(logits: np.ndarray, labels: np.ndarray, sample_weights: np.ndarray) -> np.ndarray:
+    """Each teacher's quality for each student: the geometric mean probability its own
+    prediction (T = 1) gives the labels, each row weighted for the student.
+
+    Args:
+        logits: ``[K, M, C]`` the teachers' logits on the M scoring rows; labels: ``[M]``.
+        sample_weights: ``[K, M]`` weight of each row for each student (its predicted
+            class marginal at the row's label).
+
+    Returns:
+        ``[K, K]`` values ``Q[k, j] = exp(sum_i w[k, i] log p_j(y_i) / sum_i w[k, i])`` in
+        (0, 1] (probabilities floored at 1e-12).
+    """
+    log_right = np.log(np.maximum(own_label_probability(logits, labels), _EPS))  # [K, M]
+    weights = np.asarray(sample_weights, np.float64)
+    return np.exp(weights @ log_right.T / np.maximum(weights.sum(axis=1, keepdims=True), _EPS))
 
 
 def neighbour_mask(closeness: np.ndarray, neighbours: int) -> np.ndarray:
@@ -453,7 +501,11 @@ def run_market(
     if params.background and params.target_space != "logit":
         raise ValueError("the background teacher needs target_space='logit' (a mean of logits "
                          f"mixes linearly only there), got {params.target_space!r}")
-    logits = cap_loudness(centre(logits), params.loudness_cap)
+    # Teachers are judged on everything they said (centred: a constant row says
+    # nothing) and mixed with their loudness capped: a teacher that shouts wrong answers
+    # is scored as shouting, and pulls no harder than ``loudness_cap`` x the median.
+    logits = centre(logits)
+    mixed = cap_loudness(logits, params.loudness_cap)
     both = held_out is not None and 0 < np.count_nonzero(held_out) < len(labels)
     if params.consistency and both:
         accuracy = consistent_accuracy(logits, labels, np.asarray(held_out, bool))
@@ -481,24 +533,31 @@ def run_market(
         raise ValueError(
             f"unknown weighting {params.weighting!r}; use market, uniform or learned"
         )
-    elif params.adaptive:
-        rows = np.arange(len(labels))
+    else:
+        rows = np.arange(len(labels))  # the scoring rows
         if held_out is not None and np.any(held_out):
             rows = np.flatnonzero(held_out)
-        taus, weights, distill = adaptive_weights(
-            reference_rows(logits, rows), labels[rows], divergence, accuracy, params,
-            sample_weights=estimated_priors[:, labels[rows]],
-            priors=priors, shares=shares, kernels=kernels,
-        )
-        similarity = np.exp(-divergence / taus[:, None])
-    else:
-        weights = _weights_at(similarity, accuracy, params, shares)
-        if _uses_background(params, num_clients):
-            weights = with_background(weights[None], divergence, accuracy, params, shares,
-                                      np.array([params.tau]))[0]
+        scoring = reference_rows(logits, rows)
+        sample_weights = estimated_priors[:, labels[rows]]
+        quality = accuracy
+        if params.teacher_quality == "likelihood":
+            quality = label_quality(scoring, labels[rows], sample_weights)
+        elif params.teacher_quality != "accuracy":
+            raise ValueError(f"unknown teacher_quality {params.teacher_quality!r}; use accuracy or likelihood")
+        if params.adaptive:
+            taus, weights, distill = adaptive_weights(
+                scoring, labels[rows], divergence, quality, params,
+                sample_weights=sample_weights, priors=priors, shares=shares, kernels=kernels,
+            )
+            similarity = np.exp(-divergence / taus[:, None])
+        else:
+            weights = _weights_at(similarity, quality, params, shares)
+            if _uses_background(params, num_clients):
+                weights = with_background(weights[None], divergence, quality, params, shares,
+                                          np.array([params.tau]))[0]
     if target_rows is not None:
-        logits = reference_rows(logits, np.flatnonzero(target_rows))
-    teachers, teacher_priors = _teachers(logits, priors, weights)
+        mixed = reference_rows(mixed, np.flatnonzero(target_rows))
+    teachers, teacher_priors = _teachers(mixed, priors, weights)
     targets = kernels.targets(
         teachers, weights, temperature=params.temperature, space=params.target_space,
         priors=teacher_priors,
@@ -563,15 +622,17 @@ def with_background(  # pylint: disable=too-many-arguments
     kept = neighbour_mask(-divergence, params.neighbours)  # the m nearest others
     columns = first_true_columns(kept, params.neighbours)  # [K, m]
     near_divergence = np.take_along_axis(divergence, columns, axis=1)
+    near_quality = _pick(quality, columns)
     competes = params.self_weight < 0
     out = np.empty((len(taus), num_clients, num_clients + 1))
     for candidate, weights, tau in zip(out, candidates, taus):
         sim = similarity_graph(divergence, tau)
         np.fill_diagonal(sim, 0.0)
-        others = sim @ quality  # [K] the full row's mass over the other clients
-        near = (similarity_graph(near_divergence, tau) * quality[columns]).sum(axis=1)
+        # [K] the full row's mass over the other clients
+        others = sim @ quality if quality.ndim == 1 else (sim * quality).sum(axis=1)
+        near = (similarity_graph(near_divergence, tau) * near_quality).sum(axis=1)
         rest = np.maximum(others - near, 0.0)  # beyond the m nearest
-        total = others + (quality if competes else 0.0)  # the client's own S[k, k] = 1
+        total = others + (_own(quality) if competes else 0.0)  # the client's own S[k, k] = 1
         # (every other similarity underflowed: no mass anywhere, the row stays as it is)
         total = np.where(total > 0, total, 1.0)
         share = 1.0 - rest / total  # what the kept columns hold, in (0, 1]
@@ -681,7 +742,8 @@ def adaptive_weights(  # pylint: disable=too-many-arguments
 
     Args:
         logits: ``[K, M, C]`` logits on the M scoring (held-out) rows; labels: ``[M]``.
-        divergence: ``[K, K]`` and accuracy: ``[K]``, from all rows.
+        divergence: ``[K, K]`` from all rows; accuracy: ``[K]`` teacher accuracies or
+            ``[K, K]`` qualities per student (:func:`teacher_weights`).
         sample_weights: ``[K, M]`` weight of each scoring row for each client (its
             predicted class marginal at the row's label).
         priors: ``[K, C]`` class priors for the prior correction (None: none).

@@ -8,6 +8,7 @@
         --shares 0.1,0.2,0.3 --seeds 0
 
 runs every (strategy, attack, share, seed) whose attack applies to the strategy's family
+(an attack may carry its options: ``budgeted:attack-budget=0.1:attack-scale=0``)
 (``kta_flwr.config.ATTACK_FAMILIES``), plus each strategy's clean run, through the
 benchmark harness (:func:`kta_flwr.tools.bench.run_bench`, runs reused with ``--resume``
 semantics), and writes to ``<out>/<preset>/``:
@@ -45,8 +46,8 @@ def methods_for(strategies: list[str], attacks: list[str], shares: list[float]) 
     methods = []
     for strategy in strategies:
         methods.append(strategy)
-        for attack in attacks:
-            if STRATEGY_FAMILIES[strategy.split(":")[0]] in ATTACK_FAMILIES[attack]:
+        for attack in attacks:  # a name, or a variant: budgeted:attack-budget=0.1:attack-scale=0
+            if STRATEGY_FAMILIES[strategy.split(":")[0]] in ATTACK_FAMILIES[attack.split(":")[0]]:
                 methods += [f"{strategy}:attack={attack}:attack-fraction={share}" for share in shares]
     return methods
 
@@ -64,8 +65,12 @@ def _row(results_dir: Path, method: str, seed: int) -> dict[str, Any] | None:
     cfg = parse_run_config(json.loads(found[-1].read_text())["config"])
     accuracies = client_accuracies(found[-1])
     hostile = attackers(cfg, len(accuracies))
-    variant = ":".join(p for p in method.split(":") if not p.startswith(("attack=", "attack-fraction=")))
-    return {"strategy": variant, "attack": cfg.attack, "share": cfg.attack_fraction,
+    parts = method.split(":")
+    variant = ":".join(p for p in parts if not p.startswith("attack"))
+    options = [p.removeprefix("attack-") for p in parts
+               if p.startswith("attack-") and not p.startswith("attack-fraction=")]
+    attack = cfg.attack + (f" ({', '.join(options)})" if options else "")
+    return {"strategy": variant, "attack": attack, "share": cfg.attack_fraction,
             "seed": seed, "attackers": sorted(hostile),
             "clients": {str(p): a for p, a in sorted(accuracies.items())}}
 

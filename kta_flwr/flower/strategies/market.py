@@ -58,16 +58,16 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         codec: how logits and targets are encoded on the wire.
         reference_fraction: share of the reference rows exchanged per round (a rotating
             subset, :func:`kta_flwr.flower.protocol.reference_subset`); 1: all rows.
-        holdout_fraction: share of the reference rows held out from distillation, on
-            which the adaptive market scores its candidates
-            (:func:`kta_flwr.flower.protocol.held_out_mask`); 0: none.
+        holdout_fraction: share of the reference rows held out from distillation each
+            round, on which the adaptive market scores its teachers and candidates, drawn
+            after the round's uploads (:func:`kta_flwr.flower.protocol.scoring_draw`); 0: none.
         max_staleness: the market uses a node's banked logits for at most this many
             rounds after it uploaded them (absent, failed or unsampled nodes); older ones
             are dropped from the bank.
         kernels: the market's heavy computations (numpy by default; the ServerApp passes
             torch kernels for ``market-device``).
         options: sampling and metric hooks, :class:`~kta_flwr.flower.strategies.base.NodeOptions`
-            (``seed`` also seeds the reference subsets and held-out rows).
+            (``seed`` also seeds the reference subsets).
     """
 
     def __init__(  # pylint: disable=too-many-arguments
@@ -95,7 +95,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self.fingerprint = fingerprint
         self.codec = codec
         self.reference_fraction = reference_fraction
-        self.held_out = protocol.held_out_mask(len(self.reference_labels), holdout_fraction, self.seed)
+        self.holdout_fraction = holdout_fraction
+        #: The last round's draw of held-out rows (the next must hold out other rows).
+        self.last_draw: int | None = None
         #: Latest valid logits ``[M, C]`` per node id, on the rows of reference subset
         #: ``bank_subset[node]`` (M = N_ref without subsets).
         self.bank: dict[int, np.ndarray] = {}
@@ -107,6 +109,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         #: Targets ``[M, C]`` each node receives with its next instruction, and their subset.
         self.targets: dict[int, np.ndarray] = {}
         self.target_subset: dict[int, int] = {}
+        #: The draw of the held-out rows each node's pending targets leave out.
+        self.target_draw: dict[int, int] = {}
         #: The last market computation (node ids in ``self.market_nodes`` order).
         self.last_market: MarketOutput | None = None
         self.market_nodes: list[int] = []
@@ -137,9 +141,10 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                 content[protocol.TARGETS] = protocol.pack(
                     self.targets[node_id], self.codec, protocol.TARGETS
                 )
-                content[protocol.CONFIG] = ConfigRecord(
-                    {**config, protocol.TARGETS_SUBSET: self.target_subset[node_id]}
-                )
+                extra = {protocol.TARGETS_SUBSET: self.target_subset[node_id]}
+                if self.holdout_fraction > 0:
+                    extra[protocol.TARGETS_HOLDOUT] = self.target_draw[node_id]
+                content[protocol.CONFIG] = ConfigRecord({**config, **extra})
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         with_targets = sum(n in self.targets for n in node_ids)
         log(INFO, "configure_train: %d nodes sampled, %d with personalized targets",
@@ -225,24 +230,31 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             key=lambda n: (self.partition_of.get(n, 1 << 62), n),
         )
         if not self.market_nodes:  # nobody uploaded this subset: no targets next round
-            self.targets, self.target_subset = {}, {}
+            self.targets, self.target_subset, self.target_draw = {}, {}, {}
             return {"market-clients": 0, "market-stale": 0}
         stale = sum(self.bank_round[n] < server_round for n in self.market_nodes)
         stacked = np.stack([self.bank[n] for n in self.market_nodes])
         rows = self.rows(subset_id)
-        held_out = self.held_out[rows]
-        # Targets never cover held-out rows; the gate may keep them back.
+        # The scored rows: drawn now, from every upload of the round (no client could
+        # compute them before it uploaded). Targets never cover them; the gate may keep
+        # the targets back.
+        num_reference = len(self.reference_labels)
+        self.last_draw = protocol.scoring_draw(server_round, stacked, self.last_draw,
+                                               num_reference, self.holdout_fraction)
+        held_out = protocol.held_out_mask(num_reference, self.holdout_fraction, self.last_draw)[rows]
         out = run_market(stacked, self.reference_labels[rows], self.params, held_out=held_out,
                          kernels=self.kernels, target_rows=~held_out)
         self.last_market = out
         self.targets = {n: q for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
         self.target_subset = dict.fromkeys(self.targets, subset_id)
+        self.target_draw = dict.fromkeys(self.targets, self.last_draw)
         row_bytes = self.codec.row_bytes(self.num_classes)
         uploaded = [self.bank_round[n] == server_round for n in self.market_nodes]
         self.round_record = market_arrays(
             out, [self.partition_of.get(n, -1) for n in self.market_nodes], uploaded,
             bytes_up=[row_bytes * len(rows) * up for up in uploaded],
             bytes_down=[row_bytes * int((~held_out).sum()) * go for go in out.distill],
+            scored_rows=rows[held_out],
         )
         weights = out.weights
         entropy = -(weights * np.log(np.clip(weights, 1e-12, 1.0))).sum(axis=1)
@@ -266,7 +278,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
     def rekey(self, old: int, new: int) -> None:
         """Node ``new`` now holds ``old``'s partition: it inherits its banked logits and
         pending targets (unless it has newer ones of its own)."""
-        for table in (self.bank, self.bank_subset, self.bank_round, self.targets, self.target_subset):
+        for table in (self.bank, self.bank_subset, self.bank_round, self.targets, self.target_subset,
+                      self.target_draw):
             if old in table:
                 value = table.pop(old)
                 table.setdefault(new, value)
@@ -275,10 +288,12 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         """The bank, the pending targets and the sampling state."""
         return {**super().state_dict(), "bank": self.bank, "bank_subset": self.bank_subset,
                 "bank_round": self.bank_round, "targets": self.targets,
-                "target_subset": self.target_subset}
+                "target_subset": self.target_subset, "target_draw": self.target_draw,
+                "last_draw": self.last_draw}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
-        for name in ("bank", "bank_subset", "bank_round", "targets", "target_subset"):
+        for name in ("bank", "bank_subset", "bank_round", "targets", "target_subset", "target_draw"):
             setattr(self, name, {int(node): value for node, value in state[name].items()})
+        self.last_draw = state["last_draw"]
