@@ -165,9 +165,10 @@ def test_attack_config_is_checked():
 def _targets(uploads: np.ndarray, weights: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:
     """kta's targets step for fixed ``weights``: centred, loudness-capped, prior-corrected
     logit mix at T = 3; and each row's median teacher norm ``[N]``."""
-    z = cap_loudness(centre(uploads), cap)
-    targets = soft_targets(z, weights, temperature=3.0, space="logit", priors=class_prior(centre(uploads)))
-    return targets, np.median(np.linalg.norm(centre(uploads), axis=-1), axis=0)
+    centred = centre(uploads)
+    targets = soft_targets(cap_loudness(centred, cap), weights, temperature=3.0, space="logit",
+                           priors=class_prior(centred))
+    return targets, np.median(np.linalg.norm(centred, axis=-1), axis=0)
 
 
 @pytest.mark.parametrize("cap", [2.0, 0.0])

@@ -10,7 +10,8 @@ from kta_flwr.config import RunConfig
 from kta_flwr.flower.metering import payload_bytes
 from kta_flwr.factory import market_params
 from kta_flwr.flower.strategies.market import KnowledgeMarket
-from tests.conftest import FixedGrid, client_metrics, reply, train_round
+from client_app.app import train
+from tests.conftest import FakeNode, FixedGrid, client_metrics, reply, train_round
 
 N, C = 20, 4
 
@@ -194,9 +195,8 @@ def test_the_scored_rows_change_every_round_and_follow_from_the_uploads_not_the_
     value changes the draw (so no client can compute it before uploading)."""
     rng = np.random.default_rng(5)
     uploads = [rng.normal(size=(N, C)).astype(np.float32) for _ in range(3)]
-    masks = []
+    masks, strategy = [], make_strategy(holdout_fraction=0.25)
     for server_round in (1, 2, 3):
-        strategy = make_strategy(holdout_fraction=0.25) if server_round == 1 else strategy
         train_round(strategy, server_round, [logits_reply(i, x) for i, x in zip((1, 2, 3), uploads)])
         masks.append(protocol.held_out_mask(N, 0.25, strategy.last_draw))
     assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[1], masks[2])
@@ -243,3 +243,21 @@ def test_cross_device_rounds_keep_the_bank_bounded():
         assert metrics["market-clients"] == len(recent) <= 300
         assert metrics["market-seconds"] >= 0.0
         assert set(strategy.targets) == recent
+
+
+def test_a_client_distills_on_the_rows_the_instructions_draw_leaves_out(tmp_path):
+    """The ClientApp reads the held-out rows from the draw its instruction names (targets
+    for the 80 rows it leaves out of 100), and refuses targets that name no draw."""
+    node = FakeNode(tmp_path, "kta")
+    held_out = protocol.held_out_mask(100, node.cfg.holdout, 12345)
+    targets = np.full((100 - int(held_out.sum()), 10), 0.1, np.float32)
+    msg = FakeNode.message("train", 2)
+    msg.content[protocol.TARGETS] = protocol.pack(targets, key=protocol.TARGETS)
+    config = {"server-round": 2, protocol.TARGETS_SUBSET: 0, protocol.TARGETS_HOLDOUT: 12345}
+    msg.content[protocol.CONFIG] = ConfigRecord(config)
+    answer = train(msg, node.context)
+    assert not answer.has_error() and "distill-loss" in answer.content.metric_records["metrics"]
+    del config[protocol.TARGETS_HOLDOUT]
+    msg.content[protocol.CONFIG] = ConfigRecord(config)
+    with pytest.raises(ValueError, match="'targets-holdout'"):
+        train(msg, node.context)

@@ -5,8 +5,9 @@ defences it meets: ``docs/robustness.md``.
 A seeded share of the partitions (:func:`attackers`) turns hostile; the others stay
 honest. Attackers are white-box: they know the code, the run config and seed, the
 reference set with its labels, and the rows the market scored in the round before
-(the rows its last targets left out); not the rows it will score this round, which the
-server draws after every upload is in.
+(the rows the targets of this round's instruction leave out; none in a round without
+targets); not the rows it will score this round, which the server draws after every
+upload is in.
 
 Market family (what the attacker uploads instead of its honest logits ``z``, ``[M, C]``;
 ``s`` = ``attack-scale``):

@@ -136,15 +136,18 @@ def scoring_draw(server_round: int, uploads: np.ndarray, previous: int | None,
     number and the bytes of every upload the market prices (``[K, M, C]``, in partition
     order), re-hashed until its :func:`held_out_mask` differs from ``previous``'s (so no
     two consecutive rounds score the same rows, when more than one set is possible)."""
-    digest = hashlib.sha256(np.int64(server_round).tobytes())
-    digest.update(np.ascontiguousarray(uploads).tobytes())
-    draw = int.from_bytes(digest.digest()[:8], "big") >> 1
+    draw = _first_63_bits(np.int64(server_round).tobytes() + np.ascontiguousarray(uploads).tobytes())
     if previous is None or held_out_count(num_reference, fraction) in (0, num_reference):
         return draw
     before = held_out_mask(num_reference, fraction, previous)
     while np.array_equal(held_out_mask(num_reference, fraction, draw), before):
-        draw = int.from_bytes(hashlib.sha256(draw.to_bytes(8, "big")).digest()[:8], "big") >> 1
+        draw = _first_63_bits(draw.to_bytes(8, "big"))
     return draw
+
+
+def _first_63_bits(data: bytes) -> int:
+    """The first 63 bits of SHA-256 of ``data``, as a non-negative int64."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") >> 1
 
 
 def distill_rows(rows: np.ndarray, held_out: np.ndarray) -> np.ndarray:
