@@ -67,7 +67,7 @@ TEXT_MODELS = frozenset({"textbag", "minilm"})
 PARTITIONERS = ("dirichlet", "iid", "natural")
 TARGET_SPACES = ("prob", "logit")
 #: What a kta teacher's weight is scaled by (:mod:`kta_flwr.maths.market`, step 5).
-TEACHER_QUALITIES = ("likelihood", "accuracy")
+TEACHER_QUALITIES = ("information", "likelihood", "accuracy")
 MARKETS = ("adaptive", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
 #: Where the server runs the market's heavy steps: numpy on the CPU, or torch on a GPU.
@@ -183,7 +183,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     distill_clip: float = 5.0
     # --- defences of the market (kta; docs/robustness.md) ------------------------------
     consistency_check: bool = True
-    teacher_quality: str = "likelihood"
+    teacher_quality: str = "information"
     sybil_divergence: float = 1e-5
     loudness_cap: float = 2.0
     # --- robust parameter aggregators (Flower's Krum, FedTrimmedAvg) ---------------------

@@ -13,7 +13,8 @@ from kta_flwr.config import LOGIT_ATTACKS, RunConfig
 from kta_flwr.factory import market_params
 from kta_flwr.flower.protocol import held_out_mask
 from kta_flwr.maths.market import (
-    cap_loudness, centre, class_prior, consistent_accuracy, run_market, soft_targets, sybil_shares,
+    cap_loudness, centre, class_prior, consistent_accuracy, label_information, run_market, soft_targets,
+    sybil_shares,
 )
 
 N, C, HONEST = 200, 5, 8
@@ -218,3 +219,55 @@ def test_budgeted_attackers_lose_their_weight_when_the_scored_rows_are_secret():
     right = lambda out: _honest_distilled_accuracy(out, labels, scored)  # noqa: E731
     assert right(undefended) < right(clean) - 0.05
     assert abs(right(defended) - right(clean)) < 0.01
+
+
+def test_label_information_counts_nats_above_a_uniform_guess():
+    labels = np.arange(C).repeat(4)  # [20], every class 4 times
+    sure = 50.0 * np.eye(C)[labels]  # right with probability ~1
+    teachers = np.stack([sure, np.zeros_like(sure), -sure, np.roll(sure, 1, axis=-1)])
+    weights = np.ones((1, len(labels)))
+    info = label_information(teachers, labels, weights)[0]
+    np.testing.assert_allclose(info, [np.log(C), 0.0, 0.0, 0.0], atol=1e-6)
+    # a teacher that knows classes 0 and 1 only: worth log C to a student of those
+    # classes; to a student of the others, with its own prior taken out, at most "not 0
+    # or 1" (log C/3), not its confident answers on its own classes
+    knows = np.where(np.isin(labels, [0, 1])[:, None], sure, 0.0)[None]
+    students = np.stack([np.isin(labels, [0, 1]), np.isin(labels, [2, 3, 4])]).astype(float)
+    info = label_information(knows, labels, students, class_prior(knows))[:, 0]
+    assert info[0] == pytest.approx(np.log(C), abs=1e-3) and 0.0 < info[1] <= np.log(C / 3)
+
+
+def _skewed(seed: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """``[8, N, C]`` label-skewed honest clients: the first four know classes 0-2, the
+    others 2-4 (right on ~75 % of their classes' rows); elsewhere they guess among the
+    classes they know."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, C, N)
+    logits = rng.normal(0, 1, (HONEST, N, C))
+    for k in range(HONEST):
+        known = np.arange(3) + (2 if k >= 4 else 0)
+        right = np.isin(labels, known) & (rng.random(N) < 0.75)
+        guess = np.where(right, labels, rng.choice(known, N))
+        np.put_along_axis(logits[k], guess[:, None], np.where(right, 4.0, 2.0)[:, None], axis=-1)
+    return logits, labels
+
+
+@pytest.mark.parametrize("attack", ["sign-flip", "rolled"])
+def test_teachers_worse_than_a_uniform_guess_get_no_weight(attack):
+    """Under label skew an honest teacher is often right on few of a student's rows, so
+    an inverted or rolled upload can score like one by likelihood; by information above a
+    uniform guess (kta's quality) it gets nothing, while the honest teachers keep their
+    weight with the students that share their classes."""
+    logits, labels = _skewed()
+    held_out = held_out_mask(N, 0.2, 5)
+    cfg = RunConfig(attack=attack, attack_fraction=0.2)
+    bad = np.stack([poisoned_logits(cfg, attack, logits[k].astype(np.float32), labels, held_out, k, 2)
+                    for k in (0, 4)])
+    attacked = np.concatenate([logits, bad])
+    weight = lambda out: out.weights[:HONEST, HONEST:].sum(axis=1)  # noqa: E731
+    by_likelihood = run_market(attacked, labels, _kta(teacher_quality="likelihood"), held_out)
+    by_information = run_market(attacked, labels, _kta(), held_out)
+    assert weight(by_likelihood).min() > 0.002
+    assert weight(by_information).max() == 0.0
+    same_side = by_information.weights[:4, :4].sum(axis=1) - np.diag(by_information.weights)[:4]
+    assert (same_side > by_information.weights[:4, 4:HONEST].sum(axis=1)).all()

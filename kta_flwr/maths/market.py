@@ -20,15 +20,18 @@ Notation: K clients, N reference samples, C classes. Client k uploads logits
    ``softmax(sum_j W[k, j] z[j] / T)`` (``logit`` space); each row of ``q[k]`` is a
    probability distribution over the C classes.
 
-**Teacher quality** (``teacher_quality="likelihood"``, kta's default): ``acc[j]`` in
-step 5 becomes a quality per student and teacher, the geometric mean probability that
-teacher j's own prediction (T = 1) gives the label of each scored (held-out) row,
-weighted by the student's predicted class marginal at that label:
-``Q[k, j] = exp(sum_i pi_k(y_i) log p_j(y_i | x_i) / sum_i pi_k(y_i))`` (:func:`label_quality`).
-A proper score: it counts how wrong a teacher is, not only how often, so a confident
-wrong answer on a few rows costs more than many unsure ones; and it judges each teacher
-on the classes the student cares about, so a label-skewed teacher keeps its weight with
-the students that share its classes.
+**Teacher quality** (``teacher_quality="information"``, kta's default): ``acc[j]`` in
+step 5 becomes a quality per student and teacher, the nats teacher j's prediction
+(T = 1, its own class prior taken out) gives the labels of the scored (held-out) rows
+beyond a uniform guess, each row weighted by the student's predicted class marginal at
+its label: ``I[k, j] = max(0, sum_i pi_k(y_i) log p~_j(y_i | x_i) / sum_i pi_k(y_i) + log C)``
+(:func:`label_information`). A proper score: it counts how wrong a teacher is, not only
+how often; it judges each teacher on the classes the student cares about, so a
+label-skewed teacher keeps its weight with the students that share its classes; and a
+teacher no better than a uniform guess there gets no weight at all (an inverted or
+rolled upload). ``"likelihood"`` scales by the geometric mean label probability of the
+uncorrected prediction instead, ``Q[k, j] = exp(sum_i pi_k(y_i) log p_j(y_i) / sum_i
+pi_k(y_i))`` (:func:`label_quality`), which is never 0.
 
 **Prior correction** (``prior_correction=True``, the default): teachers trained on other
 label mixes carry their own class priors into the targets. Each client's prior is
@@ -111,6 +114,7 @@ __all__ = [
     "class_prior",
     "consistent_accuracy",
     "dense_weights",
+    "label_information",
     "label_likelihood",
     "label_quality",
     "learned_weights",
@@ -157,8 +161,10 @@ class MarketParams:
     gate: bool = True  # adaptive: no targets for a client its own predictions serve best
     # --- defences (docs/robustness.md); kta turns them on, FedMD and KT-pFL stay as published
     consistency: bool = False  # a teacher's accuracy: the lower of held-out and distilled rows
-    # "accuracy" (acc[j], step 5) or "likelihood" (Q[k, j], :func:`label_quality`: each
-    # teacher's log score on the scored rows, weighted by the student's classes)
+    # "accuracy" (acc[j], step 5), "likelihood" (Q[k, j], :func:`label_quality`: each
+    # teacher's log score on the scored rows, weighted by the student's classes) or
+    # "information" (I[k, j], :func:`label_information`: that score, prior taken out,
+    # in nats above a uniform guess; 0 for a teacher no better than one)
     teacher_quality: str = "accuracy"
     sybil_divergence: float = 0.0  # teachers closer than this (mean JS, nats) share one weight
     loudness_cap: float = 0.0  # cap each teacher's centred logit row norm at this x the median
@@ -283,8 +289,13 @@ def _teacher_quality(accuracy: np.ndarray, accuracy_exponent: float,
                      shares: np.ndarray | None) -> np.ndarray:
     """``[K]`` (or ``[K, K]``, per student) each teacher's factor ``acc ** gamma * share``
     in :func:`teacher_weights`."""
-    # A tiny floor keeps a zero-accuracy client from zeroing a whole row.
-    quality = np.maximum(np.asarray(accuracy, dtype=np.float64), 1e-3) ** accuracy_exponent
+    # A tiny floor keeps a zero-accuracy client from zeroing a whole row. Qualities per
+    # student ([K, K]) are floored on the diagonal only: a teacher worth nothing to a
+    # student stays at 0 (a row of such teachers leaves the student to itself).
+    quality = np.array(accuracy, dtype=np.float64)
+    own = quality if quality.ndim == 1 else np.einsum("kk->k", quality)  # a view
+    np.maximum(own, 1e-3, out=own)
+    quality **= accuracy_exponent
     return quality if shares is None else quality * shares
 
 
@@ -318,6 +329,31 @@ def label_quality(logits: np.ndarray, labels: np.ndarray, sample_weights: np.nda
     log_right = np.log(np.maximum(own_label_probability(logits, labels), _EPS))  # [K, M]
     weights = np.asarray(sample_weights, np.float64)
     return np.exp(weights @ log_right.T / np.maximum(weights.sum(axis=1, keepdims=True), _EPS))
+
+
+def label_information(logits: np.ndarray, labels: np.ndarray, sample_weights: np.ndarray,
+                      priors: np.ndarray | None = None) -> np.ndarray:
+    """What each teacher tells each student about the labels beyond a uniform guess: the
+    log score of its prediction with its own class prior taken out, above ``log(1 / C)``.
+
+    Args:
+        logits: ``[K, M, C]`` the teachers' logits on the M scoring rows; labels: ``[M]``.
+        sample_weights: ``[K, M]`` weight of each row for each student (its predicted
+            class marginal at the row's label).
+        priors: ``[K, C]`` the teachers' class priors, divided out of their predictions
+            as the prior correction does before mixing (None: predictions as they are).
+
+    Returns:
+        ``[K, K]`` values ``I[k, j] = max(0, sum_i w[k, i] log p~_j(y_i) / sum_i w[k, i]
+        + log C)`` in nats, ``p~_j = softmax(z_j - log pi_j)`` (T = 1). A teacher no
+        better than a uniform guess on the student's classes gets 0, however often its
+        top class is right: an inverted or rolled prediction scores below it.
+    """
+    logits = np.asarray(logits)
+    if priors is not None:
+        logits = logits - np.log(np.asarray(priors, np.float64))[:, None, :].astype(logits.dtype)
+    score = label_quality(logits, labels, sample_weights)  # geometric mean probability
+    return np.maximum(np.log(np.maximum(score, _EPS)) + math.log(logits.shape[-1]), 0.0)
 
 
 def neighbour_mask(closeness: np.ndarray, neighbours: int) -> np.ndarray:
@@ -540,10 +576,13 @@ def run_market(
         scoring = reference_rows(logits, rows)
         sample_weights = estimated_priors[:, labels[rows]]
         quality = accuracy
-        if params.teacher_quality == "likelihood":
+        if params.teacher_quality == "information":
+            quality = label_information(scoring, labels[rows], sample_weights, priors)
+        elif params.teacher_quality == "likelihood":
             quality = label_quality(scoring, labels[rows], sample_weights)
         elif params.teacher_quality != "accuracy":
-            raise ValueError(f"unknown teacher_quality {params.teacher_quality!r}; use accuracy or likelihood")
+            raise ValueError(f"unknown teacher_quality {params.teacher_quality!r}; "
+                             "use information, likelihood or accuracy")
         if params.adaptive:
             taus, weights, distill = adaptive_weights(
                 scoring, labels[rows], divergence, quality, params,
