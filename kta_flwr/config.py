@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -60,9 +61,21 @@ DATASETS = ("digits", "cifar10", "femnist", "agnews", "emnist")
 #: Datasets whose inputs are text (they need a text model such as ``textbag``).
 TEXT_DATASETS = frozenset({"agnews"})
 #: Model names (builders: :data:`kta_flwr.task.models.MODELS`).
-MODELS = ("mlp", "cnn", "simplecnn", "simplecnn_small", "resnet18", "femnist_cnn", "textbag", "minilm")
+MODELS = ("mlp", "cnn", "simplecnn", "simplecnn_small", "resnet8", "resnet18", "femnist_cnn", "textbag",
+          "minilm")
 #: Models that read token ids instead of images.
 TEXT_MODELS = frozenset({"textbag", "minilm"})
+
+#: Fleet profiles: name -> dataset -> the tiers ``(tier, model)``, smallest device first.
+#: A profile gives every partition the model of its tier (:meth:`RunConfig.tier_of_partition`).
+FLEETS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "tiers3": {
+        "cifar10": (("small", "simplecnn_small"), ("medium", "simplecnn"), ("large", "resnet8")),
+        "femnist": (("small", "mlp"), ("medium", "femnist_cnn"), ("large", "resnet8")),
+        "emnist": (("small", "mlp"), ("medium", "femnist_cnn"), ("large", "resnet8")),
+        "digits": (("small", "cnn"), ("medium", "mlp"), ("large", "resnet8")),
+    },
+}
 
 PARTITIONERS = ("dirichlet", "iid", "natural")
 TARGET_SPACES = ("prob", "logit")
@@ -147,6 +160,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     finetune_layers: int = 1
     # --- models and local training ----------------------------------------------
     models: str = "mlp"
+    fleet: str = ""  # a profile of FLEETS: each partition's model by its tier (replaces models)
     local_epochs: int = 2
     distill_epochs: int = 4
     batch_size: int = 32
@@ -225,11 +239,35 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     # ---------------------------------------------------------------------------
     @property
     def model_names(self) -> tuple[str, ...]:
-        """Architectures, assigned round-robin to partitions (``models = "mlp,cnn"``)."""
+        """Architectures: the fleet's tiers' (``fleet``), else those of ``models``, assigned
+        round-robin to partitions (``models = "mlp,cnn"``)."""
+        if self.fleet:
+            return tuple(model for _, model in self.fleet_tiers)
         return tuple(name.strip() for name in self.models.split(",") if name.strip())
+
+    @property
+    def fleet_tiers(self) -> tuple[tuple[str, str], ...]:
+        """``(tier, model)`` of each tier of ``fleet`` for ``dataset``, smallest first
+        (empty without a fleet)."""
+        return FLEETS[self.fleet][self.dataset] if self.fleet else ()
+
+    def tier_of_partition(self, partition_id: int) -> int:
+        """Index into :attr:`fleet_tiers` of partition ``partition_id``'s tier: each block
+        of consecutive partitions (as many as tiers) holds every tier once, in an order
+        drawn from ``seed`` and the block, so any fleet of a multiple of that size is
+        split evenly and a partition's tier does not depend on the fleet's size; 0
+        without a fleet."""
+        tiers = len(self.fleet_tiers)
+        if tiers == 0:
+            return 0
+        block, slot = divmod(partition_id, tiers)
+        order = random.Random(f"kta-flwr fleet {self.fleet} {self.seed} {block}").sample(range(tiers), tiers)
+        return order[slot]
 
     def model_for_partition(self, partition_id: int) -> str:
         """Name of the architecture that partition ``partition_id`` trains."""
+        if self.fleet:
+            return self.fleet_tiers[self.tier_of_partition(partition_id)][1]
         names = self.model_names
         return names[partition_id % len(names)]
 
@@ -557,6 +595,13 @@ def _validate(cfg: RunConfig) -> RunConfig:
         )
     if cfg.momentum >= 1.0:
         raise ConfigError(f"run-config 'momentum' = {cfg.momentum!r} must be < 1")
+    if cfg.fleet:
+        _choice("fleet", cfg.fleet, tuple(FLEETS))
+        if cfg.dataset not in FLEETS[cfg.fleet]:
+            raise ConfigError(
+                f"run-config 'fleet' = {cfg.fleet!r} has no tiers for dataset {cfg.dataset!r}; "
+                f"it has {sorted(FLEETS[cfg.fleet])}"
+            )
     names = cfg.model_names
     if not names:
         raise ConfigError("run-config 'models' is empty; name at least one model")
@@ -575,10 +620,13 @@ def _validate(cfg: RunConfig) -> RunConfig:
     shares_weights = cfg.family in (PARAMETERS, PERSONAL) or (
         cfg.is_compressed and not cfg.has_private_teacher)
     if shares_weights and len(set(names)) > 1:
+        given = (f"'fleet' = {cfg.fleet!r} gives the clients "
+                 + ", ".join(f"{model} ({tier})" for tier, model in cfg.fleet_tiers)
+                 if cfg.fleet else f"'models' = {cfg.models!r} gives the clients {', '.join(names)}")
         raise ConfigError(
-            f"run-config 'models' = {cfg.models!r} mixes architectures, but strategy "
-            f"{cfg.strategy!r} averages weights and needs one architecture; use a "
-            f"market strategy {list(MARKET_STRATEGIES)} or 'fedkd' for mixed models"
+            f"run-config {given}, but strategy {cfg.strategy!r} averages weights and needs "
+            f"one architecture; use a market strategy {list(MARKET_STRATEGIES)} or 'fedkd' "
+            "for mixed models"
         )
     if cfg.strategy == "ditto" and cfg.ditto_lambda * cfg.learning_rate >= 2.0:
         raise ConfigError(

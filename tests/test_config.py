@@ -66,6 +66,26 @@ def test_mixed_models_need_a_market_strategy():
         parse_run_config({"models": "mlp,cnn", "strategy": "fedavg"})
 
 
+def test_a_fleet_profile_gives_each_tier_a_third_of_the_partitions():
+    cfg = parse_run_config({"fleet": "tiers3", "dataset": "cifar10", "seed": 3})
+    tiers = [cfg.tier_of_partition(p) for p in range(30)]
+    for block in range(10):  # every block of three holds each tier once
+        assert sorted(tiers[3 * block:3 * block + 3]) == [0, 1, 2]
+    assert tiers != [cfg.replace(seed=4).tier_of_partition(p) for p in range(30)]  # seeded
+    assert tiers == [cfg.tier_of_partition(p) for p in range(30)]
+    models = {cfg.model_for_partition(p) for p in range(30)}
+    assert models == set(cfg.model_names) == {"simplecnn_small", "simplecnn", "resnet8"}
+    assert cfg.model_for_partition(0) == cfg.fleet_tiers[tiers[0]][1]
+    assert RunConfig().tier_of_partition(5) == 0 and RunConfig().fleet_tiers == ()
+
+
+def test_a_fleet_must_name_a_profile_with_tiers_for_the_dataset():
+    with pytest.raises(ConfigError, match="'fleet' = 'tiers9' is not allowed"):
+        parse_run_config({"fleet": "tiers9"})
+    with pytest.raises(ConfigError, match="'fleet' = 'tiers3' has no tiers for dataset 'agnews'"):
+        parse_run_config({"fleet": "tiers3", "dataset": "agnews", "models": "textbag"})
+
+
 def test_reference_larger_than_data_rejected():
     cfg = parse_run_config({"reference-size": 1700})
     with pytest.raises(ConfigError, match="'reference-size' = 1700"):

@@ -75,11 +75,30 @@ def _check_private(res: dict, log: str, keys: tuple[str, ...]) -> None:
     assert max(res["summary"]["dp_epsilon"].values()) <= res["config"]["dp-epsilon"]
 
 
+def _check_tiers(res: dict) -> None:
+    """A ``tiers3`` fleet of three clients: one partition per tier, each with its tier's
+    model; the tiers' bytes add up to the run's, their accuracies to its mean."""
+    _check_common(res, "kta")
+    cfg, summary = RunConfig(fleet="tiers3"), res["summary"]
+    tiers = summary["tiers"]
+    assert [(tier, t["model"]) for tier, t in tiers.items()] == [
+        ("small", "cnn"), ("medium", "mlp"), ("large", "resnet8")]
+    for index, t in enumerate(tiers.values()):
+        assert [cfg.tier_of_partition(p) for p in t["partitions"]] == [index]
+        assert t["train_seconds_per_reply"] > 0
+    assert sorted(p for t in tiers.values() for p in t["partitions"]) == list(range(CLIENTS))
+    for way in ("up", "down"):
+        assert sum(t[f"bytes_{way}"] for t in tiers.values()) == (
+            summary[f"bytes_{way}"] + summary[f"eval_bytes_{way}"])
+    assert np.mean([t["personalized-accuracy"] for t in tiers.values()]) == pytest.approx(
+        summary["final_personalized_accuracy"])
+
+
 def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     out = tmp_path / "out"
     runs = [("kta", {}), ("fedavg", {}), ("kta", {"codec": "topk", "codec-topk": 2}),
             ("kta", {"reference-fraction": 0.5}), ("kta", {"node-state": "disk"}),
-            ("kta", PRIVATE_KTA), ("fedavg", {"dp-epsilon": 3.0})]
+            ("kta", PRIVATE_KTA), ("fedavg", {"dp-epsilon": 3.0}), ("kta", {"fleet": "tiers3"})]
     logs = []
     with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
         for i, (strategy, extra) in enumerate(runs):
@@ -88,8 +107,9 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
             assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
             assert f"[{strategy}] round {ROUNDS}/{ROUNDS}" in proc.stdout
             logs.append(proc.stdout)
-    kta, fedavg, topk, half, on_disk, private_kta, private_fedavg = (
+    kta, fedavg, topk, half, on_disk, private_kta, private_fedavg, fleet = (
         read_results(out / str(i))[0] for i in range(len(runs)))
+    _check_tiers(fleet)
     _check_private(private_kta, logs[5], ("dp_epsilon", "logit_epsilon"))
     _check_private(private_fedavg, logs[6], ("dp_epsilon",))
     assert private_kta["summary"]["bytes_up"] == kta["summary"]["bytes_up"]  # noisy, same size

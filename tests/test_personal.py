@@ -112,7 +112,10 @@ def test_fedavg_ft_with_zero_epochs_evaluates_as_fedavg(tmp_path, server_identit
 
 @pytest.mark.parametrize("strategy", ["fedavg-ft", "ditto", "fedrep"])
 def test_personalization_refuses_mixed_architectures(strategy):
-    with pytest.raises(ConfigError, match="mixes architectures"):
+    with pytest.raises(ConfigError, match="gives the clients mlp, cnn, but strategy .* averages weights"):
         parse_run_config({"strategy": strategy, "models": "mlp,cnn"})
+    with pytest.raises(ConfigError, match=r"'fleet' = 'tiers3' gives the clients cnn \(small\), mlp "
+                                          r"\(medium\), resnet8 \(large\), but strategy"):
+        parse_run_config({"strategy": strategy, "fleet": "tiers3"})
     with pytest.raises(ConfigError, match="ditto-lambda"):
         parse_run_config({"strategy": strategy, "ditto-lambda": -1.0})

@@ -122,6 +122,11 @@ class RunRecorder:
         self.environments: list[dict[str, Any]] = [host_environment(fab_hash)]
         #: DP runs: ``{"dp_epsilon": {partition: ε spent by its latest report}, ...}``.
         self.epsilon: dict[str, dict[str, float]] = {}
+        #: Every node that held a partition in this run (across resumes): node id -> partition.
+        self.partition_of: dict[int, int] = {}
+        #: Each partition's client seconds in train replies (all phases) and rounds trained.
+        self.train_seconds: dict[int, float] = {}
+        self.train_rounds: dict[int, int] = {}
         self._clients: list[dict[str, float]] = []
         self._trained: list[dict[str, float]] = []
         self._started = time.monotonic()
@@ -132,6 +137,11 @@ class RunRecorder:
     def elapsed(self) -> float:
         """Seconds since the run started (across resumes)."""
         return self._elapsed_before + time.monotonic() - self._started
+
+    def note_partitions(self, partition_of: dict[int, int]) -> None:
+        """Remember which partition each node holds (``partition_of``: node id ->
+        partition), for the bytes per tier."""
+        self.partition_of.update(partition_of)
 
     # Hook: the strategy's aggregated train metrics --------------------------------------
     def note_train_metrics(self, server_round: int, metrics: MetricRecord) -> None:
@@ -197,6 +207,12 @@ class RunRecorder:
         if market_seconds is not None:
             row["market_seconds"] = round(market_seconds, 4)
         row.update(self._note_epsilon(trained))
+        for client in trained:
+            if PARTITION_ID in client:
+                partition = int(client[PARTITION_ID])
+                self.train_seconds[partition] = self.train_seconds.get(partition, 0.0) + sum(
+                    client.get(PREFIX + phase, 0.0) for phase in TRAIN_PHASES)
+                self.train_rounds[partition] = self.train_rounds.get(partition, 0) + 1
         self.rows.append(row)
         self.clients_last_round = clients
         write_round(self.ensure_run_dir(), server_round,
@@ -261,9 +277,38 @@ class RunRecorder:
             "server_peak_rss_mib": round(peak_rss_mib(), 1),
             **{key: dict(sorted(per_client.items(), key=lambda kv: int(kv[0])))
                for key, per_client in self.epsilon.items()},
+            **({"tiers": self.tier_summary()} if self.cfg.fleet else {}),
             "started_at": self.started_at,
             "finished_at": time.time(),
         }
+
+    def tier_summary(self) -> dict[str, dict[str, Any]]:
+        """Per tier of the fleet (``fleet``): its model, the partitions that reported, their
+        mean final personalized and global accuracy, bytes up and down summed over the
+        tier's nodes, and the mean client seconds per train reply (a small device must not
+        pay for a big one)."""
+        cum = self.meter.cumulative
+        partitions: dict[int, set[int]] = {}
+        for partition in {*self.train_rounds, *(int(c[PARTITION_ID]) for c in self.clients_last_round
+                                                 if PARTITION_ID in c)}:
+            partitions.setdefault(self.cfg.tier_of_partition(partition), set()).add(partition)
+        out: dict[str, dict[str, Any]] = {}
+        for index, (tier, model) in enumerate(self.cfg.fleet_tiers):
+            members = partitions.get(index, set())
+            final = [c for c in self.clients_last_round if int(c.get(PARTITION_ID, -1)) in members]
+            nodes = [n for n, p in self.partition_of.items() if p in members]
+            replies = sum(self.train_rounds.get(p, 0) for p in members)
+            out[tier] = {
+                "model": model,
+                "partitions": sorted(members),
+                PERSONALIZED: _mean(final, PERSONALIZED),
+                GLOBAL: _mean(final, GLOBAL),
+                "bytes_up": sum(cum.per_node.get(n, {}).get(UP, 0) for n in nodes),
+                "bytes_down": sum(cum.per_node.get(n, {}).get(DOWN, 0) for n in nodes),
+                "train_seconds_per_reply": (sum(self.train_seconds.get(p, 0.0) for p in members)
+                                            / replies if replies else math.nan),
+            }
+        return out
 
     def write(self, extra: dict[str, Any] | None = None) -> Path:
         """Write ``results.json`` and ``rounds.csv`` (atomically, so a crash leaves the
@@ -307,6 +352,8 @@ class RunRecorder:
         return {"rows": self.rows, "clients_last_round": self.clients_last_round,
                 "train_metrics": self.train_metrics, "run_ids": self.run_ids,
                 "environments": self.environments, "epsilon": self.epsilon,
+                "partition_of": dict(self.partition_of), "train_seconds": dict(self.train_seconds),
+                "train_rounds": dict(self.train_rounds),
                 "elapsed": self.elapsed(), "started_at": self.started_at,
                 "meter": self.meter.cumulative.state()}
 
@@ -319,6 +366,9 @@ class RunRecorder:
         earlier = state.get("environments", [{}] * len(state["run_ids"]))  # older checkpoints
         self.environments = [*earlier, *self.environments[-1:]]
         self.epsilon = dict(state.get("epsilon", {}))
+        self.partition_of = {int(n): int(p) for n, p in state.get("partition_of", {}).items()}
+        self.train_seconds = {int(p): float(s) for p, s in state.get("train_seconds", {}).items()}
+        self.train_rounds = {int(p): int(r) for p, r in state.get("train_rounds", {}).items()}
         self._elapsed_before = float(state["elapsed"])
         self.started_at = float(state["started_at"])
         self.meter.cumulative = Traffic.from_state(state["meter"])

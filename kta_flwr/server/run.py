@@ -140,6 +140,7 @@ def _run(  # pylint: disable=too-many-arguments
         if local_round == 0:  # Strategy.start calls it once before the first round
             return None
         server_round = rounds.true_round(local_round)
+        recorder.note_partitions(strategy.partition_of)
         out = recorder.end_round(server_round, strategy.take_round_report())
         save_run_state(recorder.ensure_run_dir(), RunState.capture(
             round=server_round, lineage=lineage, config=cfg.to_flwr(),

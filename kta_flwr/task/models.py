@@ -13,6 +13,9 @@ name            inputs   what
                          FC 120-84-C (62,006 parameters on CIFAR-10)
 ``simplecnn_small`` images  the same at half width (conv 3, 8; FC 60-42-C; 15,888
                          parameters): a FedKD student
+``resnet8``     images   the CIFAR ResNet (He et al. 2016) with one basic block per stage,
+                         16-32-64 channels (78,042 parameters on CIFAR-10): a fleet's
+                         large tier
 ``resnet18``    images   torchvision ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no
                          max-pool (11,173,962 parameters; the stock 7x7 stem has 11,181,642)
 ``femnist_cnn`` images   conv5-32, pool, conv5-64, pool, FC 256, C (LEAF-style, 28x28)
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
+from torchvision.models.resnet import BasicBlock
 
 from kta_flwr.config import MODELS as MODEL_NAMES
 from kta_flwr.config import TEXT_MODELS, check_registry
@@ -108,6 +112,27 @@ def resnet18(spec: ModelSpec) -> nn.Module:
     return model
 
 
+def resnet8(spec: ModelSpec, widths: tuple[int, int, int] = (16, 32, 64)) -> nn.Module:
+    """The CIFAR ResNet of He et al. (2016, section 4.2) with one basic block per stage
+    (6n + 2 = 8 layers, n = 1): 3x3 stem, stages of ``widths`` channels (stride 2 into
+    the second and third, 1x1 projections), global average pool, FC C. 78,042 parameters
+    on CIFAR-10; any input size and channel count."""
+    stem, *stages = widths
+    layers: list[nn.Module] = [nn.Conv2d(spec.input_shape[0], stem, 3, padding=1, bias=False),
+                               nn.BatchNorm2d(stem), nn.ReLU(inplace=True)]
+    channels = stem
+    for index, width in enumerate((stem, *stages)):
+        stride = 1 if index == 0 else 2
+        project = None
+        if stride != 1 or channels != width:
+            project = nn.Sequential(nn.Conv2d(channels, width, 1, stride=stride, bias=False),
+                                    nn.BatchNorm2d(width))
+        layers.append(BasicBlock(channels, width, stride=stride, downsample=project))
+        channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, spec.num_classes)]
+    return nn.Sequential(*layers)
+
+
 def femnist_cnn(spec: ModelSpec, hidden: int = 256) -> nn.Module:
     """Two 5x5 conv layers (32, 64 channels) with max-pools, FC ``hidden``, FC C."""
     channels, height, width = spec.input_shape
@@ -172,6 +197,7 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "cnn": small_cnn,
     "simplecnn": simple_cnn,
     "simplecnn_small": simple_cnn_small,
+    "resnet8": resnet8,
     "resnet18": resnet18,
     "femnist_cnn": femnist_cnn,
     "textbag": TextBag,
