@@ -66,3 +66,29 @@ def test_prototypes_are_class_means_and_the_global_ones_average_their_holders():
     assert merged.nbytes == 4 * 2 * 4  # down: C x d float32 (and the [C] mask)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
         class_prototypes(embeddings, np.array([0, 1, 2, 4]), num_classes=4)
+
+
+@pytest.mark.parametrize("name, shape", [("simplecnn", (3, 32, 32)), ("resnet8", (3, 32, 32)),
+                                         ("femnist_cnn", (1, 28, 28)), ("cnn", (1, 8, 8)),
+                                         ("mlp", (1, 8, 8))])
+def test_width_scaled_models_are_leading_blocks_of_the_full_one(name, shape):
+    """HeteroFL on the real models: a width-1/4 and a width-1/2 model take their weights
+    from the full one and run; aggregating them back keeps the full shapes."""
+    import torch  # the task layer: the maths above needs no torch
+
+    from kta_flwr.task.models import ModelSpec, build_model
+
+    spec = ModelSpec(shape, 10)
+    state = lambda model: {k: v.numpy() for k, v in model.state_dict().items()}  # noqa: E731
+    full = state(build_model(name, spec, 0))
+    trained = []
+    for width in (0.25, 0.5):
+        model = build_model(name, spec, 1, width=width)
+        sub = extract(full, {k: v.shape for k, v in state(model).items()})
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in sub.items()})
+        assert model(torch.zeros(2, *shape)).shape == (2, 10)
+        trained.append(sub)
+    merged = aggregate(full, trained)
+    assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in full.items()}
+    with pytest.raises(ValueError, match="cannot be built at width"):
+        build_model("resnet18", spec, 0, width=0.5)

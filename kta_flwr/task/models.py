@@ -55,8 +55,15 @@ class ModelSpec:
     finetune_layers: int = 1  # minilm: trainable encoder layers (from the top)
 
 
-def mlp(spec: ModelSpec, hidden: int = 512) -> nn.Module:
+def scaled(channels: int, width: float) -> int:
+    """``ceil(width * channels)``, at least 1: a layer's size at width rate ``width``
+    (HeteroFL's rule)."""
+    return max(1, math.ceil(width * channels))
+
+
+def mlp(spec: ModelSpec, hidden: int = 512, width: float = 1.0) -> nn.Module:
     """Perceptron with two hidden layers on flattened inputs."""
+    hidden = scaled(hidden, width)
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(math.prod(spec.input_shape), hidden),
@@ -67,27 +74,29 @@ def mlp(spec: ModelSpec, hidden: int = 512) -> nn.Module:
     )
 
 
-def small_cnn(spec: ModelSpec) -> nn.Module:
+def small_cnn(spec: ModelSpec, width: float = 1.0) -> nn.Module:
     """Two 3x3 conv layers and one 2x2 max-pool; for small images such as 8x8 digits."""
-    channels, height, width = spec.input_shape
+    channels, height, side = spec.input_shape
+    conv1, conv2 = scaled(16, width), scaled(32, width)
     return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, padding=1),
+        nn.Conv2d(channels, conv1, 3, padding=1),
         nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Conv2d(conv1, conv2, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * (height // 2) * (width // 2), spec.num_classes),
+        nn.Linear(conv2 * (height // 2) * (side // 2), spec.num_classes),
     )
 
 
-def simple_cnn(spec: ModelSpec, widths: tuple[int, int, int, int] = (6, 16, 120, 84)) -> nn.Module:
+def simple_cnn(spec: ModelSpec, widths: tuple[int, int, int, int] = (6, 16, 120, 84),
+               width: float = 1.0) -> nn.Module:
     """The PyTorch-tutorial CIFAR net (two 5x5 convs, three FC layers) with the given
-    conv channels and hidden FC widths."""
-    channels, height, width = spec.input_shape
-    conv1, conv2, fc1, fc2 = widths
+    conv channels and hidden FC widths (each scaled by ``width``)."""
+    channels, height, across = spec.input_shape
+    conv1, conv2, fc1, fc2 = (scaled(n, width) for n in widths)
     side = lambda n: ((n - 4) // 2 - 4) // 2  # noqa: E731  (conv5, pool, conv5, pool)
-    flat = conv2 * side(height) * side(width)
+    flat = conv2 * side(height) * side(across)
     return nn.Sequential(
         nn.Conv2d(channels, conv1, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(conv1, conv2, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -98,10 +107,10 @@ def simple_cnn(spec: ModelSpec, widths: tuple[int, int, int, int] = (6, 16, 120,
     )
 
 
-def simple_cnn_small(spec: ModelSpec) -> nn.Module:
+def simple_cnn_small(spec: ModelSpec, width: float = 1.0) -> nn.Module:
     """:func:`simple_cnn` at half width (3, 8, 60, 42): FedKD's student next to a
     ``simplecnn`` teacher."""
-    return simple_cnn(spec, (3, 8, 60, 42))
+    return simple_cnn(spec, (3, 8, 60, 42), width)
 
 
 def resnet18(spec: ModelSpec) -> nn.Module:
@@ -112,12 +121,12 @@ def resnet18(spec: ModelSpec) -> nn.Module:
     return model
 
 
-def resnet8(spec: ModelSpec, widths: tuple[int, int, int] = (16, 32, 64)) -> nn.Module:
+def resnet8(spec: ModelSpec, widths: tuple[int, int, int] = (16, 32, 64), width: float = 1.0) -> nn.Module:
     """The CIFAR ResNet of He et al. (2016, section 4.2) with one basic block per stage
     (6n + 2 = 8 layers, n = 1): 3x3 stem, stages of ``widths`` channels (stride 2 into
     the second and third, 1x1 projections), global average pool, FC C. 78,042 parameters
     on CIFAR-10; any input size and channel count."""
-    stem, *stages = widths
+    stem, *stages = (scaled(n, width) for n in widths)
     layers: list[nn.Module] = [nn.Conv2d(spec.input_shape[0], stem, 3, padding=1, bias=False),
                                nn.BatchNorm2d(stem), nn.ReLU(inplace=True)]
     channels = stem
@@ -133,14 +142,15 @@ def resnet8(spec: ModelSpec, widths: tuple[int, int, int] = (16, 32, 64)) -> nn.
     return nn.Sequential(*layers)
 
 
-def femnist_cnn(spec: ModelSpec, hidden: int = 256) -> nn.Module:
+def femnist_cnn(spec: ModelSpec, hidden: int = 256, width: float = 1.0) -> nn.Module:
     """Two 5x5 conv layers (32, 64 channels) with max-pools, FC ``hidden``, FC C."""
-    channels, height, width = spec.input_shape
+    channels, height, side = spec.input_shape
+    conv1, conv2, hidden = scaled(32, width), scaled(64, width), scaled(hidden, width)
     return nn.Sequential(
-        nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, conv1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(conv1, conv2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(64 * (height // 4) * (width // 4), hidden), nn.ReLU(),
+        nn.Linear(conv2 * (height // 4) * (side // 4), hidden), nn.ReLU(),
         nn.Linear(hidden, spec.num_classes),
     )
 
@@ -206,18 +216,28 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
 check_registry("model", MODELS, MODEL_NAMES)
 
 
-def build_model(name: str, spec: ModelSpec, seed: int, *, private: bool = False) -> nn.Module:
+#: Models whose hidden layers scale with a width rate (HeteroFL's sub-models): every
+#: hidden size ``ceil(rate * size)``, inputs and classes whole, tensors named alike.
+WIDTH_SCALABLE = frozenset({"mlp", "cnn", "simplecnn", "simplecnn_small", "resnet8", "femnist_cnn"})
+
+
+def build_model(name: str, spec: ModelSpec, seed: int, *, private: bool = False,
+                width: float = 1.0) -> nn.Module:
     """Build model ``name`` for ``spec`` with weights initialised from ``seed``; with
     ``private``, the variant DP-SGD can train (:func:`kta_flwr.task.privacy.private_compatible`:
-    ``resnet18``'s BatchNorm becomes GroupNorm; the other models are unchanged)."""
+    ``resnet18``'s BatchNorm becomes GroupNorm; the other models are unchanged); at width
+    rate ``width`` in (0, 1] (:data:`WIDTH_SCALABLE` models only)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    if width != 1.0 and (name not in WIDTH_SCALABLE or not 0.0 < width < 1.0):
+        raise ValueError(f"model {name!r} cannot be built at width {width}; width rates in (0, 1] "
+                         f"apply to {sorted(WIDTH_SCALABLE)}")
     if (name in TEXT_MODELS) != (spec.vocab_size > 0):
         kind = "text" if spec.vocab_size > 0 else "image"
         raise ValueError(f"model {name!r} does not take {kind} inputs")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MODELS[name](spec)
+        model = MODELS[name](spec) if width == 1.0 else MODELS[name](spec, width=width)
         return private_compatible(model, name) if private else model
 
 
