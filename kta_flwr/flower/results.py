@@ -288,13 +288,11 @@ class RunRecorder:
         tier's nodes, and the mean client seconds per train reply (a small device must not
         pay for a big one)."""
         cum = self.meter.cumulative
-        partitions: dict[int, set[int]] = {}
-        for partition in {*self.train_rounds, *(int(c[PARTITION_ID]) for c in self.clients_last_round
-                                                 if PARTITION_ID in c)}:
-            partitions.setdefault(self.cfg.tier_of_partition(partition), set()).add(partition)
+        reported = {*self.train_rounds, *(int(c[PARTITION_ID]) for c in self.clients_last_round
+                                          if PARTITION_ID in c)}
         out: dict[str, dict[str, Any]] = {}
         for index, (tier, model) in enumerate(self.cfg.fleet_tiers):
-            members = partitions.get(index, set())
+            members = {p for p in reported if self.cfg.tier_of_partition(p) == index}
             final = [c for c in self.clients_last_round if int(c.get(PARTITION_ID, -1)) in members]
             nodes = [n for n, p in self.partition_of.items() if p in members]
             replies = sum(self.train_rounds.get(p, 0) for p in members)

@@ -326,9 +326,16 @@ def label_quality(logits: np.ndarray, labels: np.ndarray, sample_weights: np.nda
         ``[K, K]`` values ``Q[k, j] = exp(sum_i w[k, i] log p_j(y_i) / sum_i w[k, i])`` in
         (0, 1] (probabilities floored at 1e-12).
     """
+    return np.exp(_mean_log_score(logits, labels, sample_weights))
+
+
+def _mean_log_score(logits: np.ndarray, labels: np.ndarray, sample_weights: np.ndarray) -> np.ndarray:
+    """``[K, K]``: ``sum_i w[k, i] log p_j(y_i) / sum_i w[k, i]``, each teacher j's log
+    probability (T = 1, floored at 1e-12) of the labels ``[M]`` from its logits
+    ``[K, M, C]``, averaged with each student k's row weights ``[K, M]``."""
     log_right = np.log(np.maximum(own_label_probability(logits, labels), _EPS))  # [K, M]
     weights = np.asarray(sample_weights, np.float64)
-    return np.exp(weights @ log_right.T / np.maximum(weights.sum(axis=1, keepdims=True), _EPS))
+    return weights @ log_right.T / np.maximum(weights.sum(axis=1, keepdims=True), _EPS)
 
 
 def label_information(logits: np.ndarray, labels: np.ndarray, sample_weights: np.ndarray,
@@ -352,8 +359,7 @@ def label_information(logits: np.ndarray, labels: np.ndarray, sample_weights: np
     logits = np.asarray(logits)
     if priors is not None:
         logits = logits - np.log(np.asarray(priors, np.float64))[:, None, :].astype(logits.dtype)
-    score = label_quality(logits, labels, sample_weights)  # geometric mean probability
-    return np.maximum(np.log(np.maximum(score, _EPS)) + math.log(logits.shape[-1]), 0.0)
+    return np.maximum(_mean_log_score(logits, labels, sample_weights) + math.log(logits.shape[-1]), 0.0)
 
 
 def neighbour_mask(closeness: np.ndarray, neighbours: int) -> np.ndarray:

@@ -130,14 +130,14 @@ def resnet8(spec: ModelSpec, widths: tuple[int, int, int] = (16, 32, 64), width:
     layers: list[nn.Module] = [nn.Conv2d(spec.input_shape[0], stem, 3, padding=1, bias=False),
                                nn.BatchNorm2d(stem), nn.ReLU(inplace=True)]
     channels = stem
-    for index, width in enumerate((stem, *stages)):
+    for index, out_channels in enumerate((stem, *stages)):
         stride = 1 if index == 0 else 2
         project = None
-        if stride != 1 or channels != width:
-            project = nn.Sequential(nn.Conv2d(channels, width, 1, stride=stride, bias=False),
-                                    nn.BatchNorm2d(width))
-        layers.append(BasicBlock(channels, width, stride=stride, downsample=project))
-        channels = width
+        if stride != 1 or channels != out_channels:
+            project = nn.Sequential(nn.Conv2d(channels, out_channels, 1, stride=stride, bias=False),
+                                    nn.BatchNorm2d(out_channels))
+        layers.append(BasicBlock(channels, out_channels, stride=stride, downsample=project))
+        channels = out_channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, spec.num_classes)]
     return nn.Sequential(*layers)
 
