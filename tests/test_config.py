@@ -86,6 +86,19 @@ def test_a_fleet_must_name_a_profile_with_tiers_for_the_dataset():
         parse_run_config({"fleet": "tiers3", "dataset": "agnews", "models": "textbag"})
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "krum", "fedavg-topk", "sapef"])
+def test_strategies_that_average_weights_refuse_a_fleet(strategy):
+    with pytest.raises(ConfigError, match=r"'fleet' = 'tiers3' gives the clients cnn \(small\).*"
+                                          f"but strategy '{strategy}' averages weights"):
+        parse_run_config({"strategy": strategy, "fleet": "tiers3"})
+
+
+@pytest.mark.parametrize("strategy", ["kta", "fedmd", "ktpfl", "local", "fedkd"])
+def test_market_strategies_and_fedkd_take_a_fleet(strategy):
+    cfg = parse_run_config({"strategy": strategy, "fleet": "tiers3"})
+    assert {cfg.model_for_partition(p) for p in range(3)} == {"cnn", "mlp", "resnet8"}
+
+
 def test_reference_larger_than_data_rejected():
     cfg = parse_run_config({"reference-size": 1700})
     with pytest.raises(ConfigError, match="'reference-size' = 1700"):
