@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,6 +37,13 @@ COMPRESSED = "compressed"
 #: Family: parameter-sharing personalization: Flower's FedAvg on the shared weights, and a
 #: personal model (or head) that each node keeps (fedavg-ft, Ditto, FedRep).
 PERSONAL = "personal"
+#: Family: one global model whose width-scaled sub-models the clients train (HeteroFL).
+SUBMODELS = "submodels"
+#: Family: clients keep their own models and exchange class prototypes (FedProto).
+PROTOTYPES = "prototypes"
+#: Family: FedAvg among the clients of the fleet's most common architecture; the others
+#: train alone (the "largest common sub-model" a practitioner would try first).
+COMMON = "common"
 
 #: Strategy name -> family.
 STRATEGY_FAMILIES: dict[str, str] = {
@@ -44,6 +52,7 @@ STRATEGY_FAMILIES: dict[str, str] = {
     "fedmedian": PARAMETERS, "krum": PARAMETERS, "fedtrimmedavg": PARAMETERS,
     "fedavg-topk": COMPRESSED, "sapef": COMPRESSED, "fedkd": COMPRESSED,
     "fedavg-ft": PERSONAL, "ditto": PERSONAL, "fedrep": PERSONAL,
+    "heterofl": SUBMODELS, "fedproto": PROTOTYPES, "fedavg-common": COMMON,
 }
 STRATEGIES = tuple(STRATEGY_FAMILIES)
 MARKET_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == MARKET)
@@ -65,6 +74,9 @@ MODELS = ("mlp", "cnn", "simplecnn", "simplecnn_small", "resnet8", "resnet18", "
           "minilm")
 #: Models that read token ids instead of images.
 TEXT_MODELS = frozenset({"textbag", "minilm"})
+#: Models whose hidden layers scale with a width rate (HeteroFL's sub-models,
+#: :func:`kta_flwr.task.models.build_model`).
+WIDTH_SCALABLE_MODELS = frozenset({"mlp", "cnn", "simplecnn", "simplecnn_small", "resnet8", "femnist_cnn"})
 
 #: Fleet profiles: name -> dataset -> the tiers ``(tier, model)``, smallest device first.
 #: A profile gives every partition the model of its tier (:meth:`RunConfig.tier_of_partition`).
@@ -96,9 +108,9 @@ LOGIT_ATTACKS = ("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled", "co
                  "random", "sybil", "budgeted")
 #: Attack name -> the strategy families it applies to.
 ATTACK_FAMILIES: dict[str, frozenset[str]] = {
-    "none": frozenset({MARKET, PARAMETERS, COMPRESSED, PERSONAL}),
+    "none": frozenset({MARKET, PARAMETERS, COMPRESSED, PERSONAL, SUBMODELS, PROTOTYPES, COMMON}),
     **dict.fromkeys((*LOGIT_ATTACKS, "malformed"), frozenset({MARKET})),
-    "label-flip": frozenset({MARKET, PARAMETERS, COMPRESSED, PERSONAL}),
+    "label-flip": frozenset({MARKET, PARAMETERS, COMPRESSED, PERSONAL, SUBMODELS, PROTOTYPES, COMMON}),
     **dict.fromkeys(("negated", "scaled-update"), frozenset({PARAMETERS, PERSONAL, COMPRESSED})),
 }
 ATTACKS = tuple(ATTACK_FAMILIES)
@@ -210,6 +222,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     svd_energy: float = 0.95
     svd_energy_end: float = 0.98
     student_model: str = ""
+    # --- peers for mixed fleets (HeteroFL, FedProto) ------------------------------------
+    heterofl_rates: str = "0.25,0.5,1"  # width rate per tier of 'fleet', smallest first
+    prototype_dim: int = 64
+    prototype_weight: float = 1.0
     # --- runtime ----------------------------------------------------------------
     device: str = "auto"
     output_dir: str = "~/kta-flwr/outputs"
@@ -265,11 +281,51 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         return order[slot]
 
     def model_for_partition(self, partition_id: int) -> str:
-        """Name of the architecture that partition ``partition_id`` trains."""
+        """Name of the architecture that partition ``partition_id`` trains (HeteroFL: the
+        one global architecture, at the width of :meth:`width_of_partition`)."""
+        if self.family == SUBMODELS:
+            return self.shared_model
         if self.fleet:
             return self.fleet_tiers[self.tier_of_partition(partition_id)][1]
         names = self.model_names
         return names[partition_id % len(names)]
+
+    @property
+    def width_rates(self) -> tuple[float, ...]:
+        """HeteroFL's width rate per tier of ``fleet`` (``heterofl-rates``), smallest first."""
+        return tuple(float(rate) for rate in self.heterofl_rates.split(",") if rate.strip())
+
+    @property
+    def tier_width_rates(self) -> tuple[float, ...]:
+        """The width rate of each tier's model: HeteroFL's rates with a fleet, else one
+        tier at width 1."""
+        return self.width_rates if self.family == SUBMODELS and self.fleet else (1.0,)
+
+    def width_of_partition(self, partition_id: int) -> float:
+        """The width rate of partition ``partition_id``'s model: its tier's rate under
+        HeteroFL with a fleet, else 1 (the whole model)."""
+        rates = self.tier_width_rates
+        return rates[self.tier_of_partition(partition_id)] if len(rates) > 1 else rates[0]
+
+    def tier_model(self, tier: int) -> str:
+        """What tier ``tier`` of ``fleet`` trains: its model, or under HeteroFL the global
+        architecture at the tier's rate (``resnet8@0.25``)."""
+        if self.family == SUBMODELS:
+            return f"{self.shared_model}@{self.width_rates[tier]:g}"
+        return self.fleet_tiers[tier][1]
+
+    def common_architecture(self, num_partitions: int) -> str:
+        """``fedavg-common``: the architecture most of ``num_partitions`` partitions train
+        (ties go to the larger tier: later in the fleet's order)."""
+        counts = Counter(self.model_for_partition(p) for p in range(num_partitions))
+        order = self.model_names
+        return max(counts, key=lambda name: (counts[name], order.index(name)))
+
+    @property
+    def keeps_node_model(self) -> bool:
+        """True when nodes keep a model of their own between rounds (all but the stock
+        parameter strategies and HeteroFL, whose clients train what the server sends)."""
+        return self.family not in (PARAMETERS, SUBMODELS)
 
     @property
     def family(self) -> str:
@@ -327,9 +383,12 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     @property
     def shared_model(self) -> str:
         """The architecture whose weights the parameter strategies share: FedKD's student
-        (``student-model``, default: the first of ``models``), else the one model."""
+        (``student-model``, default: the first of ``models``), HeteroFL's global model
+        (with a fleet: its largest tier's model), else the one model."""
         if self.has_private_teacher and self.student_model:
             return self.student_model
+        if self.family == SUBMODELS and self.fleet:
+            return self.fleet_tiers[-1][1]
         return self.model_names[0]
 
     @property
@@ -470,6 +529,26 @@ def _check_privacy(cfg: RunConfig) -> None:
         raise ConfigError(
             f"run-config 'logit-noise' = {cfg.logit_noise!r} applies to strategies that upload "
             f"logits {[s for s in MARKET_STRATEGIES if s != 'local']}, not {cfg.strategy!r}")
+
+
+def _check_heterofl(cfg: RunConfig) -> None:
+    """HeteroFL: a width-scalable global model and one rate in (0, 1] per tier."""
+    if cfg.shared_model not in WIDTH_SCALABLE_MODELS:
+        raise ConfigError(
+            f"strategy 'heterofl' scales its global model {cfg.shared_model!r} by width, "
+            f"which that model does not support; use one of {sorted(WIDTH_SCALABLE_MODELS)}")
+    try:
+        rates = cfg.width_rates
+    except ValueError:
+        raise ConfigError(f"run-config 'heterofl-rates' = {cfg.heterofl_rates!r} must be "
+                          "comma-separated numbers") from None
+    if not rates or any(not 0.0 < rate <= 1.0 for rate in rates):
+        raise ConfigError(f"run-config 'heterofl-rates' = {cfg.heterofl_rates!r}: every rate "
+                          "must be in (0, 1]")
+    if cfg.fleet and len(rates) != len(cfg.fleet_tiers):
+        raise ConfigError(
+            f"run-config 'heterofl-rates' = {cfg.heterofl_rates!r} gives {len(rates)} rate(s) "
+            f"but 'fleet' = {cfg.fleet!r} has {len(cfg.fleet_tiers)} tiers")
 
 
 def _validate(cfg: RunConfig) -> RunConfig:
@@ -628,6 +707,10 @@ def _validate(cfg: RunConfig) -> RunConfig:
             f"one architecture; use a market strategy {list(MARKET_STRATEGIES)} or 'fedkd' "
             "for mixed models"
         )
+    if cfg.family == SUBMODELS:
+        _check_heterofl(cfg)
+    _positive("prototype-dim", cfg.prototype_dim)
+    _non_negative("prototype-weight", cfg.prototype_weight)
     if cfg.strategy == "ditto" and cfg.ditto_lambda * cfg.learning_rate >= 2.0:
         raise ConfigError(
             f"run-config 'ditto-lambda' = {cfg.ditto_lambda!r} times 'learning-rate' = "

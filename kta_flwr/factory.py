@@ -7,15 +7,19 @@ arrives as Flower arrays (``ArrayRecord``) and is read as numpy.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord
 
-from kta_flwr.config import COMPRESSED, MARKET, PARAMETERS, PERSONAL, RunConfig
+from kta_flwr.config import COMMON, COMPRESSED, MARKET, PARAMETERS, PERSONAL, PROTOTYPES, SUBMODELS
+from kta_flwr.config import RunConfig
 from kta_flwr.flower.strategies.base import MetricsAggregator, NodeOptions, NodeStrategy
+from kta_flwr.flower.strategies.common import CommonFedAvg
 from kta_flwr.flower.strategies.compressed import CompressedUpdates
+from kta_flwr.flower.strategies.heterofl import HeteroFL
 from kta_flwr.flower.strategies.market import KnowledgeMarket
+from kta_flwr.flower.strategies.prototypes import FedProto
 from kta_flwr.flower.strategies.stock import StockStrategy
 from kta_flwr.maths.knowledge_codec import Codec
 from kta_flwr.maths.market import MarketParams
@@ -121,6 +125,7 @@ def node_options(
         min_round_nodes=cfg.min_round_nodes, seed=cfg.seed,
         privacy_metrics=cfg.privacy_metrics,
         evaluate_every=cfg.evaluate_every, last_round=cfg.num_server_rounds, lineage=lineage,
+        round_timeout=cfg.round_timeout,
     )
     if max_examples is not None:
         options["max_examples"] = max_examples
@@ -136,10 +141,13 @@ def build_strategy(  # pylint: disable=too-many-arguments
     fingerprint: str,
     options: NodeOptions,
     market_kernels: MarketKernels = FAST,
+    tier_shapes: Sequence[Mapping[str, tuple[int, ...]]] = (),
+    is_member: Callable[[int], bool] = lambda partition: True,
 ) -> NodeStrategy:
     """The Strategy for ``cfg.strategy``: the market (kta, fedmd, ktpfl, local), Flower's
     stock strategies (FedAvg under fedavg-ft, ditto and fedrep, whose clients keep the
-    personal part), or a compressed-update baseline (fedavg-topk, sapef, fedkd), each
+    personal part), a compressed-update baseline (fedavg-topk, sapef, fedkd) or a peer
+    for mixed fleets (heterofl, fedproto, fedavg-common), each
     behind the one interface :class:`~kta_flwr.flower.strategies.base.NodeStrategy`.
 
     Args:
@@ -152,6 +160,10 @@ def build_strategy(  # pylint: disable=too-many-arguments
         options: sampling, evaluation and boundary options (:func:`node_options`).
         market_kernels: the market's heavy computations (the ServerApp passes the torch
             kernels for ``market-device``).
+        tier_shapes: HeteroFL: per tier of the fleet, its sub-model's tensor shapes
+            (:attr:`~kta_flwr.config.RunConfig.tier_width_rates`).
+        is_member: fedavg-common: partition id -> whether it trains the common
+            architecture (:meth:`~kta_flwr.config.RunConfig.common_architecture`).
     """
     builders: dict[str, Callable[[], NodeStrategy]] = {
         COMPRESSED: lambda: _compressed(cfg, initial_arrays, options),
@@ -159,5 +171,9 @@ def build_strategy(  # pylint: disable=too-many-arguments
                                 fingerprint=fingerprint, kernels=market_kernels, options=options),
         PARAMETERS: lambda: _stock(cfg, initial_arrays, options),
         PERSONAL: lambda: _stock(cfg, initial_arrays, options),
+        SUBMODELS: lambda: HeteroFL(initial_arrays=initial_arrays, tier_shapes=tier_shapes,
+                                    tier_of=cfg.tier_of_partition, **options),
+        PROTOTYPES: lambda: FedProto(num_classes=num_classes, dim=cfg.prototype_dim, **options),
+        COMMON: lambda: CommonFedAvg(initial_arrays=initial_arrays, is_member=is_member, **options),
     }
     return builders[cfg.family]()

@@ -81,13 +81,21 @@ def train_round(strategy, server_round: int, replies: list[Message], asked=None)
 
 
 class FixedGrid:
-    """The Grid call our strategies make to sample, over a fixed set of node ids."""
+    """The Grid calls our strategies make to sample and to ask nodes their partition,
+    over a fixed set of node ids: node ``node_ids[i]`` holds partition ``i`` and answers
+    a query as the ClientApp does."""
 
     def __init__(self, node_ids):
         self.node_ids = node_ids
 
     def get_node_ids(self):
         return self.node_ids
+
+    def send_and_receive(self, messages, *, timeout=None):
+        del timeout
+        return [reply(m.metadata.dst_node_id,
+                      RecordDict({"metrics": MetricRecord({"partition-id": self.node_ids.index(m.metadata.dst_node_id)})}))
+                for m in messages]
 
 
 NODE_BASE = {"num-server-rounds": 3, "local-epochs": 1, "batch-size": 32, "learning-rate": 0.05,

@@ -93,10 +93,34 @@ def test_strategies_that_average_weights_refuse_a_fleet(strategy):
         parse_run_config({"strategy": strategy, "fleet": "tiers3"})
 
 
-@pytest.mark.parametrize("strategy", ["kta", "fedmd", "ktpfl", "local", "fedkd"])
+@pytest.mark.parametrize("strategy", ["kta", "fedmd", "ktpfl", "local", "fedkd", "fedproto", "fedavg-common"])
 def test_market_strategies_and_fedkd_take_a_fleet(strategy):
     cfg = parse_run_config({"strategy": strategy, "fleet": "tiers3"})
     assert {cfg.model_for_partition(p) for p in range(3)} == {"cnn", "mlp", "resnet8"}
+
+
+def test_heterofl_gives_every_tier_the_largest_tiers_model_at_the_tiers_width():
+    cfg = parse_run_config({"strategy": "heterofl", "fleet": "tiers3", "seed": 3})
+    assert {cfg.model_for_partition(p) for p in range(6)} == {"resnet8"}
+    rates = [cfg.width_of_partition(p) for p in range(3)]
+    assert sorted(rates) == [0.25, 0.5, 1.0]
+    assert [cfg.tier_model(cfg.tier_of_partition(p)) for p in range(3)] == [f"resnet8@{r:g}" for r in rates]
+    assert parse_run_config({"strategy": "heterofl"}).width_of_partition(4) == 1.0  # no fleet: FedAvg
+    with pytest.raises(ConfigError, match="'heterofl-rates' = '0.5,1' gives 2 rate.*'tiers3' has 3 tiers"):
+        parse_run_config({"strategy": "heterofl", "fleet": "tiers3", "heterofl-rates": "0.5,1"})
+    with pytest.raises(ConfigError, match="'heterofl-rates' = '0,0.5,1': every rate must be in"):
+        parse_run_config({"strategy": "heterofl", "fleet": "tiers3", "heterofl-rates": "0,0.5,1"})
+    with pytest.raises(ConfigError, match="'heterofl-rates' = 'a,b,c' must be comma-separated numbers"):
+        parse_run_config({"strategy": "heterofl", "fleet": "tiers3", "heterofl-rates": "a,b,c"})
+    with pytest.raises(ConfigError, match="scales its global model 'resnet18' by width"):
+        parse_run_config({"strategy": "heterofl", "models": "resnet18", "dataset": "cifar10"})
+
+
+def test_the_common_architecture_is_the_one_most_partitions_train_ties_to_the_larger():
+    cfg = parse_run_config({"strategy": "fedavg-common", "fleet": "tiers3", "dataset": "cifar10"})
+    assert cfg.common_architecture(3) == "resnet8"  # one each: the largest tier
+    fourth = cfg.model_for_partition(3)  # partition 3 opens the second block
+    assert cfg.common_architecture(4) == fourth
 
 
 def test_reference_larger_than_data_rejected():

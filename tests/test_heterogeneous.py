@@ -1,13 +1,22 @@
-"""The maths of the peers that run mixed fleets: HeteroFL's sub-models and FedProto's
-prototypes (kta_flwr.maths.heterofl, kta_flwr.maths.prototypes)."""
+"""The peers that run mixed fleets: HeteroFL's sub-models and FedProto's prototypes
+(kta_flwr.maths.heterofl, kta_flwr.maths.prototypes) and their strategies, with the
+common-architecture FedAvg (kta_flwr.flower.strategies)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from kta_flwr.flower.metering import payload_bytes
+from kta_flwr.flower.strategies.common import CommonFedAvg
+from kta_flwr.flower.strategies.heterofl import HeteroFL
+from kta_flwr.flower.strategies.prototypes import PROTOTYPES, FedProto, prototype_record
 from kta_flwr.maths.heterofl import aggregate, extract
 from kta_flwr.maths.prototypes import aggregate_prototypes, class_prototypes
+from tests.conftest import FixedGrid, client_metrics, reply
 
 
 def _global() -> dict[str, np.ndarray]:
@@ -92,3 +101,86 @@ def test_width_scaled_models_are_leading_blocks_of_the_full_one(name, shape):
     assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in full.items()}
     with pytest.raises(ValueError, match="cannot be built at width"):
         build_model("resnet18", spec, 0, width=0.5)
+
+
+# --- the strategies on Flower's Message API (kta_flwr.flower.strategies) -------------------
+
+def _arrays(tensors: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(value) for name, value in tensors.items()})
+
+
+def _heterofl() -> HeteroFL:
+    """Three nodes 5, 6, 7 holding partitions 0, 1, 2 of tiers 0 (1/4), 1 (1/2), 2 (whole)."""
+    return HeteroFL(initial_arrays=_arrays(_global()), tier_shapes=[SMALL, HALF, _shapes(_global())],
+                    tier_of=lambda partition: partition, evaluate_metrics_aggr_fn=lambda *_: None,
+                    max_examples=100)
+
+
+def _shapes(tensors: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {name: value.shape for name, value in tensors.items()}
+
+
+def _content(node: int, partition: int, record: str, arrays: ArrayRecord, **metrics: float) -> Message:
+    return reply(node, RecordDict({"metrics": client_metrics(partition, **metrics), record: arrays}))
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_heterofl_sends_each_tier_its_sub_model_and_averages_each_entry_over_its_holders(caplog):
+    strategy, full = _heterofl(), _global()
+    messages = strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), FixedGrid([5, 6, 7]))
+    sent = {m.metadata.dst_node_id: {k: v.numpy() for k, v in m.content.array_records["arrays"].items()}
+            for m in messages}
+    assert strategy.partition_of == {5: 0, 6: 1, 7: 2}  # asked once, by a query
+    assert [_shapes(sent[n]) for n in (5, 6, 7)] == [SMALL, HALF, _shapes(full)]
+    np.testing.assert_array_equal(sent[6]["head"], full["head"][:, :2])
+    trained = {n: {k: np.full_like(v, float(n)) for k, v in sent[n].items()} for n in sent}
+    wrong = {k: np.zeros(v, np.float32) for k, v in HALF.items()}  # node 5 returns the 1/2 model
+    with caplog.at_level(logging.WARNING):
+        _, metrics = strategy.aggregate_train(1, [_content(5, 0, "arrays", _arrays(wrong)),
+                                                  _content(6, 1, "arrays", _arrays(trained[6])),
+                                                  _content(7, 2, "arrays", _arrays(trained[7]))])
+    assert "dropping train reply of node 5: array 'arrays/conv': is float32[2, 3, 2, 2], the model's is float32[1, 3, 2, 2]" in caplog.text
+    assert metrics["replies"] == 2 and metrics["dropped"] == 1
+    conv = strategy.global_model()["conv"]
+    assert (conv[:2] == 6.5).all() and (conv[2:] == 7.0).all()  # held by 6 and 7, then 7 alone
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_fedproto_sends_c_by_d_floats_each_way_and_averages_each_class_over_its_holders(caplog):
+    num_classes, dim = 10, 4
+    strategy = FedProto(num_classes=num_classes, dim=dim, evaluate_metrics_aggr_fn=lambda *_: None,
+                        max_examples=100)
+    first = strategy.configure_train(1, ArrayRecord(), ConfigRecord({}), FixedGrid([5, 6, 7]))
+    assert all(not m.content.array_records for m in first)  # no prototypes before round 1
+    uploads = {5: (np.ones((2, dim)), [0, 1]), 6: (3 * np.ones((3, dim)), [1, 2, 9]),
+               7: (np.ones((2, dim)), [3, 3])}  # node 7: a class twice
+    replies = [_content(n, n - 5, PROTOTYPES, prototype_record(v, c), **{"t-predict": 0.1})
+               for n, (v, c) in uploads.items()]
+    up = sum(payload_bytes(r.content) for r in replies[:2])
+    assert up == (2 + 3) * (dim * 4 + 4)  # per class held: d float32 and its int32 id
+    with caplog.at_level(logging.WARNING):
+        strategy.aggregate_train(1, replies)
+    assert "dropping train reply of node 7: array 'prototypes/classes': must be distinct" in caplog.text
+    (message, *_) = strategy.configure_train(2, ArrayRecord(), ConfigRecord({}), FixedGrid([5, 6, 7]))
+    values, classes = (message.content.array_records[PROTOTYPES][k].numpy() for k in ("values", "classes"))
+    assert classes.tolist() == [0, 1, 2, 9] and values.shape == (4, dim)  # <= C x d down
+    assert values[:, 0].tolist() == [1.0, 2.0, 3.0, 3.0]  # class 1: the mean of its two holders
+    assert payload_bytes(message.content) == 4 * (dim * 4 + 4)
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_common_fedavg_averages_only_the_common_architecture_the_others_train_alone(caplog):
+    model = _global()
+    strategy = CommonFedAvg(initial_arrays=_arrays(model), is_member=lambda partition: partition != 1,
+                            evaluate_metrics_aggr_fn=lambda *_: None, max_examples=100)
+    messages = strategy.configure_train(1, _arrays(model), ConfigRecord({}), FixedGrid([5, 6, 7]))
+    carries = {m.metadata.dst_node_id: bool(m.content.array_records) for m in messages}
+    assert carries == {5: True, 6: False, 7: True}
+    ones = {k: np.ones_like(v) for k, v in model.items()}
+    with caplog.at_level(logging.WARNING):
+        arrays, metrics = strategy.aggregate_train(1, [
+            _content(5, 0, "arrays", _arrays(ones)), _content(6, 1, "arrays", _arrays(ones)),
+            reply(7, RecordDict({"metrics": client_metrics(2)}))])
+    assert "dropping train reply of node 6: record 'arrays': is not an array record" in caplog.text
+    assert "dropping train reply of node 7: record 'arrays': is missing" in caplog.text
+    assert metrics["replies"] == 1 and (arrays["conv"].numpy() == 1.0).all()

@@ -42,6 +42,7 @@ def _strategy(name: str, tmp_path: Path, **changes) -> NodeStrategy:
         reference_labels=np.arange(30) % 10, num_classes=10, fingerprint="abc",
         options=node_options(cfg, recorder.aggregate_evaluate, recorder.aggregate_train,
                              max_examples=1000, lineage=41),
+        tier_shapes=[{k: tuple(v.shape) for k, v in model.state_dict().items()}],
     )
 
 
@@ -70,7 +71,8 @@ def test_every_strategy_stamps_its_lineage_and_saves_its_state(name, tmp_path):
     assert [k for k in fresh.start_arrays().keys()] == [k for k in start.keys()]
     keeps = fresh.global_model()
     assert (keeps is not None) == (name in ("fedavg", "fedprox", "fedmedian", "krum", "fedtrimmedavg",
-                                            "fedavg-ft", "ditto", "fedavg-topk", "sapef"))
+                                            "fedavg-ft", "ditto", "fedavg-topk", "sapef", "heterofl",
+                                            "fedavg-common"))
 
 
 def _without_arrays(path: Path) -> str:

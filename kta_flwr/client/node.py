@@ -21,7 +21,7 @@ from flwr.common import log
 from torch import nn
 
 from kta_flwr.client.privacy import NodePrivacy
-from kta_flwr.config import NODE_STATE_DISK, PARAMETERS, ConfigError, RunConfig, parse_run_config
+from kta_flwr.config import NODE_STATE_DISK, ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import update_codec
 from kta_flwr.flower import protocol, sync
 from kta_flwr.flower.protocol import RESTORE_FILE, RESTORE_REASON
@@ -129,15 +129,16 @@ class Node:  # pylint: disable=too-many-instance-attributes
         #: What this node tells the server about the state it restored (a reply's
         #: ``notes``; empty when all went as the run expects).
         self.notes: dict[str, str] = {}
-        if self.cfg.family != PARAMETERS and META_STATE not in context.state.config_records:
+        if self.cfg.keeps_node_model and META_STATE not in context.state.config_records:
             self._restore()
 
     # --- models -------------------------------------------------------------------------
     def fresh_model(self) -> nn.Module:
-        """This partition's architecture, initialised from the run's seed and partition."""
+        """This partition's architecture (at its width rate under HeteroFL), initialised
+        from the run's seed and partition."""
         name = self.cfg.model_for_partition(self.partition_id)
         return build_model(name, self.data.splits.spec_for(self.cfg), self.cfg.seed + self.partition_id,
-                           private=self.cfg.private)
+                           private=self.cfg.private, width=self.cfg.width_of_partition(self.partition_id))
 
     def personal_model(self) -> nn.Module:
         """The client's own model, restored from the node's state if it trained before."""
@@ -310,7 +311,7 @@ class Node:  # pylint: disable=too-many-instance-attributes
     def record_evaluation(self, metrics: dict[str, float]) -> None:
         """Add this round's accuracies to the node's checkpoint (if it has trained)."""
         counters = self.context.state.config_records.get(META_STATE)
-        if self.cfg.family != PARAMETERS and counters is not None and "round" in counters:
+        if self.cfg.keeps_node_model and counters is not None and "round" in counters:
             self.save(trained=False, accuracies={
                 k: v for k, v in metrics.items() if k.endswith("accuracy")})
 

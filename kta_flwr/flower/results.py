@@ -283,7 +283,7 @@ class RunRecorder:
         }
 
     def tier_summary(self) -> dict[str, dict[str, Any]]:
-        """Per tier of the fleet (``fleet``): its model, the partitions that reported, their
+        """Per tier of the fleet (``fleet``): its model (:meth:`~kta_flwr.config.RunConfig.tier_model`), the partitions that reported, their
         mean final personalized and global accuracy, bytes up and down summed over the
         tier's nodes, and the mean client seconds per train reply (a small device must not
         pay for a big one)."""
@@ -291,13 +291,13 @@ class RunRecorder:
         reported = {*self.train_rounds, *(int(c[PARTITION_ID]) for c in self.clients_last_round
                                           if PARTITION_ID in c)}
         out: dict[str, dict[str, Any]] = {}
-        for index, (tier, model) in enumerate(self.cfg.fleet_tiers):
+        for index, (tier, _) in enumerate(self.cfg.fleet_tiers):
             members = {p for p in reported if self.cfg.tier_of_partition(p) == index}
             final = [c for c in self.clients_last_round if int(c.get(PARTITION_ID, -1)) in members]
             nodes = [n for n, p in self.partition_of.items() if p in members]
             replies = sum(self.train_rounds.get(p, 0) for p in members)
             out[tier] = {
-                "model": model,
+                "model": self.cfg.tier_model(index),
                 "partitions": sorted(members),
                 PERSONALIZED: _mean(final, PERSONALIZED),
                 GLOBAL: _mean(final, GLOBAL),

@@ -167,10 +167,17 @@ ArrayChecker = Callable[[ArrayRecord], Any]
 
 @dataclass(frozen=True)
 class ReplySpec:
-    """What a valid reply holds: its metric schema and, per array-record name, a checker."""
+    """What a valid reply holds: its metric schema and, per array-record name, a checker
+    (``arrays``; or ``arrays_of``, node id -> checkers, where what is valid depends on the
+    sender, e.g. HeteroFL's sub-model of the sender's tier)."""
 
     metrics: MetricSchema
     arrays: Mapping[str, ArrayChecker] = field(default_factory=dict)
+    arrays_of: Callable[[int], Mapping[str, ArrayChecker]] | None = None
+
+    def checkers(self, node_id: int) -> Mapping[str, ArrayChecker]:
+        """The array checkers of a reply from ``node_id``."""
+        return self.arrays if self.arrays_of is None else self.arrays_of(node_id)
 
 
 @dataclass(eq=False)
@@ -316,10 +323,11 @@ def _check(node_id: int, msg: Message, spec: ReplySpec) -> Checked:
     unexpected_config = sorted(set(content.config_records) - {NOTES})
     if unexpected_config:
         raise InvalidReply(f"record '{unexpected_config[0]}'", "no such config record is expected")
-    unexpected = sorted(set(content.array_records) - set(spec.arrays))
+    checkers = spec.checkers(node_id)
+    unexpected = sorted(set(content.array_records) - set(checkers))
     if unexpected:
         raise InvalidReply(f"record '{unexpected[0]}'", "is not an array record of this reply")
-    missing = sorted(set(spec.arrays) - set(content.array_records))
+    missing = sorted(set(checkers) - set(content.array_records))
     if missing:
         raise InvalidReply(f"record '{missing[0]}'", "is missing")
     extra = sorted(set(content.metric_records) - {METRICS})
@@ -329,7 +337,7 @@ def _check(node_id: int, msg: Message, spec: ReplySpec) -> Checked:
         raise InvalidReply(f"record '{METRICS}'", "is missing")
     metrics = spec.metrics.check(content.metric_records[METRICS])
     arrays = {}
-    for name, check in spec.arrays.items():
+    for name, check in checkers.items():
         try:
             arrays[name] = check(content.array_records[name])
         except InvalidReply:

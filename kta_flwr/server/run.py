@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from kta_flwr.config import ConfigError, RunConfig, parse_run_config
+from kta_flwr.config import COMMON, SUBMODELS, ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import build_strategy, node_options
-from kta_flwr.flower import protocol
 from kta_flwr.flower.metering import ByteMeter, MeteredGrid
 from kta_flwr.flower.results import RunRecorder
 from kta_flwr.flower.run_state import (
@@ -39,9 +38,8 @@ from kta_flwr.flower.run_state import (
     load_run_state,
     save_run_state,
 )
-from kta_flwr.flower.strategies.base import FederationError, NodeStrategy, wait_for_nodes
+from kta_flwr.flower.strategies.base import FederationError, NodeStrategy, ask_partitions, wait_for_nodes
 from kta_flwr.flower.strategies.rounds import RoundsFrom
-from kta_flwr.flower.validation import QUERY, QUERY_METRICS, ReplyScreen, ReplySpec
 from kta_flwr.maths.market_kernels import MarketKernels
 from kta_flwr.storage import FolderBusy, FolderLock
 from kta_flwr.task.checkpoint import ModelMeta, save_checkpoint
@@ -63,15 +61,33 @@ def _check_federation(cfg: RunConfig, splits: CentralSplits, grid: Grid) -> None
         minilm_path()  # ConfigError if the pretrained weights are not installed
 
 
-def _initial_arrays(cfg: RunConfig, splits: CentralSplits) -> ArrayRecord:
-    """The shared model built from the run's seed (FedAvg/FedProx send it, FedRep its body;
-    the compressed strategies keep it as version 0, which clients build alike); nothing
-    for the market."""
+def _initial_arrays(cfg: RunConfig, splits: CentralSplits, architecture: str) -> ArrayRecord:
+    """The shared model (``architecture``) built from the run's seed (FedAvg/FedProx send
+    it, FedRep its body; the compressed strategies keep it as version 0, which clients
+    build alike); nothing for the market."""
     if cfg.is_market:
         return ArrayRecord()
-    model = build_model(cfg.shared_model, splits.spec_for(cfg), cfg.seed, private=cfg.private)
+    model = build_model(architecture, splits.spec_for(cfg), cfg.seed, private=cfg.private)
     head = head_keys(model) if cfg.shares_body_only else frozenset()
     return ArrayRecord(OrderedDict((k, v) for k, v in model.state_dict().items() if k not in head))
+
+
+def _global_architecture(cfg: RunConfig, grid: Grid) -> str:
+    """The architecture of the global model: ``fedavg-common``'s common one among the
+    connected nodes' partitions, else the config's shared model."""
+    if cfg.family == COMMON:
+        return cfg.common_architecture(len(list(grid.get_node_ids())))
+    return cfg.shared_model
+
+
+def _tier_shapes(cfg: RunConfig, splits: CentralSplits) -> list[dict[str, tuple[int, ...]]]:
+    """HeteroFL: each tier's sub-model tensor shapes (its width rate's model); none otherwise."""
+    if cfg.family != SUBMODELS:
+        return []
+    spec = splits.spec_for(cfg)
+    return [{name: tuple(value.shape) for name, value in
+             build_model(cfg.shared_model, spec, cfg.seed, width=rate).state_dict().items()}
+            for rate in cfg.tier_width_rates]
 
 
 def run(grid: Grid, context: Context) -> None:
@@ -113,9 +129,10 @@ def _run(  # pylint: disable=too-many-arguments
     if saved is None:
         held.enter_context(_hold(recorder.ensure_run_dir()))
     lineage = saved.lineage if saved else grid.run.run_id
+    architecture = _global_architecture(cfg, grid)
     strategy = build_strategy(
         cfg,
-        initial_arrays=_initial_arrays(cfg, splits),
+        initial_arrays=_initial_arrays(cfg, splits, architecture),
         reference_labels=splits.reference.y,
         num_classes=splits.num_classes,
         fingerprint=splits.reference_fingerprint,
@@ -123,6 +140,8 @@ def _run(  # pylint: disable=too-many-arguments
                              max_examples=max(len(splits.train.y), len(splits.test.y)),
                              lineage=saved.lineage if saved else None),
         market_kernels=kernels,
+        tier_shapes=_tier_shapes(cfg, splits),
+        is_member=lambda partition: cfg.model_for_partition(partition) == architecture,
     )
     metered = MeteredGrid(grid, meter)
     first = 1
@@ -162,7 +181,8 @@ def _run(  # pylint: disable=too-many-arguments
         log(ERROR, "kta-flwr: run stopped after %d rounds: %s; results so far in %s",
             len(recorder.rows), err, recorder.ensure_run_dir())
         raise
-    _save_global_model(cfg, splits, strategy.global_model(), recorder, (grid.run.run_id, lineage))
+    _save_global_model(cfg, splits, (architecture, strategy.global_model()), recorder,
+                       (grid.run.run_id, lineage))
     run_dir = recorder.write()
     summary = recorder.summary()
     log(INFO, "kta-flwr: %s finished: personalized %.4f, global %.4f, %.4f MiB total; "
@@ -218,38 +238,31 @@ def _partitions(grid: Grid, cfg: RunConfig, completed: int) -> dict[int, int]:
     """Ask every connected node which partition it holds: node id -> partition id (the
     replies pass the boundary checks; a partition is claimed once)."""
     nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.node_wait_timeout, cfg.min_round_nodes)
-    config = ConfigRecord({"server-round": completed})
-    screen = ReplyScreen()
-    screen.expect(QUERY, nodes)
-    replies = grid.send_and_receive(
-        [Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY)
-         for n in nodes],
-        timeout=cfg.round_timeout,
-    )
-    found = {r.node_id: r.partition
-             for r in screen.screen(completed, QUERY, replies, ReplySpec(QUERY_METRICS)).valid}
+    found = ask_partitions(grid, nodes, completed, cfg.round_timeout)
     log(INFO, "kta-flwr: resumed run: %d of %d nodes reported their partition", len(found), len(nodes))
     return found
 
 
 def _save_global_model(
-    cfg: RunConfig, splits: CentralSplits, tensors: dict[str, np.ndarray] | None,
+    cfg: RunConfig, splits: CentralSplits, model_tensors: tuple[str, dict[str, np.ndarray] | None],
     recorder: RunRecorder, ids: tuple[int, int],
 ) -> None:
     """The strategy's final global model (:meth:`~kta_flwr.flower.strategies.base.NodeStrategy.global_model`:
-    FedAvg's family and fedavg-ft/Ditto's last aggregate, fedavg-topk/SA-PEF's last
-    version; none under the market, FedKD or FedRep) next to ``results.json``."""
+    FedAvg's family, fedavg-common's and fedavg-ft/Ditto's last aggregate, HeteroFL's
+    full-width model, fedavg-topk/SA-PEF's last version; none under the market, FedProto,
+    FedKD or FedRep), a model of ``architecture``, next to ``results.json``."""
+    architecture, tensors = model_tensors
     if tensors is None or not recorder.rows:
         return
     spec = splits.spec_for(cfg)
-    model = build_model(cfg.shared_model, spec, cfg.seed, private=cfg.private)
+    model = build_model(architecture, spec, cfg.seed, private=cfg.private)
     state = model.state_dict()
     state.update({name: torch.from_numpy(np.array(value)) for name, value in tensors.items()})
     model.load_state_dict(state)
     run_id, lineage = ids
     last = recorder.rows[-1]
     meta = ModelMeta(
-        architecture=cfg.shared_model, num_classes=spec.num_classes,
+        architecture=architecture, num_classes=spec.num_classes,
         input_shape=tuple(spec.input_shape), vocab_size=spec.vocab_size,
         finetune_layers=spec.finetune_layers, fingerprint=splits.reference_fingerprint,
         strategy=cfg.strategy, partition_id=-1, run_id=run_id, lineage=lineage,

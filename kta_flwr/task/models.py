@@ -39,7 +39,7 @@ from torchvision.models import resnet18 as tv_resnet18
 from torchvision.models.resnet import BasicBlock
 
 from kta_flwr.config import MODELS as MODEL_NAMES
-from kta_flwr.config import TEXT_MODELS, check_registry
+from kta_flwr.config import TEXT_MODELS, WIDTH_SCALABLE_MODELS, check_registry
 from kta_flwr.task.privacy import private_compatible
 from kta_flwr.task.text import PAD, minilm_path
 
@@ -218,7 +218,7 @@ check_registry("model", MODELS, MODEL_NAMES)
 
 #: Models whose hidden layers scale with a width rate (HeteroFL's sub-models): every
 #: hidden size ``ceil(rate * size)``, inputs and classes whole, tensors named alike.
-WIDTH_SCALABLE = frozenset({"mlp", "cnn", "simplecnn", "simplecnn_small", "resnet8", "femnist_cnn"})
+WIDTH_SCALABLE = WIDTH_SCALABLE_MODELS
 
 
 def build_model(name: str, spec: ModelSpec, seed: int, *, private: bool = False,

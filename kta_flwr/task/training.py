@@ -407,3 +407,79 @@ def evaluate(
     mix = np.where(counts > 0, label_distribution, 0.0)
     personalized = float(np.nansum(per_class * mix) / max(mix.sum(), 1e-12))
     return Evaluation(float(correct.mean()), personalized, per_class, loss)
+
+
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The model's classifier: its last ``nn.Linear`` (whose input is the embedding)."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no linear classifier")
+    return linears[-1]
+
+
+def embedding_projection(in_features: int, dim: int, seed: int) -> torch.Tensor | None:
+    """FedProto across widths: a fixed ``[in_features, dim]`` Gaussian projection with
+    entries of variance ``1 / dim`` (norms kept in expectation), drawn from ``seed`` and
+    the width alike on every client of that width; None (the identity) when the sizes agree."""
+    if in_features == dim:
+        return None
+    generator = torch.Generator().manual_seed(seed * 7919 + in_features)
+    return torch.randn(in_features, dim, generator=generator) / dim**0.5
+
+
+def _logits_and_embedding(model: nn.Module, x: torch.Tensor,
+                          projection: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(x)`` and the classifier's input (``[B, d]`` after ``projection``)."""
+    seen: list[torch.Tensor] = []
+    handle = classifier_of(model).register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    embedding = seen[0].flatten(1)
+    return logits, embedding if projection is None else embedding @ projection.to(embedding.device)
+
+
+def train_with_prototypes(  # pylint: disable=too-many-arguments
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, prototypes: np.ndarray | None,
+    classes: np.ndarray | None, weight: float, projection: torch.Tensor | None, epochs: int,
+    batch_size: int, optim: Optim, device: torch.device, seed: int,
+) -> float:
+    """FedProto's local objective: cross-entropy plus ``weight`` times the mean squared
+    distance of each row's (projected) embedding to its class's global prototype
+    (``prototypes`` ``[m, d]`` of ``classes`` ``[m]``; rows of other classes, or no
+    prototypes yet: cross-entropy only). Returns the mean loss."""
+    if len(y) == 0 or epochs == 0:
+        return 0.0
+    xs, ys = _as_tensor(x, device), _as_tensor(y, device)
+    table = held = None
+    if prototypes is not None and classes is not None and len(classes):
+        num_classes = int(max(int(ys.max()), int(classes.max()))) + 1
+        table = torch.zeros(num_classes, prototypes.shape[1], device=device)
+        table[torch.as_tensor(classes, device=device).long()] = torch.as_tensor(prototypes, device=device)
+        held = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        held[torch.as_tensor(classes, device=device).long()] = True
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        logits, embedding = _logits_and_embedding(model, xs[idx], projection)
+        loss = F.cross_entropy(logits, ys[idx])
+        if table is not None and weight > 0:
+            labels = ys[idx]
+            rows = held[labels]
+            if bool(rows.any()):
+                loss = loss + weight * F.mse_loss(embedding[rows].float(), table[labels[rows]])
+        return loss
+
+    return _fit(model, len(ys), batch_loss, epochs, batch_size, optim, device, seed)
+
+
+@torch.no_grad()
+def embeddings(model: nn.Module, x: np.ndarray, device: torch.device,
+               projection: torch.Tensor | None) -> np.ndarray:
+    """``[n, d]`` float32 (projected) embeddings of ``x`` in eval mode."""
+    batch_size = inference_batch_size(device)
+    _prepare(model, device).eval()
+    xs = _as_tensor(x, device)
+    parts = [_logits_and_embedding(model, xs[s : s + batch_size], projection)[1].float()
+             for s in range(0, len(xs), batch_size)]
+    return torch.cat(parts).cpu().numpy() if parts else np.zeros((0, 0), np.float32)

@@ -35,16 +35,19 @@ from logging import INFO, WARNING
 from typing import Any, NotRequired, TypedDict, Unpack
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from kta_flwr.config import evaluation_round
+from kta_flwr.flower import protocol
 from kta_flwr.flower.protocol import LINEAGE, RESTORE_FILE, RESTORE_REASON
 from kta_flwr.flower.validation import (
     EVALUATE,
     NUM_EXAMPLES,
+    QUERY,
+    QUERY_METRICS,
     TRAIN,
     Checked,
     Note,
@@ -92,6 +95,21 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, quorum: int) -> l
     return nodes
 
 
+def ask_partitions(grid: Grid, nodes: list[int], server_round: int, timeout: float,
+                   holders: Callable[[], dict[int, int]] | None = None) -> dict[int, int]:
+    """Ask ``nodes`` which partition each holds (a query message, no arrays): node id ->
+    partition id of the replies that pass the boundary checks (a partition claimed once;
+    ``holders``: the known holders, :class:`~kta_flwr.flower.validation.ReplyScreen`)."""
+    screen = ReplyScreen(holders)
+    screen.expect(QUERY, nodes)
+    config = ConfigRecord({"server-round": server_round})
+    replies = grid.send_and_receive(
+        [Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY)
+         for n in nodes], timeout=timeout)
+    return {r.node_id: r.partition
+            for r in screen.screen(server_round, QUERY, replies, ReplySpec(QUERY_METRICS)).valid}
+
+
 class NodeOptions(TypedDict):
     """Keyword arguments every :class:`NodeStrategy` takes.
 
@@ -112,6 +130,7 @@ class NodeOptions(TypedDict):
         last_round: ... and in this round (default 0: only by ``evaluate_every``).
         lineage: the run a resumed run continues, stamped into every instruction
             (default None: a new run, nothing stamped; nodes use the run's own id).
+        round_timeout: seconds to wait for the replies of a query (default 600).
     """
 
     evaluate_metrics_aggr_fn: MetricsAggregator
@@ -127,6 +146,7 @@ class NodeOptions(TypedDict):
     evaluate_every: NotRequired[int]
     last_round: NotRequired[int]
     lineage: NotRequired[int | None]
+    round_timeout: NotRequired[float]
 
 
 @dataclass
@@ -159,6 +179,7 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
         self.last_round = options.get("last_round", 0)
         #: Stamped into every instruction: the run a resumed run continues (None: not sent).
         self.lineage = options.get("lineage")
+        self.round_timeout = options.get("round_timeout", 600.0)
         #: The boundary every reply passes (it checks claims against ``partition_of``).
         self.screen = ReplyScreen(holders=lambda: self.partition_of)
         self._rng = random.Random(self.seed)
@@ -199,9 +220,12 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
 
     # --- which node holds which partition --------------------------------------------------
     def observe(self, reply: Checked) -> None:
-        """Note the partition a checked reply's sender holds; if another node id held
-        it before, move what the strategy kept for that id to this one."""
-        partition, node_id = reply.partition, reply.node_id
+        """Note the partition a checked reply's sender holds (:meth:`note_holder`)."""
+        self.note_holder(reply.node_id, reply.partition)
+
+    def note_holder(self, node_id: int, partition: int) -> None:
+        """Node ``node_id`` holds ``partition``; if another node id held it before, move
+        what the strategy kept for that id to this one."""
         for old, held in list(self.partition_of.items()):
             if held == partition and old != node_id:
                 log(INFO, "partition %d moved from node %d to node %d", partition, old, node_id)
@@ -211,6 +235,19 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
 
     def rekey(self, old: int, new: int) -> None:
         """Move what is kept for node ``old`` to node ``new`` (subclasses extend it)."""
+
+    def learn_partitions(self, grid: Grid, nodes: list[int], server_round: int) -> list[int]:
+        """For strategies whose instruction depends on the node's partition (HeteroFL's
+        sub-model of its tier, the common FedAvg's members): ask those of ``nodes`` whose
+        partition is not known yet (:func:`ask_partitions`). Returns the nodes whose
+        partition is known (a node that does not answer sits the round out)."""
+        unknown = [n for n in nodes if n not in self.partition_of]
+        if unknown:
+            found = ask_partitions(grid, unknown, server_round, self.round_timeout,
+                                   holders=lambda: self.partition_of)
+            for node_id, partition in sorted(found.items()):
+                self.note_holder(node_id, partition)
+        return [n for n in nodes if n in self.partition_of]
 
     def adopt(self, partition_of: dict[int, int]) -> None:
         """A resumed run: the strategy's state names the nodes of the earlier run; map
@@ -272,6 +309,17 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
             stamped[LINEAGE] = self.lineage
         stamped.update(extra)
         return stamped
+
+    def own_model_evaluations(self, server_round: int, config: ConfigRecord, grid: Grid,
+                              **extra: str) -> list[Message]:
+        """Evaluation instructions without arrays (each sampled node evaluates its own
+        model; the config stamped with ``extra``), in the rounds :meth:`evaluates_in` names."""
+        if not self.evaluates_in(server_round):
+            return []
+        stamped = self.stamp(config, server_round, **extra)
+        return [Message(RecordDict({protocol.CONFIG: stamped}), dst_node_id=node_id,
+                        message_type=MessageType.EVALUATE)
+                for node_id in self.sample(grid, self.fraction_evaluate, EVALUATE, server_round)]
 
     # --- replies -----------------------------------------------------------------------
     def screen_train(self, server_round: int, replies: Iterable[Message]) -> Screened:

@@ -34,7 +34,6 @@ from kta_flwr.flower import protocol
 from kta_flwr.flower.round_log import market_arrays
 from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
 from kta_flwr.flower.validation import (
-    EVALUATE,
     MAX_CENTRED_LOGIT,
     TRAIN,
     InvalidReply,
@@ -197,15 +196,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
     ) -> Iterable[Message]:
         """Ask every node to evaluate its own personalized model (no arrays sent), in the
         rounds :meth:`evaluates_in` names."""
-        if not self.evaluates_in(server_round):
-            return []
-        node_ids = self.sample(grid, self.fraction_evaluate, EVALUATE, server_round)
-        config = self.stamp(config, server_round, **{protocol.FINGERPRINT: self.fingerprint})
-        return [
-            Message(RecordDict({protocol.CONFIG: config}), dst_node_id=n,
-                    message_type=MessageType.EVALUATE)
-            for n in node_ids
-        ]
+        del arrays
+        return self.own_model_evaluations(server_round, config, grid,
+                                          **{protocol.FINGERPRINT: self.fingerprint})
 
     def rows(self, subset_id: int) -> np.ndarray:
         """Reference rows of subset ``subset_id`` (all rows without subsets)."""

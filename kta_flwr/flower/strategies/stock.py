@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, K
 from kta_flwr.flower.grids import SampledGrid
 from kta_flwr.flower.protocol import NOTES
 from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
-from kta_flwr.flower.validation import EVALUATE, TRAIN, ReplySpec, like_model, train_metrics
+from kta_flwr.flower.validation import EVALUATE, TRAIN, Checked, ReplySpec, like_model, train_metrics
 
 #: Stock strategy name -> Flower's class.
 STOCK: dict[str, type[FedAvg]] = {
@@ -95,16 +95,27 @@ class StockStrategy(NodeStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The Flower strategy's aggregation of the replies that pass the screen."""
         screened = self.screen_train(server_round, replies)
+        return self.aggregate(server_round, screened.valid), self.train_metrics(screened)
+
+    def aggregate(self, server_round: int, valid: list[Checked]) -> ArrayRecord | None:
+        """The Flower strategy's aggregate of checked replies (None if there are none);
+        it becomes the global model."""
         # in partition order: the aggregate (Krum's choice among ties, the float sums) does
         # not depend on the order the replies arrived in, so runs and resumes reproduce
-        valid = [reply.msg for reply in sorted(screened.valid, key=lambda c: c.partition)]
-        for msg in valid:  # what the screen read; Flower's checks expect no other record
+        messages = [reply.msg for reply in sorted(valid, key=lambda c: c.partition)]
+        for msg in messages:  # what the screen read; Flower's checks expect no other record
             if NOTES in msg.content.config_records:
                 del msg.content[NOTES]
-        arrays, _ = self.flower.aggregate_train(server_round, valid) if valid else (None, None)
+        arrays, _ = self.flower.aggregate_train(server_round, messages) if messages else (None, None)
         if arrays is not None:
+            # Flower averages integer buffers (BatchNorm's num_batches_tracked) as floats:
+            # keep every array's dtype, as the clients' models have it
+            dtypes = {name: array.numpy().dtype for name, array in self.arrays.items()}
+            arrays = ArrayRecord(OrderedDict(
+                (name, Array(array.numpy().astype(dtypes.get(name, array.numpy().dtype), copy=False)))
+                for name, array in arrays.items()))
             self.arrays = arrays
-        return arrays, self.train_metrics(screened)
+        return arrays
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
