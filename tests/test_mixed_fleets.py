@@ -10,6 +10,7 @@ from kta_flwr.config import RunConfig
 from kta_flwr.task.checkpoint import read_checkpoint
 from kta_flwr.task.models import ModelSpec, build_model
 from kta_flwr.tools.federation import LocalFederation
+from kta_flwr.tools.inspect import inspect_run
 from tests.conftest import read_results
 
 pytestmark = pytest.mark.slow
@@ -51,6 +52,8 @@ def test_heterofl_fedproto_and_common_fedavg_on_a_tiers3_fleet(tmp_path, app_dir
     assert tiers["small"]["bytes_up"] < tiers["medium"]["bytes_up"] < tiers["large"]["bytes_up"]
     (saved,) = (out / "heterofl").glob("*/global-model.pt")
     assert read_checkpoint(saved).meta.architecture == "resnet8"
+    assert inspect_run(saved.parent)["drawn"] == ["client_accuracy.png", "tier_accuracy.png"]
+    assert (saved.parent / "tier_accuracy.png").stat().st_size > 5_000
 
     # FedProto: per class a client holds, d float32 and its int32 id up; the global
     # prototypes (every class some client holds) down from round 2; nothing to evaluate.

@@ -13,7 +13,9 @@ into the run folder:
   where the gate kept its targets back, and the number of distilling clients per round;
 - ``client_accuracy.png``: each client's personalized accuracy in the evaluated rounds and
   its reference accuracy as the market judged it (thin lines; the mean bold);
-- ``class_priors.png``: each client's class prior in the last market round.
+- ``class_priors.png``: each client's class prior in the last market round;
+- ``tier_accuracy.png`` (runs of a ``fleet``): each tier's mean personalized and global
+  accuracy in the evaluated rounds, so a small device's model is seen apart from a big one's.
 
 Runs of strategies without a market (FedAvg, Ditto, ...) have only the evaluation: the
 accuracy plot is drawn, the rest is skipped with a note.
@@ -22,12 +24,14 @@ accuracy plot is drawn, the rest is skipped with a note.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kta_flwr.config import parse_run_config
 from kta_flwr.flower.round_log import dense_weights, read_rounds
 from kta_flwr.tools.plots import close_figure, figure
 
@@ -135,13 +139,47 @@ def plot_accuracy(rounds: dict[int, dict[str, np.ndarray]], path: Path) -> None:
         for row in table:
             ax.plot(x, row, color="tab:blue", alpha=0.35, lw=0.8, marker="." if len(x) < 3 else None)
         ax.plot(x, np.nanmean(table, axis=0), color="black", lw=2.0, marker="o", label="mean")
-        ax.set_xlabel("round")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0.0, 1.0)
-        ax.set_title(f"{title}, {len(clients)} clients", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        _accuracy_axes(ax, f"{title}, {len(clients)} clients")
     close_figure(fig, path)
+
+
+def _accuracy_axes(ax: Any, title: str) -> None:
+    """Labels, [0, 1] limits, grid and legend of an accuracy-per-round panel."""
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_tiers(rounds: dict[int, dict[str, np.ndarray]], tier_of: dict[int, str], tiers: list[str],
+               path: Path) -> None:
+    """Per tier (``tiers``, smallest first; ``tier_of``: partition -> tier), its clients'
+    mean personalized and global accuracy in the evaluated rounds."""
+    kept = {r: a for r, a in rounds.items() if "eval_personalized" in a}
+    clients = _clients(kept, "eval_partition")
+    fig, axes = figure((10.4, 3.8), 1, 2, squeeze=False)
+    for ax, (key, title) in zip(axes[0], (("eval_personalized", "personalized"), ("eval_global", "global"))):
+        table = _per_client(kept, clients, "eval_partition", key)
+        for tier in tiers:
+            rows = [i for i, c in enumerate(clients) if tier_of.get(c) == tier]
+            if rows:
+                ax.plot(list(kept), np.nanmean(table[rows], axis=0), marker="o",
+                        label=f"{tier} (n={len(rows)})")
+        _accuracy_axes(ax, f"{title} test accuracy per tier")
+    close_figure(fig, path)
+
+
+def _tiers(run_dir: Path, partitions: list[int]) -> tuple[dict[int, str], list[str]]:
+    """Partition -> ``"tier: model"`` from the run's config (``results.json``), and the
+    tiers smallest first; nothing for a run without a fleet."""
+    results = run_dir / "results.json"
+    if not results.is_file():
+        return {}, []
+    cfg = parse_run_config(json.loads(results.read_text())["config"])
+    labels = [f"{tier}: {cfg.tier_model(index)}" for index, (tier, _) in enumerate(cfg.fleet_tiers)]
+    return {p: labels[cfg.tier_of_partition(p)] for p in partitions} if labels else {}, labels
 
 
 def plot_priors(arrays: dict[str, np.ndarray], path: Path) -> None:
@@ -167,6 +205,10 @@ def inspect_run(run_dir: Path, panels: int = 4) -> dict[str, Any]:
     if any("eval_personalized" in a or "accuracy" in a for a in rounds.values()):
         plot_accuracy(rounds, run_dir / "client_accuracy.png")
         drawn.append("client_accuracy.png")
+        tier_of, tiers = _tiers(run_dir, _clients(rounds, "eval_partition"))
+        if tier_of:
+            plot_tiers(rounds, tier_of, tiers, run_dir / "tier_accuracy.png")
+            drawn.append("tier_accuracy.png")
     market = [r for r, a in rounds.items() if "weight" in a]
     lines = round_lines(rounds)
     if market:
