@@ -10,6 +10,7 @@ from kta_flwr.config import ConfigError, RunConfig
 from kta_flwr.flower.results import host_environment
 from kta_flwr.tools.bench import (
     RunResult,
+    tier_table,
     machine_of,
     machines_note,
     markdown_table,
@@ -146,3 +147,19 @@ def test_the_table_says_on_which_machines_its_runs_ran():
     assert machines_note(runs) == (
         "- runs by machine (CPU / widest SIMD / torch): 2 on CPU A / avx2 / torch 2.14.1; "
         "1 on CPU B / avx512f / torch 2.14.1; 1 not recorded (made before results.json kept it)\n")
+
+
+def test_a_fleets_table_has_a_row_per_method_and_tier_averaged_over_seeds():
+    def tier(acc: float, partitions: list[int], mib: float, seconds: float) -> dict:
+        return {"model": "cnn", "partitions": partitions, "personalized-accuracy": acc,
+                "global-accuracy": acc / 2, "bytes_up": int(mib * 2**20), "bytes_down": 0,
+                "train_seconds_per_reply": seconds}
+
+    runs = [RunResult("kta", seed, 0.5, 0.4, 1.0, 10.0,
+                      tiers={"small": tier(0.6 + 0.2 * seed, [0, 3], 2.0, 1.0 + seed),
+                             "large": tier(0.8, [1], 1.0, 9.0)}) for seed in (0, 1)]
+    runs.append(RunResult("fedavg", 0, 0.5, 0.4, 1.0, 10.0))  # no fleet: no rows
+    lines = tier_table(runs).splitlines()
+    assert lines[2] == "| kta | small | cnn | 0.7000 ± 0.1414 | 0.3500 ± 0.0707 | 1.000 | 1.50 |"
+    assert lines[3] == "| kta | large | cnn | 0.8000 ± 0.0000 | 0.4000 ± 0.0000 | 1.000 | 9.00 |"
+    assert len(lines) == 4 and tier_table(runs[2:]) == ""

@@ -78,6 +78,9 @@ class RunResult:
     curve: list[tuple[float, float, float]] = field(default_factory=list)  # (cum MiB, pers, glob)
     #: Where it ran (:func:`machine_of`); "" for a run made before results.json recorded it.
     machine: str = ""
+    #: A fleet's run: per tier, its ``summary.tiers`` entry (model, partitions, accuracies,
+    #: bytes, seconds per train reply); empty otherwise.
+    tiers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def mib_to_reach(self, target: float) -> float | None:
         """Cumulative MiB at the first round whose personalized accuracy >= ``target``."""
@@ -111,6 +114,7 @@ def read_run(results_json: Path, method: str, seed: int) -> RunResult:
     return RunResult(
         method, seed, summary["final_personalized_accuracy"], summary["final_global_accuracy"],
         summary["mib_total"], summary["seconds"], curve, machine_of(res.get("environments", [])),
+        summary.get("tiers", {}),
     )
 
 
@@ -271,6 +275,26 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
     return "\n".join(lines) + "\n"
 
 
+def tier_table(runs: list[RunResult]) -> str:
+    """Per method and tier of a fleet (mean ± std over seeds): the tier's model, final
+    personalized and global accuracy, MiB per client (all phases, both ways) and client
+    seconds per train reply; empty when no run has tiers."""
+    rows = ["| method | tier | model | personalized acc. | global acc. | MiB per client | s per train reply |",
+            "|---|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r.method for r in runs if r.tiers):
+        mine = [r for r in runs if r.method == method and r.tiers]
+        for tier, first in mine[0].tiers.items():
+            entries = [r.tiers[tier] for r in mine if tier in r.tiers]
+            cells = [_mean_std([e[key] for e in entries if not math.isnan(e[key])])
+                     for key in ("personalized-accuracy", "global-accuracy")]
+            mib = _mean_std([(e["bytes_up"] + e["bytes_down"]) / MIB / max(1, len(e["partitions"]))
+                             for e in entries])
+            seconds = _mean_std([e["train_seconds_per_reply"] for e in entries])
+            rows.append(f"| {method} | {tier} | {first['model']} | {cells[0][0]:.4f} ± {cells[0][1]:.4f} "
+                        f"| {cells[1][0]:.4f} ± {cells[1][1]:.4f} | {mib[0]:.3f} | {seconds[0]:.2f} |")
+    return "\n".join(rows) + "\n" if len(rows) > 2 else ""
+
+
 def plot(runs: list[RunResult], path: Path, title: str, front: list[str] | None = None) -> None:
     """Mean personalized accuracy against cumulative MiB (log x), one curve per method;
     methods that send nothing (local) are a dashed horizontal line at their final mean;
@@ -391,6 +415,9 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     table += machines_note(runs)
     if missing:
         table += f"- not run yet: {', '.join(missing)}\n"
+    tiers = tier_table(runs)
+    if tiers:
+        table += "\nPer tier of the fleet (MiB per client: train and evaluation, both ways):\n\n" + tiers
     (results_dir / "summary.md").write_text(table)
     plot(runs, results_dir / "accuracy_vs_mib.png",
          f"{preset}: {clients} clients, seeds {seeds_with_runs(stats)}",
