@@ -525,6 +525,11 @@ def _check_privacy(cfg: RunConfig) -> None:
             f"run-config 'dp-epsilon'/'dp-noise' cannot be used with strategy {cfg.strategy!r}: "
             "its adaptive mutual-distillation loss divides by the batch's mean loss, so one "
             "sample's gradient depends on the others and per-sample clipping bounds nothing")
+    if cfg.private and cfg.family == PROTOTYPES:
+        raise ConfigError(
+            f"run-config 'dp-epsilon'/'dp-noise' cannot be used with strategy {cfg.strategy!r}: "
+            "its uploads are class means of the private data's embeddings, which DP-SGD "
+            "does not cover")
     if cfg.logit_noise > 0 and not cfg.exchanges_knowledge:
         raise ConfigError(
             f"run-config 'logit-noise' = {cfg.logit_noise!r} applies to strategies that upload "

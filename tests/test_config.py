@@ -116,6 +116,11 @@ def test_heterofl_gives_every_tier_the_largest_tiers_model_at_the_tiers_width():
         parse_run_config({"strategy": "heterofl", "models": "resnet18", "dataset": "cifar10"})
 
 
+def test_fedproto_refuses_dp_its_prototypes_are_not_covered():
+    with pytest.raises(ConfigError, match="'dp-epsilon'/'dp-noise' cannot be used with strategy 'fedproto'"):
+        parse_run_config({"strategy": "fedproto", "dp-epsilon": 3.0})
+
+
 def test_the_common_architecture_is_the_one_most_partitions_train_ties_to_the_larger():
     cfg = parse_run_config({"strategy": "fedavg-common", "fleet": "tiers3", "dataset": "cifar10"})
     assert cfg.common_architecture(3) == "resnet8"  # one each: the largest tier

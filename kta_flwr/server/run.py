@@ -86,7 +86,7 @@ def _tier_shapes(cfg: RunConfig, splits: CentralSplits) -> list[dict[str, tuple[
         return []
     spec = splits.spec_for(cfg)
     return [{name: tuple(value.shape) for name, value in
-             build_model(cfg.shared_model, spec, cfg.seed, width=rate).state_dict().items()}
+             build_model(cfg.shared_model, spec, cfg.seed, private=cfg.private, width=rate).state_dict().items()}
             for rate in cfg.tier_width_rates]
 
 
