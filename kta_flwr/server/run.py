@@ -74,9 +74,10 @@ def _initial_arrays(cfg: RunConfig, splits: CentralSplits, architecture: str) ->
 
 def _global_architecture(cfg: RunConfig, grid: Grid) -> str:
     """The architecture of the global model: ``fedavg-common``'s common one among the
-    connected nodes' partitions, else the config's shared model."""
+    fleet's partitions (``min-nodes`` of them, or the nodes connected if more), else the
+    config's shared model."""
     if cfg.family == COMMON:
-        return cfg.common_architecture(len(list(grid.get_node_ids())))
+        return cfg.common_architecture(max(cfg.min_nodes, len(list(grid.get_node_ids()))))
     return cfg.shared_model
 
 

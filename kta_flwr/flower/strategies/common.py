@@ -39,7 +39,9 @@ class CommonFedAvg(StockStrategy):
         self.is_member = is_member
 
     def _member(self, node_id: int) -> bool:
-        return self.is_member(self.partition_of[node_id])
+        """Whether ``node_id``'s partition trains the common architecture (False if unknown)."""
+        partition = self.partition_of.get(node_id)
+        return partition is not None and self.is_member(partition)
 
     def _messages(self, grid: Grid, kind: str, fraction: float, server_round: int,
                   config: ConfigRecord, arrays: ArrayRecord) -> list[Message]:
