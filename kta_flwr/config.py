@@ -89,7 +89,9 @@ FLEETS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
     },
 }
 
-PARTITIONERS = ("dirichlet", "iid", "natural")
+#: How the training pool is split into clients: flwr-datasets' partitioners, and the
+#: writer split (:func:`kta_flwr.task.splits.partition_indices`).
+PARTITIONERS = ("dirichlet", "iid", "natural", "shard", "pathological", "linear", "exponential")
 TARGET_SPACES = ("prob", "logit")
 #: What a kta teacher's weight is scaled by (:mod:`kta_flwr.maths.market`, step 5).
 TEACHER_QUALITIES = ("information", "likelihood", "accuracy")
@@ -164,6 +166,8 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     data_path: str = ""
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
+    shards_per_partition: int = 2  # partitioner 'shard': label-sorted shards per client
+    classes_per_partition: int = 2  # partitioner 'pathological': classes per client
     reference_size: int = 300
     test_size: int = 300
     max_train_size: int = 0
@@ -561,6 +565,8 @@ def _validate(cfg: RunConfig) -> RunConfig:
     _choice("strategy", cfg.strategy, STRATEGIES)
     _choice("dataset", cfg.dataset, DATASETS)
     _choice("partitioner", cfg.partitioner, PARTITIONERS)
+    _positive("shards-per-partition", cfg.shards_per_partition)
+    _positive("classes-per-partition", cfg.classes_per_partition)
     _choice("market", cfg.market, MARKETS)
     _choice("node-state", cfg.node_state, NODE_STATES)
     _choice("market-device", cfg.market_device, MARKET_DEVICES)

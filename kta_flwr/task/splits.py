@@ -24,12 +24,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    ExponentialPartitioner,
+    IidPartitioner,
+    LinearPartitioner,
+    PathologicalPartitioner,
+    ShardPartitioner,
+)
+from flwr_datasets.partitioner.partitioner import Partitioner
 from sklearn.model_selection import train_test_split
 
 from kta_flwr.config import ConfigError, RunConfig, is_hub_path
@@ -196,9 +205,9 @@ def partition_indices(
 ) -> tuple[np.ndarray, ...]:
     """Indices into the training pool for each of ``num_partitions`` clients.
 
-    ``dirichlet`` (label skew with ``dirichlet-alpha``) and ``iid`` use flwr-datasets'
-    partitioners, seeded with ``cfg.seed``; ``natural`` deals whole writers (``groups``)
-    to clients. Partitions are disjoint.
+    ``natural`` deals whole writers (``groups``) to clients; every other name is one of
+    flwr-datasets' partitioners (:func:`flower_partitioner`), seeded with ``cfg.seed``.
+    Partitions are disjoint.
 
     Raises:
         ConfigError: more partitions than samples (or writers), or a Dirichlet draw that
@@ -211,9 +220,8 @@ def partition_indices(
                 f"{cfg.dataset!r} does not have; use 'dirichlet' or 'iid'"
             )
         return _natural_partitions(groups, num_partitions, cfg.seed)
-    return _partition_indices(
-        labels.tobytes(), len(labels), num_partitions, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed
-    )
+    options = (cfg.dirichlet_alpha, cfg.shards_per_partition, cfg.classes_per_partition)
+    return _partition_indices(labels.tobytes(), len(labels), num_partitions, cfg.partitioner, options, cfg.seed)
 
 
 def _natural_partitions(groups: np.ndarray, num_partitions: int, seed: int) -> tuple[np.ndarray, ...]:
@@ -228,9 +236,37 @@ def _natural_partitions(groups: np.ndarray, num_partitions: int, seed: int) -> t
     return tuple(np.flatnonzero(client == pid) for pid in range(num_partitions))
 
 
+def flower_partitioner(kind: str, num_partitions: int, options: tuple[float, int, int], seed: int,
+                       size: int) -> Partitioner:
+    """flwr-datasets' partitioner ``kind`` of a ``label`` column: ``dirichlet`` (label skew,
+    ``options[0]`` = alpha; at least min(10, size / K) samples each), ``iid``, ``shard``
+    (``options[1]`` label-sorted shards each of size/(K · shards) rows: the remainder, under
+    one shard, goes unused), ``pathological``
+    (``options[2]`` classes each: client i's first is class i mod C, so with K >= C every
+    class is used, the others are random), ``linear`` or ``exponential`` (sizes ∝ i or e^i, of the rows in the
+    order given: the caller shuffles them)."""
+    alpha, shards, classes = options
+    builders: dict[str, Callable[[], Partitioner]] = {
+        "iid": lambda: IidPartitioner(num_partitions=num_partitions),
+        "dirichlet": lambda: DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=alpha,
+            min_partition_size=min(10, size // num_partitions), self_balancing=False, seed=seed),
+        "shard": lambda: ShardPartitioner(
+            num_partitions=num_partitions, partition_by="label", num_shards_per_partition=int(shards),
+            seed=seed),
+        "pathological": lambda: PathologicalPartitioner(
+            num_partitions=num_partitions, partition_by="label", num_classes_per_partition=int(classes),
+            class_assignment_mode="first-deterministic", seed=seed),
+        "linear": lambda: LinearPartitioner(num_partitions=num_partitions),
+        "exponential": lambda: ExponentialPartitioner(num_partitions=num_partitions),
+    }
+    return builders[kind]()
+
+
 @lru_cache(maxsize=8)
-def _partition_indices(
-    label_bytes: bytes, size: int, num_partitions: int, kind: str, alpha: float, seed: int
+def _partition_indices(  # pylint: disable=too-many-arguments
+    label_bytes: bytes, size: int, num_partitions: int, kind: str, options: tuple[float, int, int],
+    seed: int,
 ) -> tuple[np.ndarray, ...]:
     if num_partitions > size:
         raise ConfigError(
@@ -239,27 +275,22 @@ def _partition_indices(
         )
     labels = np.frombuffer(label_bytes, dtype=np.int64, count=size)
     table = Dataset.from_dict({"label": labels, "row": np.arange(size)})
-    if kind == "iid":
-        partitioner = IidPartitioner(num_partitions=num_partitions)
-    else:
-        partitioner = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=min(10, size // num_partitions),
-            self_balancing=False,
-            seed=seed,
-        )
+    if kind in ("linear", "exponential"):  # they cut the rows in order: a seeded shuffle first
+        table = table.shuffle(seed=seed)
+    partitioner = flower_partitioner(kind, num_partitions, options, seed, size)
     partitioner.dataset = table
     try:
         return tuple(
+            np.sort(np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64))
+            if kind in ("linear", "exponential") else
             np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64)
             for pid in range(num_partitions)
         )
     except ValueError as err:
         raise ConfigError(
             f"partitioning {size} samples into {num_partitions} clients with "
-            f"'partitioner' = {kind!r}, 'dirichlet-alpha' = {alpha} failed: {err}"
+            f"'partitioner' = {kind!r} failed: {err} (check 'dirichlet-alpha', "
+            "'shards-per-partition', 'classes-per-partition' or the number of clients)"
         ) from err
 
 
