@@ -10,8 +10,9 @@ baselines and Flower's stock strategies (:mod:`.stock`, which wraps them) alike:
 - **sampling**: wait for nodes once per round, with a deadline (:func:`wait_for_nodes`),
   then a seeded sample ordered by partition, so a resumed run samples the same partitions;
   evaluation every ``evaluate_every`` rounds and in the last;
-- **which node holds which partition**, learnt from the checked replies, so that a node
-  that comes back under a new id (a restarted SuperNode, a resumed run) takes over what
+- **which node holds which partition**, learnt from the checked replies (or asked by a
+  query without arrays where an instruction depends on it,
+  :meth:`NodeStrategy.learn_partitions`), so that a node that comes back under a new id (a restarted SuperNode, a resumed run) takes over what
   the strategy kept for its partition (:meth:`NodeStrategy.rekey`, :meth:`NodeStrategy.adopt`);
 - **the lineage** (the run a resumed run continues), stamped into every instruction so
   nodes find their checkpoints of that run;
