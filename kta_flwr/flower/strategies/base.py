@@ -12,8 +12,9 @@ baselines and Flower's stock strategies (:mod:`.stock`, which wraps them) alike:
   evaluation every ``evaluate_every`` rounds and in the last;
 - **which node holds which partition**, learnt from the checked replies (or asked by a
   query without arrays where an instruction depends on it,
-  :meth:`NodeStrategy.learn_partitions`), so that a node that comes back under a new id (a restarted SuperNode, a resumed run) takes over what
-  the strategy kept for its partition (:meth:`NodeStrategy.rekey`, :meth:`NodeStrategy.adopt`);
+  :meth:`NodeStrategy.learn_partitions`), so that a node that comes back under a new id
+  (a restarted SuperNode, a resumed run) takes over what the strategy kept for its
+  partition (:meth:`NodeStrategy.rekey`, :meth:`NodeStrategy.adopt`);
 - **the lineage** (the run a resumed run continues), stamped into every instruction so
   nodes find their checkpoints of that run;
 - **saved state** (:meth:`NodeStrategy.state_dict`; the server's checkpoint after every
