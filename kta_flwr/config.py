@@ -308,8 +308,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     def width_of_partition(self, partition_id: int) -> float:
         """The width rate of partition ``partition_id``'s model: its tier's rate under
         HeteroFL with a fleet, else 1 (the whole model)."""
-        rates = self.tier_width_rates
-        return rates[self.tier_of_partition(partition_id)] if len(rates) > 1 else rates[0]
+        if self.family != SUBMODELS or not self.fleet:
+            return 1.0
+        return self.width_rates[self.tier_of_partition(partition_id)]
 
     def tier_model(self, tier: int) -> str:
         """What tier ``tier`` of ``fleet`` trains: its model, or under HeteroFL the global

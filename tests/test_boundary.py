@@ -288,6 +288,11 @@ def test_stock_strategies_aggregate_only_the_honest_models(name, caplog):
     expected, _ = clean.aggregate_train(1, honest())
     for key in ("w", "b"):
         np.testing.assert_array_equal(arrays[key].numpy(), expected[key].numpy())
+    # integer buffers (BatchNorm's counters) keep their dtype, so next round's honest
+    # replies, which carry them as int64, still pass the boundary
+    assert arrays["steps"].numpy().dtype == np.int64
+    clean.configure_train(2, expected, ConfigRecord(), FixedGrid(list(HONEST)))
+    assert clean.aggregate_train(2, honest())[1]["replies"] == len(HONEST)
 
 
 def test_evaluation_replies_cannot_corrupt_the_mean(caplog):

@@ -173,15 +173,15 @@ def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[st
         content[sync.UPDATE] = sync.to_record(_poisoned_update(node, content))
     elif cfg.attack in ("negated", "scaled-update"):
         sign = -1.0 if cfg.attack == "negated" else 1.0
-        sent = msg.content.array_records["arrays"]
-        trained = content.array_records["arrays"]
+        sent = msg.content.array_records[protocol.ARRAYS]
+        trained = content.array_records[protocol.ARRAYS]
         poisoned = {}
         for name, array in trained.items():
             w, g = array.numpy(), sent[name].numpy()
             if np.issubdtype(w.dtype, np.floating):
                 w = (g + sign * cfg.attack_scale * (w - g)).astype(w.dtype)
             poisoned[name] = Array(np.ascontiguousarray(w))
-        content["arrays"] = ArrayRecord(poisoned)
+        content[protocol.ARRAYS] = ArrayRecord(poisoned)
     elif cfg.attack == "malformed":
         _malformed(node, content, metrics)
 

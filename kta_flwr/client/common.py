@@ -10,10 +10,8 @@ from torch import nn
 
 from kta_flwr.client import market, parameters
 from kta_flwr.client.node import FamilyHandler, Node
+from kta_flwr.flower.protocol import ARRAYS
 from kta_flwr.flower.timing import PhaseTimer
-
-#: The record that carries the global model to a member.
-ARRAYS = "arrays"
 
 
 def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]) -> RecordDict:

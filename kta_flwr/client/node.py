@@ -154,7 +154,7 @@ class Node:  # pylint: disable=too-many-instance-attributes
     def received_model(self, content: RecordDict) -> nn.Module:
         """This partition's architecture with the weights the message carries (FedAvg/FedProx)."""
         model = self.fresh_model()
-        model.load_state_dict(content.array_records["arrays"].to_torch_state_dict())
+        model.load_state_dict(content.array_records[protocol.ARRAYS].to_torch_state_dict())
         return model
 
     def initial_shared_model(self) -> nn.Module:

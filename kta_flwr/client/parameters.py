@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from torch import nn
 
 from kta_flwr.client.node import FamilyHandler, Node
+from kta_flwr.flower.protocol import ARRAYS
 from kta_flwr.flower.timing import PhaseTimer
 
 
@@ -20,7 +21,7 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
         metrics["train-loss"] = node.train_stage1(model, proximal_mu=mu)
     content = RecordDict()
     with timer("save"):
-        content["arrays"] = ArrayRecord(model.state_dict())
+        content[ARRAYS] = ArrayRecord(model.state_dict())
     metrics["samples"] = node.samples_trained(distilled=False)
     return content
 

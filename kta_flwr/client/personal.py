@@ -33,6 +33,7 @@ from torch import nn
 
 from kta_flwr.client.node import MODEL_STATE, FamilyHandler, Node
 from kta_flwr.config import ConfigError
+from kta_flwr.flower.protocol import ARRAYS
 from kta_flwr.flower.timing import PhaseTimer
 from kta_flwr.task.models import head_keys
 
@@ -58,7 +59,7 @@ def with_received(node: Node, content: RecordDict) -> nn.Module:
         ConfigError: the message's arrays are not this model's shared part.
     """
     model = node.personal_model() if node.has_trained() else node.initial_shared_model()
-    received = content.array_records["arrays"].to_torch_state_dict()
+    received = content.array_records[ARRAYS].to_torch_state_dict()
     expected = shared_state(node, model)
     if list(received) != list(expected):
         raise ConfigError(
@@ -99,7 +100,7 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
             metrics["train-loss"] = node.train_stage1(shared)
     content = RecordDict()
     with timer("save"):
-        content["arrays"] = ArrayRecord(shared_state(node, shared))
+        content[ARRAYS] = ArrayRecord(shared_state(node, shared))
         if personal is not None:
             node.keep(MODEL_STATE, ArrayRecord(personal.state_dict()))
             node.save(trained=True)

@@ -17,7 +17,8 @@ from kta_flwr.client.node import MODEL_STATE, FamilyHandler, Node
 from kta_flwr.flower.strategies.prototypes import PROTOTYPES, prototype_record, read_prototypes
 from kta_flwr.flower.timing import PhaseTimer
 from kta_flwr.maths.prototypes import class_prototypes
-from kta_flwr.task.training import classifier_of, embedding_projection, embeddings, train_with_prototypes
+from kta_flwr.task.models import classifier_of
+from kta_flwr.task.training import embedding_projection, embeddings, train_with_prototypes
 
 
 def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]) -> RecordDict:
@@ -33,7 +34,7 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
                                                   cfg.prototype_dim)
     with timer("stage1"):
         metrics["train-loss"] = train_with_prototypes(
-            model, data.train.x, data.train.y, prototypes=prototypes, classes=classes,
+            model, data.train.x, data.train.y, num_classes=num_classes, prototypes=prototypes, classes=classes,
             weight=cfg.prototype_weight, projection=projection, epochs=cfg.local_epochs,
             batch_size=cfg.batch_size, optim=node.optim(cfg.learning_rate), device=node.device,
             seed=node.seed,

@@ -37,6 +37,9 @@ LOGITS = "logits"
 TARGETS = "targets"
 CONFIG = "config"
 METRICS = "metrics"
+#: A dense model's record, both ways (Flower's FedAvg's ``arrayrecord_key``; HeteroFL's
+#: sub-models, fedavg-common's members).
+ARRAYS = "arrays"
 VALUES = "values"  # the single array of a float32 payload
 FINGERPRINT = "reference-fingerprint"
 LOGITS_SUBSET = "logits-subset"

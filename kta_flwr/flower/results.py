@@ -283,7 +283,8 @@ class RunRecorder:
         }
 
     def tier_summary(self) -> dict[str, dict[str, Any]]:
-        """Per tier of the fleet (``fleet``): its model (:meth:`~kta_flwr.config.RunConfig.tier_model`), the partitions that reported, their
+        """Per tier of the fleet (``fleet``): its model
+        (:meth:`~kta_flwr.config.RunConfig.tier_model`), the partitions that reported, their
         mean final personalized and global accuracy, bytes up and down summed over the
         tier's nodes, and the mean client seconds per train reply (a small device must not
         pay for a big one)."""

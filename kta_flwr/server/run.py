@@ -182,7 +182,7 @@ def _run(  # pylint: disable=too-many-arguments
         log(ERROR, "kta-flwr: run stopped after %d rounds: %s; results so far in %s",
             len(recorder.rows), err, recorder.ensure_run_dir())
         raise
-    _save_global_model(cfg, splits, (architecture, strategy.global_model()), recorder,
+    _save_global_model(cfg, splits, architecture, strategy.global_model(), recorder,
                        (grid.run.run_id, lineage))
     run_dir = recorder.write()
     summary = recorder.summary()
@@ -244,15 +244,14 @@ def _partitions(grid: Grid, cfg: RunConfig, completed: int) -> dict[int, int]:
     return found
 
 
-def _save_global_model(
-    cfg: RunConfig, splits: CentralSplits, model_tensors: tuple[str, dict[str, np.ndarray] | None],
+def _save_global_model(  # pylint: disable=too-many-arguments
+    cfg: RunConfig, splits: CentralSplits, architecture: str, tensors: dict[str, np.ndarray] | None,
     recorder: RunRecorder, ids: tuple[int, int],
 ) -> None:
     """The strategy's final global model (:meth:`~kta_flwr.flower.strategies.base.NodeStrategy.global_model`:
     FedAvg's family, fedavg-common's and fedavg-ft/Ditto's last aggregate, HeteroFL's
     full-width model, fedavg-topk/SA-PEF's last version; none under the market, FedProto,
     FedKD or FedRep), a model of ``architecture``, next to ``results.json``."""
-    architecture, tensors = model_tensors
     if tensors is None or not recorder.rows:
         return
     spec = splits.spec_for(cfg)

@@ -246,17 +246,32 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def head_keys(model: nn.Module) -> frozenset[str]:
-    """State-dict keys of the model's head: its last ``nn.Linear`` (the classifier, ``C``
+def _classifier(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The name and module of the model's classifier: its last ``nn.Linear`` (``C``
     outputs: ``mlp``/``simplecnn``/``femnist_cnn`` the last of their linear layers, ``cnn``
-    its only one, ``resnet18`` ``fc``, ``textbag``/``minilm`` ``head``). Everything else is
-    the body, which FedRep shares (Collins et al., 2021: the head is the final layer).
+    its only one, ``resnet18`` ``fc``, ``textbag``/``minilm`` ``head``).
+
+    Raises:
+        ValueError: the model has no ``nn.Linear``.
     """
-    last = None
+    found = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            last = name
-    if last is None:
-        raise ValueError(f"{type(model).__name__} has no linear classifier to use as the head")
+            found = (name, module)
+    if found is None:
+        raise ValueError(f"{type(model).__name__} has no linear classifier")
+    return found
+
+
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The model's classifier (its last ``nn.Linear``), whose input is the embedding."""
+    return _classifier(model)[1]
+
+
+def head_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys of the model's head: its classifier (:func:`classifier_of`).
+    Everything else is the body, which FedRep shares (Collins et al., 2021: the head is
+    the final layer)."""
+    last = _classifier(model)[0]
     prefix = f"{last}." if last else ""
     return frozenset(key for key in model.state_dict() if key.startswith(prefix))

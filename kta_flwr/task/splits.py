@@ -236,15 +236,19 @@ def _natural_partitions(groups: np.ndarray, num_partitions: int, seed: int) -> t
     return tuple(np.flatnonzero(client == pid) for pid in range(num_partitions))
 
 
+#: flwr-datasets' partitioners that cut the rows in the order given (seeded shuffle first).
+ORDERED_CUTS = frozenset({"linear", "exponential"})
+
+
 def flower_partitioner(kind: str, num_partitions: int, options: tuple[float, int, int], seed: int,
                        size: int) -> Partitioner:
     """flwr-datasets' partitioner ``kind`` of a ``label`` column: ``dirichlet`` (label skew,
     ``options[0]`` = alpha; at least min(10, size / K) samples each), ``iid``, ``shard``
-    (``options[1]`` label-sorted shards each of size/(K · shards) rows: the remainder, under
-    one shard, goes unused), ``pathological``
-    (``options[2]`` classes each: client i's first is class i mod C, so with K >= C every
-    class is used, the others are random), ``linear`` or ``exponential`` (sizes ∝ i or e^i, of the rows in the
-    order given: the caller shuffles them)."""
+    (``options[1]`` label-sorted shards each of size/(K · shards) rows: the remainder,
+    under one shard, goes unused), ``pathological`` (``options[2]`` classes each: client
+    i's first is class i mod C, so with K >= C every class is used, the others are
+    random), ``linear`` or ``exponential`` (sizes ∝ i or e^i, cut from the rows in the
+    order given: the caller shuffles them, :data:`ORDERED_CUTS`)."""
     alpha, shards, classes = options
     builders: dict[str, Callable[[], Partitioner]] = {
         "iid": lambda: IidPartitioner(num_partitions=num_partitions),
@@ -275,17 +279,15 @@ def _partition_indices(  # pylint: disable=too-many-arguments
         )
     labels = np.frombuffer(label_bytes, dtype=np.int64, count=size)
     table = Dataset.from_dict({"label": labels, "row": np.arange(size)})
-    if kind in ("linear", "exponential"):  # they cut the rows in order: a seeded shuffle first
+    shuffled = kind in ORDERED_CUTS
+    if shuffled:
         table = table.shuffle(seed=seed)
     partitioner = flower_partitioner(kind, num_partitions, options, seed, size)
     partitioner.dataset = table
     try:
-        return tuple(
-            np.sort(np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64))
-            if kind in ("linear", "exponential") else
-            np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64)
-            for pid in range(num_partitions)
-        )
+        rows = [np.asarray(partitioner.load_partition(pid)["row"], dtype=np.int64)
+                for pid in range(num_partitions)]
+        return tuple(np.sort(part) if shuffled else part for part in rows)
     except ValueError as err:
         raise ConfigError(
             f"partitioning {size} samples into {num_partitions} clients with "

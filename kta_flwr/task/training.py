@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kta_flwr.maths.update_compression import ParamLayout
+from kta_flwr.task.models import classifier_of
 from kta_flwr.task.privacy import PrivateTraining, dp_sgd
 
 
@@ -409,14 +410,6 @@ def evaluate(
     return Evaluation(float(correct.mean()), personalized, per_class, loss)
 
 
-def classifier_of(model: nn.Module) -> nn.Linear:
-    """The model's classifier: its last ``nn.Linear`` (whose input is the embedding)."""
-    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no linear classifier")
-    return linears[-1]
-
-
 def embedding_projection(in_features: int, dim: int, seed: int) -> torch.Tensor | None:
     """FedProto across widths: a fixed ``[in_features, dim]`` Gaussian projection with
     entries of variance ``1 / dim`` (norms kept in expectation), drawn from ``seed`` and
@@ -441,24 +434,25 @@ def _logits_and_embedding(model: nn.Module, x: torch.Tensor,
 
 
 def train_with_prototypes(  # pylint: disable=too-many-arguments
-    model: nn.Module, x: np.ndarray, y: np.ndarray, *, prototypes: np.ndarray | None,
-    classes: np.ndarray | None, weight: float, projection: torch.Tensor | None, epochs: int,
-    batch_size: int, optim: Optim, device: torch.device, seed: int,
+    model: nn.Module, x: np.ndarray, y: np.ndarray, *, num_classes: int,
+    prototypes: np.ndarray | None, classes: np.ndarray | None, weight: float,
+    projection: torch.Tensor | None, epochs: int, batch_size: int, optim: Optim,
+    device: torch.device, seed: int,
 ) -> float:
     """FedProto's local objective: cross-entropy plus ``weight`` times the mean squared
     distance of each row's (projected) embedding to its class's global prototype
-    (``prototypes`` ``[m, d]`` of ``classes`` ``[m]``; rows of other classes, or no
-    prototypes yet: cross-entropy only). Returns the mean loss."""
+    (``prototypes`` ``[m, d]`` of ``classes`` ``[m]`` in ``[0, num_classes)``; rows of
+    other classes, or no prototypes yet: cross-entropy only). Returns the mean loss."""
     if len(y) == 0 or epochs == 0:
         return 0.0
     xs, ys = _as_tensor(x, device), _as_tensor(y, device)
     table = held = None
     if prototypes is not None and classes is not None and len(classes):
-        num_classes = int(max(int(ys.max()), int(classes.max()))) + 1
+        ids = torch.as_tensor(classes, device=device).long()
         table = torch.zeros(num_classes, prototypes.shape[1], device=device)
-        table[torch.as_tensor(classes, device=device).long()] = torch.as_tensor(prototypes, device=device)
+        table[ids] = torch.as_tensor(prototypes, device=device)
         held = torch.zeros(num_classes, dtype=torch.bool, device=device)
-        held[torch.as_tensor(classes, device=device).long()] = True
+        held[ids] = True
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         logits, embedding = _logits_and_embedding(model, xs[idx], projection)

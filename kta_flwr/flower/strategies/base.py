@@ -251,6 +251,13 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
                 self.note_holder(node_id, partition)
         return [n for n in nodes if n in self.partition_of]
 
+    def sample_known(self, grid: Grid, fraction: float, kind: str, server_round: int) -> list[int]:
+        """:meth:`sample`, then :meth:`learn_partitions`: the sampled nodes whose partition
+        is known, which the screen expects ``kind`` replies from."""
+        nodes = self.learn_partitions(grid, self.sample(grid, fraction, kind, server_round), server_round)
+        self.screen.expect(kind, nodes)
+        return nodes
+
     def adopt(self, partition_of: dict[int, int]) -> None:
         """A resumed run: the strategy's state names the nodes of the earlier run; map
         them to the nodes that now hold their partitions (``partition_of``: new node id ->

@@ -46,8 +46,7 @@ class CommonFedAvg(StockStrategy):
     def _messages(self, grid: Grid, kind: str, fraction: float, server_round: int,
                   config: ConfigRecord, arrays: ArrayRecord) -> list[Message]:
         """FedAvg's messages to the sampled members, the config alone to the others."""
-        nodes = self.learn_partitions(grid, self.sample(grid, fraction, kind, server_round), server_round)
-        self.screen.expect(kind, nodes)
+        nodes = self.sample_known(grid, fraction, kind, server_round)
         stamped = self.stamp(config, server_round)
         members = [n for n in nodes if self._member(n)]
         configure = self.flower.configure_train if kind == TRAIN else self.flower.configure_evaluate

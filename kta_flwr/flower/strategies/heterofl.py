@@ -39,10 +39,6 @@ from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
 from kta_flwr.flower.validation import EVALUATE, TRAIN, ReplySpec, like_model, train_metrics
 from kta_flwr.maths.heterofl import aggregate, extract
 
-#: The array record of a sub-model, both ways (the stock parameter client's).
-ARRAYS = "arrays"
-
-
 class HeteroFL(NodeStrategy):
     """Width-scaled sub-models of one global model, averaged entry by entry.
 
@@ -80,8 +76,7 @@ class HeteroFL(NodeStrategy):
     def _messages(self, grid: Grid, kind: str, fraction: float, server_round: int,
                   config: ConfigRecord) -> list[Message]:
         """A seeded sample's messages, each with the sub-model of the node's tier."""
-        nodes = self.learn_partitions(grid, self.sample(grid, fraction, kind, server_round), server_round)
-        self.screen.expect(kind, nodes)
+        nodes = self.sample_known(grid, fraction, kind, server_round)
         stamped = self.stamp(config, server_round)
         message_type = MessageType.TRAIN if kind == TRAIN else MessageType.EVALUATE
         messages, self._sent = [], {}
@@ -89,7 +84,7 @@ class HeteroFL(NodeStrategy):
             tensors = self.submodel(node_id)
             self._sent[node_id] = tensors
             record = ArrayRecord(OrderedDict((name, Array(value)) for name, value in tensors.items()))
-            messages.append(Message(RecordDict({protocol.CONFIG: stamped, ARRAYS: record}),
+            messages.append(Message(RecordDict({protocol.CONFIG: stamped, protocol.ARRAYS: record}),
                                     dst_node_id=node_id, message_type=message_type))
         return messages
 
@@ -104,14 +99,14 @@ class HeteroFL(NodeStrategy):
         """Train metrics and, per sender, a model like the sub-model it was sent."""
         del server_round
         return ReplySpec(train_metrics(self.max_examples, required=self.privacy_metrics),
-                         arrays_of=lambda node_id: {ARRAYS: like_model(self._sent.get(node_id, {}), ARRAYS)})
+                         arrays_of=lambda node_id: {protocol.ARRAYS: like_model(self._sent.get(node_id, {}), protocol.ARRAYS)})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Each entry of the global model: the mean over the valid replies that hold it."""
         screened = self.screen_train(server_round, replies)
-        trained = [{name: array.numpy() for name, array in reply.arrays[ARRAYS].items()}
+        trained = [{name: array.numpy() for name, array in reply.arrays[protocol.ARRAYS].items()}
                    for reply in sorted(screened.valid, key=lambda c: c.partition)]
         if trained:
             self.params = aggregate(self.params, trained)

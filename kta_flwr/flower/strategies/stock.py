@@ -110,10 +110,11 @@ class StockStrategy(NodeStrategy):
         if arrays is not None:
             # Flower averages integer buffers (BatchNorm's num_batches_tracked) as floats:
             # keep every array's dtype, as the clients' models have it
-            dtypes = {name: array.numpy().dtype for name, array in self.arrays.items()}
+            dtypes = {name: array.dtype for name, array in self.arrays.items()}
+            averaged = {name: array.numpy() for name, array in arrays.items()}
             arrays = ArrayRecord(OrderedDict(
-                (name, Array(array.numpy().astype(dtypes.get(name, array.numpy().dtype), copy=False)))
-                for name, array in arrays.items()))
+                (name, Array(value.astype(dtypes.get(name, value.dtype), copy=False)))
+                for name, value in averaged.items()))
             self.arrays = arrays
         return arrays
 
