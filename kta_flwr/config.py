@@ -103,6 +103,13 @@ MARKET_DEVICES = ("cpu", "auto", "cuda")
 #: disk only (a simulation of many stateful clients holds no model in memory).
 NODE_STATE_MEMORY, NODE_STATE_DISK = "memory", "disk"
 NODE_STATES = (NODE_STATE_MEMORY, NODE_STATE_DISK)
+
+#: ``tracking``: MLflow when it is installed (the ``tracking`` extra), else nothing; MLflow
+#: (refused at start without it); nothing.
+TRACKING_AUTO, TRACKING_MLFLOW, TRACKING_NONE = "auto", "mlflow", "none"
+TRACKINGS = (TRACKING_AUTO, TRACKING_MLFLOW, TRACKING_NONE)
+#: The keys that say where a run is reported, not what it computes.
+TRACKING_KEYS = ("tracking", "tracking-uri", "tracking-experiment")
 #: How the compressed baselines combine a round's decoded updates (mean: FedAvg's).
 UPDATE_AGGREGATIONS = ("mean", "median", "trimmed-mean")
 #: Attacks that replace the logits a market client uploads (:mod:`kta_flwr.client.attacks`).
@@ -233,6 +240,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     # --- runtime ----------------------------------------------------------------
     device: str = "auto"
     output_dir: str = "~/kta-flwr/outputs"
+    # --- experiment tracking (docs/running.md#experiment-tracking) -----------------------
+    tracking: str = TRACKING_AUTO
+    tracking_uri: str = ""  # empty: sqlite:///<output-dir>/mlflow.db, artifacts beside it
+    tracking_experiment: str = "kta-flwr"
     # --- what training produces -------------------------------------------------------
     model_dir: str = "~/kta-flwr/models"
     warm_start: bool = False
@@ -570,6 +581,9 @@ def _validate(cfg: RunConfig) -> RunConfig:
     _positive("classes-per-partition", cfg.classes_per_partition)
     _choice("market", cfg.market, MARKETS)
     _choice("node-state", cfg.node_state, NODE_STATES)
+    _choice("tracking", cfg.tracking, TRACKINGS)
+    if not cfg.tracking_experiment.strip():
+        raise ConfigError("run-config 'tracking-experiment' is empty; name the MLflow experiment")
     _choice("market-device", cfg.market_device, MARKET_DEVICES)
     _choice("divergence", cfg.divergence, DIVERGENCES)
     _choice("target-space", cfg.target_space, TARGET_SPACES)

@@ -20,6 +20,14 @@ from kta_flwr.flower import protocol
 APP_DIR = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The ``slow`` tests (real Flower processes, minutes each) first, in their files'
+    order: under pytest-xdist as CI runs it (``-n 4 --dist load --maxschedchunk 1``: a
+    worker that finishes a test takes the next one) the long runs start first and the
+    many fast tests fill the workers' gaps after them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def app_dir() -> Path:
     """The Flower app (repository root)."""

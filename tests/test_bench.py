@@ -19,7 +19,8 @@ from kta_flwr.tools.bench import (
 )
 from kta_flwr.tools.privacy_bench import run_privacy_bench
 
-SMALL = {"num-server-rounds": 2, "reference-size": 100, "local-epochs": 1, "distill-epochs": 1}
+SMALL = {"num-server-rounds": 2, "reference-size": 100, "local-epochs": 1, "distill-epochs": 1,
+         "tracking": "none"}
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from kta_flwr.flower.results import RunRecorder
 from kta_flwr.task.training import training_samples
 
 TINY = {"reference-size": 100, "test-size": 100, "local-epochs": 1, "distill-epochs": 2,
-        "batch-size": 16}
+        "batch-size": 16, "tracking": "none"}
 
 
 def test_plain_loop_trains_as_many_samples_as_the_clients_count():

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 CLIENTS = 3
 BASE = {
     "reference-size": 100, "test-size": 200, "local-epochs": 1, "distill-epochs": 1,
-    "min-nodes": CLIENTS,
+    "min-nodes": CLIENTS, "tracking": "none",
 }
 
 

@@ -4,6 +4,7 @@ Each test owns its processes (kta_flwr.tools.federation.LocalFederation) and sto
 assertion fails. Checked through the results files the ServerApp writes.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from kta_flwr.task.checkpoint import load_personalized
 from kta_flwr.task.splits import load_client_data, load_splits
 from kta_flwr.task.training import evaluate
 from kta_flwr.flower.round_log import dense_weights, read_rounds
+from kta_flwr.server.tracking import TRACKING_FILE, local_store_uri
 from kta_flwr.tools.federation import LocalFederation
 from kta_flwr.tools.inspect import inspect_run
 from kta_flwr.task.models import build_model
@@ -29,8 +31,10 @@ ROUNDS, CLIENTS, N_REF, C = 2, 3, 100, 10
 HOLDOUT = RunConfig().holdout_fraction  # kta's adaptive market scores on these rows
 SMALL = {
     "num-server-rounds": ROUNDS, "reference-size": N_REF, "test-size": 200,
-    "local-epochs": 1, "distill-epochs": 1,
+    "local-epochs": 1, "distill-epochs": 1, "tracking": "none",
 }
+#: The runs whose MLflow tracking is checked (the default store under their output-dir).
+TRACKED = {"tracking": "mlflow"}
 
 
 def _check_common(res: dict, strategy: str) -> None:
@@ -96,7 +100,7 @@ def _check_tiers(res: dict) -> None:
 
 def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     out = tmp_path / "out"
-    runs = [("kta", {}), ("fedavg", {}), ("kta", {"codec": "topk", "codec-topk": 2}),
+    runs = [("kta", TRACKED), ("fedavg", TRACKED), ("kta", {"codec": "topk", "codec-topk": 2}),
             ("kta", {"reference-fraction": 0.5}), ("kta", {"node-state": "disk"}),
             ("kta", PRIVATE_KTA), ("fedavg", {"dp-epsilon": 3.0}), ("kta", {"fleet": "tiers3"})]
     logs = []
@@ -192,6 +196,30 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     data = load_client_data(cfg.replace(reference_size=N_REF, test_size=200), 0, CLIENTS)
     ours = evaluate(kept, data.test.x, data.test.y, data.label_distribution, torch.device("cpu"))
     assert ours.accuracy == pytest.approx(fedavg["summary"]["final_global_accuracy"], abs=1e-9)
+    _check_tracked(kta_dir, kta, ["results.json", "rounds", "rounds.csv"])
+    _check_tracked(fedavg_dir, fedavg, ["global-model.pt", "results.json", "rounds", "rounds.csv"])
+
+
+def _check_tracked(run_dir: Path, res: dict, artifacts: list[str]) -> None:
+    """The run's MLflow run, read back through MLflow's client API: its config, every
+    round's accuracies and bytes as the results report them, the market's decisions per
+    round (kta) and the run's files."""
+    from mlflow.tracking import MlflowClient  # pylint: disable=import-outside-toplevel
+
+    saved = json.loads((run_dir / TRACKING_FILE).read_text())
+    assert saved["tracking_uri"] == local_store_uri(run_dir.parent)
+    client = MlflowClient(tracking_uri=saved["tracking_uri"])
+    run = client.get_run(saved["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["strategy"] == res["config"]["strategy"]
+    for key in ("personalized-accuracy", "global-accuracy", "cum_bytes_up", "cum_bytes_down"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, ROUNDS + 1))
+        assert [m.value for m in history] == pytest.approx([row[key] for row in res["rounds"]])
+    if res["config"]["strategy"] == "kta":
+        distilled = client.get_metric_history(run.info.run_id, "decisions/distill_count")
+        assert [m.value for m in distilled] == [
+            res["train_metrics"][str(r)]["distilling-clients"] for r in range(1, ROUNDS + 1)]
+    assert sorted(f.path for f in client.list_artifacts(run.info.run_id)) == artifacts
 
 
 def test_deployment_superlink_supernodes_mixed_models(tmp_path, app_dir):

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 ROUNDS, CLIENTS, C, DIM = 2, 3, 10, 64
 SMALL = {"num-server-rounds": ROUNDS, "reference-size": 100, "test-size": 200, "local-epochs": 1,
-         "fleet": "tiers3"}
+         "fleet": "tiers3", "tracking": "none"}
 DIGITS = ModelSpec((1, 8, 8), C)
 
 

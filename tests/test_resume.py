@@ -16,13 +16,13 @@ import pytest
 
 from kta_flwr.tools.faults import rounds_done, wait_for_rounds
 from kta_flwr.tools.federation import LocalFederation
-from tests.conftest import APP_DIR, read_results
+from tests.conftest import read_results
 
 pytestmark = pytest.mark.slow
 
 CLIENTS, ROUNDS = 3, 4
 BASE = {"reference-size": 100, "test-size": 200, "local-epochs": 1, "min-nodes": CLIENTS,
-        "num-server-rounds": ROUNDS}
+        "num-server-rounds": ROUNDS, "tracking": "none"}
 CASES = {
     "stock": {"strategy": "fedavg"},
     "compressed": {"strategy": "sapef"},
@@ -37,21 +37,11 @@ def _config(folder: Path, case: str) -> dict:
     return {**BASE, **CASES[case], "output-dir": str(folder / "out"), "model-dir": str(folder / "models")}
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, dict]:
-    """Each case run once without faults, in one simulation federation."""
-    work = tmp_path_factory.mktemp("resume-whole")
-    out = {}
-    with LocalFederation(work / "fed", CLIENTS, simulation=True) as fed:
-        for case in CASES:
-            proc = fed.submit(APP_DIR, _config(work / case, case))
-            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-            (out[case],) = read_results(work / case / "out")
-    return out
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_killed_federation_resumes_to_the_uninterrupted_result(case, uninterrupted, tmp_path, app_dir):
+def test_a_killed_federation_resumes_to_the_uninterrupted_result(case, tmp_path, app_dir):
+    """Each case is killed after round 2, resumed in a new federation, and compared with
+    the same config run without a fault in that federation (each case on its own, so
+    that pytest-xdist can run the cases side by side)."""
     cfg = _config(tmp_path, case)
     with LocalFederation(tmp_path / "fed-a", CLIENTS, simulation=True) as first:
         first.launch(app_dir, cfg)
@@ -61,10 +51,12 @@ def test_a_killed_federation_resumes_to_the_uninterrupted_result(case, uninterru
     assert 2 <= rounds_done(tmp_path / "out") < ROUNDS, "the run ended before it could be killed"
     with LocalFederation(tmp_path / "fed-b", CLIENTS, simulation=True) as second:
         proc = second.submit(app_dir, {**cfg, "resume-from": str(run_dir)})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        whole = second.submit(app_dir, _config(tmp_path / "whole", case))
+        assert whole.returncode == 0, whole.stdout[-4000:] + whole.stderr[-4000:]
     (resumed,) = read_results(tmp_path / "out")
+    (reference,) = read_results(tmp_path / "whole" / "out")
     assert sum(r["restore_warnings"] for r in resumed["rounds"]) == 0  # every node found its state
-    reference = uninterrupted[case]
     assert [r["round"] for r in resumed["rounds"]] == list(range(1, ROUNDS + 1))
     for key in SUMMARY_KEYS:
         assert resumed["summary"][key] == reference["summary"][key], key

@@ -11,7 +11,7 @@ from tests.conftest import read_results
 pytestmark = pytest.mark.slow
 
 TINY = {"strategy": "kta", "num-server-rounds": 2, "reference-size": 100, "test-size": 100,
-        "local-epochs": 1, "distill-epochs": 1}
+        "local-epochs": 1, "distill-epochs": 1, "tracking": "none"}
 
 
 def test_credentials(tmp_path):

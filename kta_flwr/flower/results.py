@@ -18,6 +18,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from importlib import metadata
 from logging import INFO
@@ -93,6 +94,27 @@ def _sums(clients: list[dict[str, float]], keys: list[str]) -> dict[str, float]:
 def _phase_seconds(clients: list[dict[str, float]], phases: tuple[str, ...], column: str) -> dict[str, float]:
     """``{"<column><phase>": seconds summed over clients}`` from their ``t-<phase>`` metrics."""
     return {column + phase: sum(c.get(PREFIX + phase, 0.0) for c in clients) for phase in phases}
+
+
+def round_metrics(row: Mapping[str, Any], decisions: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """One round's numbers for a tracker: every number of its results ``row`` but the
+    round (accuracies, bytes each way and cumulative, seconds per phase, failures),
+    ``cum_mib_total``, and per decision array of one value per client
+    ``decisions/<name>_count`` (booleans: how many clients) or ``decisions/<name>_mean``
+    (reals: the mean over the clients)."""
+    metrics = {key: float(value) for key, value in row.items()
+               if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    if "cum_bytes_up" in row and "cum_bytes_down" in row:
+        metrics["cum_mib_total"] = _mib(row["cum_bytes_up"] + row["cum_bytes_down"])
+    for name, values in decisions.items():
+        values = np.asarray(values)
+        if values.ndim != 1 or values.size == 0:
+            continue
+        if values.dtype == np.bool_:
+            metrics[f"decisions/{name}_count"] = float(values.sum())
+        elif np.issubdtype(values.dtype, np.floating) and np.isfinite(values).any():
+            metrics[f"decisions/{name}_mean"] = float(np.nanmean(values))
+    return metrics
 
 
 class RunRecorder:

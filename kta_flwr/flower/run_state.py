@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kta_flwr.config import ConfigError, RunConfig
+from kta_flwr.config import TRACKING_KEYS, ConfigError, RunConfig
 from kta_flwr.storage import StateFileError, read_state, write_state
 
 STATE_FILE = "server-state.json"
@@ -29,9 +29,11 @@ LEGACY_STATE_FILE = "server-state.pkl"
 #: /3: the market's held-out rows are drawn each round (``target_draw``, ``last_draw``).
 FORMAT = "kta-flwr-run-state/3"
 #: Run-config keys a resumed run may change (how it waits and times out, where it reads
-#: the state from, how many rounds it runs in all, the nodes' lifetime privacy budget).
+#: the state from, how many rounds it runs in all, the nodes' lifetime privacy budget,
+#: where it is tracked).
 MAY_CHANGE = ("resume-from", "output-dir", "num-server-rounds", "round-timeout",
-              "node-wait-timeout", "min-round-nodes", "min-nodes", "device", "dp-lifetime-epsilon")
+              "node-wait-timeout", "min-round-nodes", "min-nodes", "device",
+              "dp-lifetime-epsilon", *TRACKING_KEYS)
 _FIELDS = {"round": int, "lineage": int, "config": dict, "strategy": dict, "recorder": dict,
            "random_state": tuple, "numpy_state": tuple}
 

@@ -41,6 +41,7 @@ from kta_flwr.flower.run_state import (
 from kta_flwr.flower.strategies.base import FederationError, NodeStrategy, ask_partitions, wait_for_nodes
 from kta_flwr.flower.strategies.rounds import RoundsFrom
 from kta_flwr.maths.market_kernels import MarketKernels
+from kta_flwr.server.tracking import RunTracker, tracker_for
 from kta_flwr.storage import FolderBusy, FolderLock
 from kta_flwr.task.checkpoint import ModelMeta, save_checkpoint
 from kta_flwr.task.market_torch import market_kernels
@@ -110,15 +111,16 @@ def run(grid: Grid, context: Context) -> None:
                 # before reading it: an orphaned ServerApp may still be writing it
                 held.enter_context(_hold(Path(cfg.resume_from).expanduser()))
             saved = _resumable_state(cfg)
+            tracker = tracker_for(cfg)  # ConfigError: 'mlflow' without MLflow installed
         except ConfigError as err:
             log(ERROR, "Invalid configuration, nothing was trained: %s", err)
             raise ConfigError(str(err)) from None
-        _run(grid, cfg, splits, kernels, saved, held)
+        _run(grid, cfg, splits, kernels, saved, held, tracker)
 
 
-def _run(  # pylint: disable=too-many-arguments
+def _run(  # pylint: disable=too-many-arguments,too-many-locals
     grid: Grid, cfg: RunConfig, splits: CentralSplits, kernels: MarketKernels,
-    saved: RunState | None, held: contextlib.ExitStack,
+    saved: RunState | None, held: contextlib.ExitStack, tracker: RunTracker,
 ) -> None:
     """The rounds of a run whose config and checkpoint passed the checks."""
     random.seed(cfg.seed)  # Flower's stock strategies shuffle their sample with `random`
@@ -149,6 +151,9 @@ def _run(  # pylint: disable=too-many-arguments
     if saved is not None:
         first = saved.round + 1
         _resume(saved, strategy, recorder, metered, cfg)
+    tracker.start(recorder.ensure_run_dir(), cfg, {
+        "strategy": cfg.strategy, "dataset": cfg.dataset, "kta.lineage": str(lineage),
+        "kta.flwr_run_id": str(grid.run.run_id)})
     log(INFO, "kta-flwr: strategy=%s dataset=%s reference=%d test=%d train-pool=%d%s",
         cfg.strategy, cfg.dataset, len(splits.reference.y), len(splits.test.y),
         len(splits.train.y), f"; resuming run {lineage} at round {first}" if saved else "")
@@ -161,7 +166,9 @@ def _run(  # pylint: disable=too-many-arguments
             return None
         server_round = rounds.true_round(local_round)
         recorder.note_partitions(strategy.partition_of)
-        out = recorder.end_round(server_round, strategy.take_round_report())
+        report = strategy.take_round_report()
+        out = recorder.end_round(server_round, report)
+        tracker.log_round(server_round, recorder.rows[-1], report.decisions)
         save_run_state(recorder.ensure_run_dir(), RunState.capture(
             round=server_round, lineage=lineage, config=cfg.to_flwr(),
             strategy=strategy.state_dict(), recorder=recorder.state(),
@@ -178,13 +185,17 @@ def _run(  # pylint: disable=too-many-arguments
                 evaluate_config=ConfigRecord({}), evaluate_fn=end_round,
             )
     except FederationError as err:
-        recorder.write()
+        tracker.finish(recorder.write(), failed=True)
         log(ERROR, "kta-flwr: run stopped after %d rounds: %s; results so far in %s",
             len(recorder.rows), err, recorder.ensure_run_dir())
+        raise
+    except BaseException:
+        tracker.finish(recorder.ensure_run_dir(), failed=True)  # e.g. Ctrl-C: closed as failed
         raise
     _save_global_model(cfg, splits, architecture, strategy.global_model(), recorder,
                        (grid.run.run_id, lineage))
     run_dir = recorder.write()
+    tracker.finish(run_dir)
     summary = recorder.summary()
     log(INFO, "kta-flwr: %s finished: personalized %.4f, global %.4f, %.4f MiB total; "
         "results in %s", cfg.strategy, summary["final_personalized_accuracy"],

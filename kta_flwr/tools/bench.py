@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kta_flwr.config import DATA_ROOT, MARKET_STRATEGIES, ConfigError, RunConfig, parse_run_config
+from kta_flwr.config import (
+    DATA_ROOT,
+    MARKET_STRATEGIES,
+    TRACKING_KEYS,
+    ConfigError,
+    RunConfig,
+    parse_run_config,
+)
 from kta_flwr.tools import cli
 from kta_flwr.tools.federation import LocalFederation
 from kta_flwr.tools.paths import REPO_ROOT
@@ -146,8 +153,8 @@ def machines_note(runs: list[RunResult]) -> str:
 
 
 def reusable_run(run_dir: Path, cfg: RunConfig) -> Path | None:
-    """The ``results.json`` of an earlier run in ``run_dir`` made with ``cfg`` (``output-dir``
-    and ``model-dir`` aside; keys the earlier run did not have must be at their defaults)
+    """The ``results.json`` of an earlier run in ``run_dir`` made with ``cfg`` (``output-dir``,
+    ``model-dir`` and the tracking keys aside; keys the earlier run did not have must be at their defaults)
     that completed all its rounds (a run cut short writes one after every round), else None."""
     found = sorted(run_dir.glob("*/results.json"))
     if not found:
@@ -158,7 +165,7 @@ def reusable_run(run_dir: Path, cfg: RunConfig) -> Path | None:
     old = earlier["config"]
     defaults = RunConfig().to_flwr()
     for key, value in cfg.to_flwr().items():
-        if key not in ("output-dir", "model-dir") and old.get(key, defaults[key]) != value:
+        if key not in ("output-dir", "model-dir", *TRACKING_KEYS) and old.get(key, defaults[key]) != value:
             return None
     return found[-1]
 
