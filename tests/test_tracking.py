@@ -53,7 +53,7 @@ def test_mlflow_tracker_logs_config_rounds_decisions_and_files(tmp_path):
     assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
     assert run.data.params["strategy"] == "kta" and run.data.params["num-server-rounds"] == "2"
     assert len(run.data.params) == len(cfg.to_flwr())  # the whole config, in batches of 100
-    assert run.data.tags["strategy"] == "kta"
+    assert run.data.tags["strategy"] == "kta" and run.data.tags["kta.run_dir"] == str(run_dir)
     history = client.get_metric_history(run.info.run_id, "personalized-accuracy")
     assert [m.step for m in history] == [1, 2]
     assert [m.value for m in history] == pytest.approx([0.6, 0.7])

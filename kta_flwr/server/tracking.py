@@ -185,7 +185,7 @@ class MlflowTracker:
               tags: dict[str, str]) -> tuple[Any, str]:
         """The client and the id of this run's MLflow run (``opened``: a resumed run's)."""
         # pylint: disable=import-outside-toplevel
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -194,12 +194,12 @@ class MlflowTracker:
             client.set_tag(opened, "kta.resumed", "true")
             return client, opened
         experiment_id = _experiment_id(client, self.experiment, self.tracking_uri)
-        run = client.create_run(experiment_id, run_name=run_dir.name, tags=tags)
+        run = client.create_run(experiment_id, run_name=run_dir.name,
+                                tags={**tags, "kta.run_dir": str(run_dir)})
         run_id = run.info.run_id
         items = [Param(key, value[:6000]) for key, value in params.items()]
         for start in range(0, len(items), _PARAMS_PER_BATCH):
             client.log_batch(run_id, params=items[start:start + _PARAMS_PER_BATCH])
-        client.log_batch(run_id, tags=[RunTag("kta.run_dir", str(run_dir))])
         write_text_atomic(run_dir / TRACKING_FILE, json.dumps(
             {"tracking_uri": self.tracking_uri, "experiment_id": experiment_id,
              "run_id": run_id}, indent=1))
