@@ -5,6 +5,12 @@ import json
 import os
 from pathlib import Path
 
+# One torch/BLAS thread per process: four pytest-xdist workers share two cores, and the
+# Flower processes a test starts (ServerApp, Ray actors) inherit this. Idle OpenMP threads
+# that spin while the cores are taken cost ~3 s of CPU per small run. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# pylint: disable=wrong-import-position
 import numpy as np
 import pytest
 from flwr.app import (
@@ -16,6 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client_app.app import evaluate, train
 from kta_flwr.config import parse_run_config
 from kta_flwr.flower import protocol
+from kta_flwr.tools.federation import stage_app
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -28,10 +35,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
-@pytest.fixture
-def app_dir() -> Path:
-    """The Flower app (repository root)."""
-    return APP_DIR
+@pytest.fixture(scope="session")
+def app_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Flower app: what its FAB holds, staged once per test process
+    (:func:`kta_flwr.tools.federation.stage_app`; the repository root with its ``.venv``
+    costs every federation ~5 s of CPU to walk)."""
+    return stage_app(APP_DIR, tmp_path_factory.mktemp("app"))
 
 
 def read_results(output_dir: Path) -> list[dict]:

@@ -1,15 +1,20 @@
 """The demo federation's settings, the compose files rendered from them, and the
 `deploy local` launcher that runs the same topology as processes."""
 
+import io
 import json
 import os
 import shutil
 import subprocess
+import zipfile
+from pathlib import Path
 
 import pytest
+from flwr.cli.build import build_fab_from_disk
 
 from kta_flwr.config import ConfigError
 from kta_flwr.tools.deploy import main as deploy_main
+from kta_flwr.tools.federation import stage_app
 from kta_flwr.tools.topology import COMPOSE, SETTINGS, load_topology, render_compose, render_gpu_override
 
 
@@ -79,3 +84,16 @@ def test_deploy_local_runs_the_compose_topology(tmp_path, capfd):
     assert rc == 0, out[-3000:]
     assert f"[deploy] results in {run_dir}" in out and "created a CA" not in out
     assert [r["round"] for r in json.loads((run_dir / "results.json").read_text())["rounds"]] == [1, 2]
+
+
+def test_a_staged_app_builds_the_repositorys_fab(tmp_path):
+    """Runs are submitted from the app's FAB files staged once (``flwr run`` walks every
+    file under the folder it is given): the FAB built from there holds the same files,
+    byte for byte, as the one built from the repository."""
+    root = Path(__file__).resolve().parents[1]
+    staged = stage_app(root, tmp_path / "app")
+    fabs = [zipfile.ZipFile(io.BytesIO(build_fab_from_disk(path))) for path in (root, staged)]
+    names = [sorted(fab.namelist()) for fab in fabs]
+    assert names[0] == names[1] and "kta_flwr/maths/market.py" in names[0]
+    assert all(fabs[0].read(name) == fabs[1].read(name) for name in names[0])
+    assert sum(1 for p in staged.rglob("*") if p.is_file()) < 200

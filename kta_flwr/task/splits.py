@@ -27,22 +27,16 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    ExponentialPartitioner,
-    IidPartitioner,
-    LinearPartitioner,
-    PathologicalPartitioner,
-    ShardPartitioner,
-)
-from flwr_datasets.partitioner.partitioner import Partitioner
 from sklearn.model_selection import train_test_split
 
 from kta_flwr.config import ConfigError, RunConfig, is_hub_path
 from kta_flwr.task.datasets import DATASETS, ArrayDataset, Source, load_from_hub
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 from kta_flwr.task.models import ModelSpec
 from kta_flwr.task.text import build_vocab, encoder_for
 
@@ -241,14 +235,24 @@ ORDERED_CUTS = frozenset({"linear", "exponential"})
 
 
 def flower_partitioner(kind: str, num_partitions: int, options: tuple[float, int, int], seed: int,
-                       size: int) -> Partitioner:
+                       size: int) -> "Partitioner":
     """flwr-datasets' partitioner ``kind`` of a ``label`` column: ``dirichlet`` (label skew,
     ``options[0]`` = alpha; at least min(10, size / K) samples each), ``iid``, ``shard``
     (``options[1]`` label-sorted shards each of size/(K · shards) rows: the remainder,
     under one shard, goes unused), ``pathological`` (``options[2]`` classes each: client
     i's first is class i mod C, so with K >= C every class is used, the others are
     random), ``linear`` or ``exponential`` (sizes ∝ i or e^i, cut from the rows in the
-    order given: the caller shuffles them, :data:`ORDERED_CUTS`)."""
+    order given: the caller shuffles them, :data:`ORDERED_CUTS`).
+
+    flwr-datasets is imported here, not with the module: its package loads its plots'
+    dependencies (~1.3 s of CPU), which the processes that never partition (the
+    ServerApp, the tools) need not pay."""
+    # pylint: disable-next=import-outside-toplevel
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner, ExponentialPartitioner, IidPartitioner, LinearPartitioner,
+        PathologicalPartitioner, ShardPartitioner,
+    )
+
     alpha, shards, classes = options
     builders: dict[str, Callable[[], Partitioner]] = {
         "iid": lambda: IidPartitioner(num_partitions=num_partitions),
@@ -277,6 +281,8 @@ def _partition_indices(  # pylint: disable=too-many-arguments
             f"{num_partitions} clients (num-partitions) but the training pool has only "
             f"{size} samples: use fewer clients or a smaller 'reference-size'/'test-size'"
         )
+    from datasets import Dataset  # pylint: disable=import-outside-toplevel
+
     labels = np.frombuffer(label_bytes, dtype=np.int64, count=size)
     table = Dataset.from_dict({"label": labels, "row": np.arange(size)})
     shuffled = kind in ORDERED_CUTS

@@ -8,6 +8,8 @@ for the launcher and for the compose file (:mod:`kta_flwr.tools.topology`).
 of sleeping, writes a ``config.toml`` connection for ``flwr run`` under a private
 ``FLWR_HOME``, and always stops every process on exit, also when a test fails. With
 ``simulation=True`` it starts a simulation-engine SuperLink instead of SuperNodes.
+Runs are submitted from a staged copy of the app (:func:`stage_app`): what its FAB
+holds, built once per federation.
 
 With ``credentials`` (see :mod:`kta_flwr.tools.certs`) the federation is secure: the SuperLink
 serves TLS with the given certificate and only admits SuperNodes whose public key was
@@ -23,13 +25,18 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
+
+from flwr.cli.build import build_fab_from_disk
 
 from kta_flwr.tools.certs import Credentials
 from kta_flwr.tools.presets import config_arg, toml_value
@@ -37,6 +44,24 @@ from kta_flwr.tools.presets import config_arg, toml_value
 CONNECTION = "kta-local"
 #: The SuperLink's database in a federation's work folder (with SQLite's -wal/-shm files).
 DATABASE = "state.db"
+
+
+def stage_app(app_dir: Path, into: Path) -> Path:
+    """The files of ``app_dir``'s FAB (what ``flwr build`` ships: its filters applied),
+    unpacked into the empty folder ``into``, which is returned.
+
+    ``flwr run <folder>`` walks and resolves every file under the folder before its
+    filters drop them: from a checkout with a ``.venv`` and a ``results`` folder inside
+    (~70,000 files) that is ~5 s of CPU per run. From the staged copy ``flwr run`` builds
+    the same FAB from the ~90 files it holds.
+    """
+    shutil.rmtree(into, ignore_errors=True)
+    into.mkdir(parents=True)
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(Path(app_dir)))) as fab:
+        for name in fab.namelist():
+            if not name.startswith(".info/"):  # the FAB's manifest, written anew by flwr run
+                fab.extract(name, into)
+    return into
 
 
 def free_port() -> int:
@@ -130,6 +155,7 @@ class LocalFederation:
         self.supernode_ports = supernode_ports
         self.processes: list[subprocess.Popen] = []
         self._supernodes: dict[int, subprocess.Popen] = {}
+        self._staged: dict[Path, Path] = {}
 
     # --- lifecycle ------------------------------------------------------------
     def __enter__(self) -> LocalFederation:
@@ -297,13 +323,21 @@ class LocalFederation:
             f"{security}{options}"
         )
 
+    def staged(self, app_dir: Path) -> Path:
+        """``app_dir``'s FAB files, staged once per federation (:func:`stage_app`) in
+        ``<workdir>/apps/<n>``."""
+        key = Path(app_dir).resolve()
+        if key not in self._staged:
+            self._staged[key] = stage_app(key, self.workdir / "apps" / str(len(self._staged)))
+        return self._staged[key]
+
     def submit(
         self, app_dir: Path, run_config: dict[str, Any], timeout: float = 600.0,
         *, echo: bool = False,
     ) -> subprocess.CompletedProcess:
         """``flwr run <app_dir> <connection> --stream`` with ``run_config``; waits for the
         end. Output is captured, or with ``echo`` goes to this process's terminal."""
-        args = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
+        args = ["flwr", "run", str(self.staged(app_dir)), CONNECTION, "--stream"]
         if run_config:
             args += ["--run-config", config_arg(run_config)]
         return subprocess.run(
@@ -314,7 +348,7 @@ class LocalFederation:
     def launch(self, app_dir: Path, run_config: dict[str, Any], name: str = "run") -> subprocess.Popen:
         """``flwr run <app_dir> <connection> --stream`` in the background (output in
         ``logs/<name>.log``); :meth:`stop` and :meth:`kill` end it with the rest."""
-        args = ["flwr", "run", str(app_dir), CONNECTION, "--stream"]
+        args = ["flwr", "run", str(self.staged(app_dir)), CONNECTION, "--stream"]
         if run_config:
             args += ["--run-config", config_arg(run_config)]
         return self._spawn(name, args)
