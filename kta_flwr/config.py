@@ -223,6 +223,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     teacher_quality: str = "information"
     sybil_divergence: float = 1e-5
     loudness_cap: float = 2.0
+    score_uniform_share: float = 0.0
     # --- robust parameter aggregators (Flower's Krum, FedTrimmedAvg) ---------------------
     krum_malicious: int = 2
     trim_beta: float = 0.2
@@ -629,8 +630,9 @@ def _validate(cfg: RunConfig) -> RunConfig:
     ):
         if not (0.0 < value <= 1.0):
             raise ConfigError(f"run-config '{key}' = {value!r} must be in (0, 1]")
-    if not 0.0 <= cfg.sapef_alpha <= 1.0:
-        raise ConfigError(f"run-config 'sapef-alpha' = {cfg.sapef_alpha!r} must be in [0, 1]")
+    for key, value in (("sapef-alpha", cfg.sapef_alpha), ("score-uniform-share", cfg.score_uniform_share)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"run-config '{key}' = {value!r} must be in [0, 1]")
     for key, value in (
         ("distill-epochs", cfg.distill_epochs),
         ("momentum", cfg.momentum),

@@ -13,8 +13,8 @@ from kta_flwr.config import LOGIT_ATTACKS, RunConfig
 from kta_flwr.factory import market_params
 from kta_flwr.flower.protocol import held_out_mask
 from kta_flwr.maths.market import (
-    cap_loudness, centre, class_prior, consistent_accuracy, label_information, run_market, soft_targets,
-    sybil_shares,
+    cap_loudness, centre, class_prior, consistent_accuracy, label_information, run_market,
+    scoring_weights, soft_targets, sybil_shares,
 )
 
 N, C, HONEST = 200, 5, 8
@@ -161,6 +161,8 @@ def test_attack_config_is_checked():
         parse_run_config({"attack": "backdoor"})
     with pytest.raises(ConfigError, match="'trim-beta'"):
         parse_run_config({"strategy": "fedtrimmedavg", "trim-beta": 0.5})
+    with pytest.raises(ConfigError, match=r"'score-uniform-share' = 1.5 must be in \[0, 1\]"):
+        parse_run_config({"score-uniform-share": 1.5})
 
 
 def _targets(uploads: np.ndarray, weights: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:
@@ -271,3 +273,21 @@ def test_teachers_worse_than_a_uniform_guess_get_no_weight(attack):
     assert weight(by_information).max() == 0.0
     same_side = by_information.weights[:4, :4].sum(axis=1) - np.diag(by_information.weights)[:4]
     assert (same_side > by_information.weights[:4, 4:HONEST].sum(axis=1)).all()
+
+
+def test_a_uniform_share_counts_a_teachers_errors_on_classes_the_student_lacks():
+    """A student that holds no 4s weighs the scored rows of class 4 by its class marginal
+    (~0), so a teacher sure and wrong on every 4 scores like a perfect one; with half of
+    each row's weight uniform (``score-uniform-share = 0.5``) those errors count."""
+    labels = np.random.default_rng(2).integers(0, C, N)
+    right = 8.0 * np.eye(C)[labels]
+    wrong_on_4 = 8.0 * np.eye(C)[np.where(labels == 4, 0, labels)]
+    priors = np.array([[0.25, 0.25, 0.25, 0.25, 1e-4], [0.2] * C])
+    priors /= priors.sum(axis=1, keepdims=True)
+    scores = {u: label_information(np.stack([right, wrong_on_4]), labels, scoring_weights(priors, labels, u))
+              for u in (0.0, 0.5)}
+    assert scores[0.0][0, 1] == pytest.approx(scores[0.0][0, 0], abs=0.01)  # not counted
+    assert scores[0.5][0, 0] - scores[0.5][0, 1] > 0.5  # counted
+    np.testing.assert_allclose(scoring_weights(priors, labels, 0.5),
+                               0.5 * priors[:, labels] + 0.5 / C)
+    assert scores[0.0][1, 1] == pytest.approx(scores[0.5][1, 1])  # a uniform student: the same

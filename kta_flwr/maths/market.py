@@ -29,7 +29,10 @@ its label: ``I[k, j] = max(0, sum_i pi_k(y_i) log p~_j(y_i | x_i) / sum_i pi_k(y
 how often; it judges each teacher on the classes the student cares about, so a
 label-skewed teacher keeps its weight with the students that share its classes; and a
 teacher no better than a uniform guess there gets no weight at all (an inverted or
-rolled upload). ``"likelihood"`` scales by the geometric mean label probability of the
+rolled upload). With ``score_uniform_share = u`` each row weighs
+``(1 - u) pi_k(y_i) + u / C`` instead (:func:`scoring_weights`; the adaptive market's
+scoring below alike), so a teacher's errors on the classes a student holds little of,
+where the student learns from its targets alone, count too. ``"likelihood"`` scales by the geometric mean label probability of the
 uncorrected prediction instead, ``Q[k, j] = exp(sum_i pi_k(y_i) log p_j(y_i) / sum_i
 pi_k(y_i))`` (:func:`label_quality`), which is never 0.
 
@@ -125,6 +128,7 @@ __all__ = [
     "reference_accuracy",
     "reference_rows",
     "run_market",
+    "scoring_weights",
     "similarity_graph",
     "soft_targets",
     "softmax",
@@ -168,6 +172,9 @@ class MarketParams:
     teacher_quality: str = "accuracy"
     sybil_divergence: float = 0.0  # teachers closer than this (mean JS, nats) share one weight
     loudness_cap: float = 0.0  # cap each teacher's centred logit row norm at this x the median
+    # the share of each scored row's weight that is the same for every class; the rest
+    # follows the student's class marginal (:func:`scoring_weights`)
+    score_uniform_share: float = 0.0
     # --- scale (docs/scaling.md): 0 keeps the exact market
     divergence_rows: int = 0  # divergences on this many evenly spaced reference rows (0: all)
     background: bool = False  # neighbours: the rest's weight to one mean teacher (logit space)
@@ -360,6 +367,25 @@ def label_information(logits: np.ndarray, labels: np.ndarray, sample_weights: np
     if priors is not None:
         logits = logits - np.log(np.asarray(priors, np.float64))[:, None, :].astype(logits.dtype)
     return np.maximum(_mean_log_score(logits, labels, sample_weights) + math.log(logits.shape[-1]), 0.0)
+
+
+def scoring_weights(priors: np.ndarray, labels: np.ndarray, uniform_share: float = 0.0) -> np.ndarray:
+    """How much each scored row counts for each student: its predicted class marginal at
+    the row's label, mixed with a uniform share.
+
+    Args:
+        priors: ``[K, C]`` the students' class marginals. labels: ``[M]`` the rows' labels.
+        uniform_share: in [0, 1]; 0 judges teachers on the classes each student holds
+            only, so a teacher's errors on the classes a student holds little of hardly
+            count against it, though there the student learns from its targets alone.
+
+    Returns:
+        ``[K, M]`` weights ``(1 - u) pi_k(y_i) + u / C``.
+    """
+    weights = np.asarray(priors, np.float64)[:, labels]
+    if uniform_share <= 0:
+        return weights
+    return (1.0 - uniform_share) * weights + uniform_share / priors.shape[1]
 
 
 def neighbour_mask(closeness: np.ndarray, neighbours: int) -> np.ndarray:
@@ -580,7 +606,7 @@ def run_market(
         if held_out is not None and np.any(held_out):
             rows = np.flatnonzero(held_out)
         scoring = reference_rows(logits, rows)
-        sample_weights = estimated_priors[:, labels[rows]]
+        sample_weights = scoring_weights(estimated_priors, labels[rows], params.score_uniform_share)
         quality = accuracy
         if params.teacher_quality == "information":
             quality = label_information(scoring, labels[rows], sample_weights, priors)
