@@ -32,9 +32,10 @@ teacher no better than a uniform guess there gets no weight at all (an inverted 
 rolled upload). With ``score_uniform_share = u`` each row weighs
 ``(1 - u) pi_k(y_i) + u / C`` instead (:func:`scoring_weights`; the adaptive market's
 scoring below alike), so a teacher's errors on the classes a student holds little of,
-where the student learns from its targets alone, count too. ``"likelihood"`` scales by the geometric mean label probability of the
-uncorrected prediction instead, ``Q[k, j] = exp(sum_i pi_k(y_i) log p_j(y_i) / sum_i
-pi_k(y_i))`` (:func:`label_quality`), which is never 0.
+where the student learns from its targets alone, count too. ``"likelihood"`` scales by
+the geometric mean label probability of the uncorrected prediction instead,
+``Q[k, j] = exp(sum_i pi_k(y_i) log p_j(y_i) / sum_i pi_k(y_i))`` (:func:`label_quality`),
+which is never 0.
 
 **Prior correction** (``prior_correction=True``, the default): teachers trained on other
 label mixes carry their own class priors into the targets. Each client's prior is
@@ -382,10 +383,8 @@ def scoring_weights(priors: np.ndarray, labels: np.ndarray, uniform_share: float
     Returns:
         ``[K, M]`` weights ``(1 - u) pi_k(y_i) + u / C``.
     """
-    weights = np.asarray(priors, np.float64)[:, labels]
-    if uniform_share <= 0:
-        return weights
-    return (1.0 - uniform_share) * weights + uniform_share / priors.shape[1]
+    # u = 0 gives the marginals exactly: 1.0 * w + 0.0 == w in floating point
+    return (1.0 - uniform_share) * np.asarray(priors, np.float64)[:, labels] + uniform_share / priors.shape[1]
 
 
 def neighbour_mask(closeness: np.ndarray, neighbours: int) -> np.ndarray:

@@ -34,11 +34,11 @@ from sklearn.model_selection import train_test_split
 
 from kta_flwr.config import ConfigError, RunConfig, is_hub_path
 from kta_flwr.task.datasets import DATASETS, ArrayDataset, Source, load_from_hub
+from kta_flwr.task.models import ModelSpec
+from kta_flwr.task.text import build_vocab, encoder_for
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
-from kta_flwr.task.models import ModelSpec
-from kta_flwr.task.text import build_vocab, encoder_for
 
 __all__ = ["ArrayDataset", "CentralSplits", "ClientData", "load_client_data", "load_splits"]
 
