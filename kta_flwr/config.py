@@ -224,6 +224,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     sybil_divergence: float = 1e-5
     loudness_cap: float = 2.0
     score_uniform_share: float = 0.0
+    class_quality: bool = False
     # --- robust parameter aggregators (Flower's Krum, FedTrimmedAvg) ---------------------
     krum_malicious: int = 2
     trim_beta: float = 0.2

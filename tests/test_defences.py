@@ -13,8 +13,8 @@ from kta_flwr.config import LOGIT_ATTACKS, RunConfig
 from kta_flwr.factory import market_params
 from kta_flwr.flower.protocol import held_out_mask
 from kta_flwr.maths.market import (
-    cap_loudness, centre, class_prior, consistent_accuracy, label_information, run_market,
-    scoring_weights, soft_targets, sybil_shares,
+    cap_loudness, centre, class_information, class_prior, class_weights, consistent_accuracy,
+    label_information, run_market, scoring_weights, soft_targets, sybil_shares,
 )
 
 N, C, HONEST = 200, 5, 8
@@ -291,3 +291,36 @@ def test_a_uniform_share_counts_a_teachers_errors_on_classes_the_student_lacks()
     np.testing.assert_allclose(scoring_weights(priors, labels, 0.5),
                                0.5 * priors[:, labels] + 0.5 / C)
     assert scores[0.0][1, 1] == pytest.approx(scores[0.5][1, 1])  # a uniform student: the same
+
+
+def test_class_quality_drops_a_teacher_on_the_class_it_flips_and_keeps_each_teacher_on_its_classes():
+    """Label skew: teacher 0 knows classes 0-2 (a uniform guess on 3-4), teacher 1 knows
+    3-4; teacher 2 is sure and right but on the 0s and 4s, which it swaps (unsure). By the
+    class of each row teacher 2 weighs nothing on the 0s and 4s, teacher 0 nothing on the
+    3s and 4s, and a student with no informative teacher on a class keeps its own
+    predictions there; with one quality per teacher, student 1 (it knows the 4s) is
+    taught 0 on its 4s by teachers 0 and 2 (the defence removed, this fails). The prior
+    correction is off: it would give teacher 0's uniform rows to its rare classes 3-4."""
+    labels = np.random.default_rng(3).integers(0, C, N)
+    one_hot = 8.0 * np.eye(C)[labels]
+    knows = lambda classes: np.where(np.isin(labels, classes)[:, None], one_hot, 0.0)  # noqa: E731
+    swapped = np.isin(labels, [0, 4])[:, None]
+    flipper = np.where(swapped, 3.0 * np.eye(C)[np.choose(labels, [4, 1, 2, 3, 0])], one_hot)
+    logits = np.stack([knows([0, 1, 2]), knows([3, 4]), flipper])
+    held_out = held_out_mask(N, 0.2, 0)
+    scored = held_out.nonzero()[0]
+    per_class = class_information(logits[:, scored], labels[scored], C)
+    np.testing.assert_allclose(per_class, np.log(C) * np.array(
+        [[1, 1, 1, 0, 0], [0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]), atol=0.01)
+    by_class = class_weights(np.full((3, 3), 1.0 / 3), np.ones((3, 3)), per_class)  # [C, K, J]
+    np.testing.assert_allclose(by_class.sum(axis=2), 1.0)
+    # (a student's own weight is floored, as in teacher_weights)
+    assert by_class[4, :2, 2].max() == 0.0 and by_class[3, 1:, 0].max() == 0.0
+    assert (by_class[4, :, 1] > 0.99).all()
+    alone = class_weights(np.array([[0.0, 0.0, 1.0]] * 3), np.ones((3, 3)), per_class)
+    np.testing.assert_array_equal(alone[4], np.eye(3))  # nobody but teacher 2, wrong on 4s
+    fours = labels[~held_out] == 4
+    for wanted in (True, False):
+        out = run_market(logits, labels, _kta(class_quality=wanted, gate=False, prior_correction=False),
+                         held_out, target_rows=~held_out)
+        assert (out.targets[:, fours].mean(axis=1).argmax(axis=-1) == 4).all() == wanted

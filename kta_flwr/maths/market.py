@@ -115,7 +115,9 @@ __all__ = [
     "candidate_weights",
     "cap_loudness",
     "centre",
+    "class_information",
     "class_prior",
+    "class_weights",
     "consistent_accuracy",
     "dense_weights",
     "label_information",
@@ -176,6 +178,9 @@ class MarketParams:
     # the share of each scored row's weight that is the same for every class; the rest
     # follows the student's class marginal (:func:`scoring_weights`)
     score_uniform_share: float = 0.0
+    # "information" only: each target row mixes its teachers by their information on
+    # the row's class (:func:`class_information`, :func:`class_weights`)
+    class_quality: bool = False
     # --- scale (docs/scaling.md): 0 keeps the exact market
     divergence_rows: int = 0  # divergences on this many evenly spaced reference rows (0: all)
     background: bool = False  # neighbours: the rest's weight to one mean teacher (logit space)
@@ -368,6 +373,63 @@ def label_information(logits: np.ndarray, labels: np.ndarray, sample_weights: np
     if priors is not None:
         logits = logits - np.log(np.asarray(priors, np.float64))[:, None, :].astype(logits.dtype)
     return np.maximum(_mean_log_score(logits, labels, sample_weights) + math.log(logits.shape[-1]), 0.0)
+
+
+def class_information(logits: np.ndarray, labels: np.ndarray, num_classes: int,
+                      priors: np.ndarray | None = None) -> np.ndarray:
+    """What each client's prediction tells about the labels of each class, beyond a
+    uniform guess.
+
+    Args:
+        logits: ``[K, M, C]`` the clients' logits on the M scoring rows; labels: ``[M]``.
+        num_classes: C.
+        priors: ``[K, C]`` class priors divided out first, as in :func:`label_information`.
+
+    Returns:
+        ``[K, C]`` values ``I_c[j] = max(0, mean_{i: y_i = c} log p~_j(y_i) + log C)`` in
+        nats (0 for a class without scored rows), :func:`label_information` on the rows of
+        one class. A teacher wrong on one class (a label-flip attacker on the classes it
+        holds) gets 0 there however well it scores elsewhere, and a label-skewed honest
+        teacher keeps the classes it knows.
+    """
+    logits = np.asarray(logits)
+    if priors is not None:
+        logits = logits - np.log(np.asarray(priors, np.float64))[:, None, :].astype(logits.dtype)
+    scores = np.log(np.maximum(own_label_probability(logits, labels), _EPS)) + math.log(num_classes)
+    one_hot = np.eye(num_classes)[np.asarray(labels)]  # [M, C]
+    return np.maximum(scores @ one_hot / np.maximum(one_hot.sum(axis=0), 1.0), 0.0)
+
+
+def class_weights(weights: np.ndarray, quality: np.ndarray, per_class: np.ndarray,
+                  exponent: float = 1.0) -> np.ndarray:
+    """Each student's teacher weights for the rows of each class: a teacher's quality
+    ``quality[k, j]`` in ``weights`` swapped for its information on the class.
+
+    Args:
+        weights: ``[K, J]`` teacher weights, rows sum to 1 (J = K, or K + 1 with the
+            background teacher, whose weight keeps its share).
+        quality: ``[K, K]`` the qualities they were computed with (:func:`label_information`).
+        per_class: ``[K, C]`` :func:`class_information`.
+        exponent: gamma, the power the qualities carry in the weights.
+
+    Returns:
+        ``[C, K, J]`` weights ``W_c[k, j] ∝ W[k, j] (I_c[j] / I[k, j]) ** gamma``, rows sum to 1;
+        a student with no informative teacher on class c (itself included, when it is
+        one) gets weight 1 on itself there: its targets are its own predictions. Own
+        qualities are floored at 1e-3 as in :func:`teacher_weights`.
+    """
+    num_clients = quality.shape[0]
+    own = np.eye(num_clients, dtype=bool)
+    floor = np.where(own, 1e-3, 0.0)  # [K, K]
+    base = np.maximum(quality, floor)
+    swapped = np.maximum(per_class.T[:, None, :], floor[None])  # [C, K(k), K(j)]
+    ratio = np.divide(swapped, base[None], out=np.zeros_like(swapped), where=base[None] > 0) ** exponent
+    ratio = np.concatenate([ratio, np.ones(ratio.shape[:2] + (weights.shape[1] - num_clients,))], axis=2)
+    out = weights[None] * ratio
+    totals = out.sum(axis=2, keepdims=True)
+    alone = np.zeros_like(weights)
+    alone[:, :num_clients] = own  # the student's own predictions: nothing to learn there
+    return np.where(totals > 0, out / np.where(totals > 0, totals, 1.0), alone[None])
 
 
 def scoring_weights(priors: np.ndarray, labels: np.ndarray, uniform_share: float = 0.0) -> np.ndarray:
@@ -625,15 +687,40 @@ def run_market(
             if _uses_background(params, num_clients):
                 weights = with_background(weights[None], divergence, quality, params, shares,
                                           np.array([params.tau]))[0]
+    target_labels = labels
     if target_rows is not None:
         mixed = reference_rows(mixed, np.flatnonzero(target_rows))
+        target_labels = labels[np.asarray(target_rows, bool)]
     teachers, teacher_priors = _teachers(mixed, priors, weights)
-    targets = kernels.targets(
-        teachers, weights, temperature=params.temperature, space=params.target_space,
-        priors=teacher_priors,
-    )
+    per_class = None
+    if params.class_quality and params.weighting == "market" and params.teacher_quality == "information":
+        per_class = class_weights(weights, quality,
+                                  class_information(scoring, labels[rows], logits.shape[-1], priors),
+                                  params.accuracy_exponent)
+    targets = _class_targets(teachers, weights, per_class, target_labels, params, teacher_priors, kernels)
     return MarketOutput(accuracy, divergence, similarity, dense_weights(weights), targets, taus,
                         distill, estimated_priors)
+
+
+def _class_targets(  # pylint: disable=too-many-arguments
+    teachers: np.ndarray, weights: np.ndarray, per_class: np.ndarray | None, labels: np.ndarray,
+    params: MarketParams, priors: np.ndarray | None, kernels: MarketKernels,
+) -> np.ndarray:
+    """``[K, N, C]`` targets of the teachers ``[J, N, C]`` on rows labelled ``labels``
+    ``[N]``: mixed by ``weights`` ``[K, J]``, or the rows of each class c by
+    ``per_class[c]`` (``[C, K, J]``, None: one mix)."""
+    def mix(rows: np.ndarray | slice, row_weights: np.ndarray) -> np.ndarray:
+        return kernels.targets(reference_rows(teachers, rows), row_weights, temperature=params.temperature,
+                               space=params.target_space, priors=priors)
+
+    if per_class is None:
+        return mix(slice(None), weights)
+    out = np.empty((weights.shape[0],) + teachers.shape[1:], np.float32)
+    for label, class_weight in enumerate(per_class):
+        rows = np.flatnonzero(labels == label)
+        if len(rows):
+            out[:, rows] = mix(rows, class_weight)
+    return out
 
 
 def _uses_background(params: MarketParams, num_clients: int) -> bool:
