@@ -369,20 +369,26 @@ def label_information(logits: np.ndarray, labels: np.ndarray, sample_weights: np
         better than a uniform guess on the student's classes gets 0, however often its
         top class is right: an inverted or rolled prediction scores below it.
     """
-    logits = np.asarray(logits)
-    if priors is not None:
-        logits = logits - np.log(np.asarray(priors, np.float64))[:, None, :].astype(logits.dtype)
+    logits = _prior_free(logits, priors)
     return np.maximum(_mean_log_score(logits, labels, sample_weights) + math.log(logits.shape[-1]), 0.0)
 
 
-def class_information(logits: np.ndarray, labels: np.ndarray, num_classes: int,
+def _prior_free(logits: np.ndarray, priors: np.ndarray | None) -> np.ndarray:
+    """``[K, M, C]`` logits with each client's log class prior (``[K, C]``) taken out, in
+    the logits' dtype; None: the logits as they are."""
+    logits = np.asarray(logits)
+    if priors is None:
+        return logits
+    return logits - np.log(np.asarray(priors, np.float64))[:, None, :].astype(logits.dtype)
+
+
+def class_information(logits: np.ndarray, labels: np.ndarray,
                       priors: np.ndarray | None = None) -> np.ndarray:
     """What each client's prediction tells about the labels of each class, beyond a
     uniform guess.
 
     Args:
         logits: ``[K, M, C]`` the clients' logits on the M scoring rows; labels: ``[M]``.
-        num_classes: C.
         priors: ``[K, C]`` class priors divided out first, as in :func:`label_information`.
 
     Returns:
@@ -392,9 +398,8 @@ def class_information(logits: np.ndarray, labels: np.ndarray, num_classes: int,
         holds) gets 0 there however well it scores elsewhere, and a label-skewed honest
         teacher keeps the classes it knows.
     """
-    logits = np.asarray(logits)
-    if priors is not None:
-        logits = logits - np.log(np.asarray(priors, np.float64))[:, None, :].astype(logits.dtype)
+    logits = _prior_free(logits, priors)
+    num_classes = logits.shape[-1]
     scores = np.log(np.maximum(own_label_probability(logits, labels), _EPS)) + math.log(num_classes)
     one_hot = np.eye(num_classes)[np.asarray(labels)]  # [M, C]
     return np.maximum(scores @ one_hot / np.maximum(one_hot.sum(axis=0), 1.0), 0.0)
@@ -695,7 +700,7 @@ def run_market(
     per_class = None
     if params.class_quality and params.weighting == "market" and params.teacher_quality == "information":
         per_class = class_weights(weights, quality,
-                                  class_information(scoring, labels[rows], logits.shape[-1], priors),
+                                  class_information(scoring, labels[rows], priors),
                                   params.accuracy_exponent)
     targets = _class_targets(teachers, weights, per_class, target_labels, params, teacher_priors, kernels)
     return MarketOutput(accuracy, divergence, similarity, dense_weights(weights), targets, taus,
