@@ -595,6 +595,9 @@ def _validate(cfg: RunConfig) -> RunConfig:
                           "stands in for the teachers beyond the m nearest) and 'target-space' = "
                           f"'logit'; got neighbours = {cfg.neighbours}, target-space = "
                           f"{cfg.target_space!r}")
+    if cfg.class_quality and cfg.teacher_quality != "information":
+        raise ConfigError("run-config 'class-quality' = true needs 'teacher-quality' = "
+                          f"'information' (it splits that score by class); got {cfg.teacher_quality!r}")
     _choice("device", cfg.device, DEVICES)
     _choice("codec", cfg.codec, CODECS)
     _choice("update-aggregation", cfg.update_aggregation, UPDATE_AGGREGATIONS)

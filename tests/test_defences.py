@@ -163,6 +163,8 @@ def test_attack_config_is_checked():
         parse_run_config({"strategy": "fedtrimmedavg", "trim-beta": 0.5})
     with pytest.raises(ConfigError, match=r"'score-uniform-share' = 1.5 must be in \[0, 1\]"):
         parse_run_config({"score-uniform-share": 1.5})
+    with pytest.raises(ConfigError, match=r"'class-quality' = true needs 'teacher-quality' = 'information'"):
+        parse_run_config({"class-quality": True, "teacher-quality": "accuracy"})
 
 
 def _targets(uploads: np.ndarray, weights: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:
