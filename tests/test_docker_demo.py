@@ -1,14 +1,19 @@
 """Opt-in (`pytest -m docker`): rerun the docker-compose demo, 1 SuperLink + 3 SuperNodes in
 containers with TLS and node authentication, and a short kta run."""
 
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from kta_flwr.tools.topology import COMPOSE
 
-pytestmark = pytest.mark.docker
+# slow too: it starts Flower processes (in containers), so the fast tier (-m "not slow",
+# which replaces the default -m "not docker") leaves it out as well
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
 def _skip_unless_ready() -> None:
@@ -24,9 +29,11 @@ def _skip_unless_ready() -> None:
 
 def test_compose_demo_runs_kta():
     _skip_unless_ready()
+    # demo.sh calls python3 and flwr: this interpreter's, installed with the project
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     proc = subprocess.run(
         [str(COMPOSE.parent / "demo.sh"), "num-server-rounds=2"],
-        capture_output=True, text=True, timeout=900, check=False,
+        capture_output=True, text=True, timeout=900, check=False, env={**os.environ, "PATH": path},
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
