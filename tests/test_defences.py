@@ -326,3 +326,16 @@ def test_class_quality_drops_a_teacher_on_the_class_it_flips_and_keeps_each_teac
         out = run_market(logits, labels, _kta(class_quality=wanted, gate=False, prior_correction=False),
                          held_out, target_rows=~held_out)
         assert (out.targets[:, fours].mean(axis=1).argmax(axis=-1) == 4).all() == wanted
+
+
+@pytest.mark.parametrize("strategy", ["fedmd", "ktpfl"])
+def test_the_market_baselines_stay_as_published_whatever_kta_options_are_set(strategy):
+    """kta's defences are kta's: FedMD and KT-pFL run their published rules even when the
+    run config turns every defence and scoring option on."""
+    cfg = RunConfig(strategy=strategy, class_quality=True, score_uniform_share=0.5, loudness_cap=3.0,
+                    sybil_divergence=1e-3)
+    params = market_params(cfg)
+    assert (params.class_quality, params.score_uniform_share, params.loudness_cap, params.sybil_divergence,
+            params.teacher_quality, params.prior_correction) == (False, 0.0, 0.0, 0.0, "accuracy", False)
+    assert market_params(RunConfig(strategy="kta", class_quality=True)).class_quality
+    assert market_params(RunConfig(strategy="fedavg", class_quality=True)) is None  # no market at all
