@@ -56,6 +56,9 @@ STRATEGY_FAMILIES: dict[str, str] = {
 }
 STRATEGIES = tuple(STRATEGY_FAMILIES)
 MARKET_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == MARKET)
+#: What the server's global model (``server-model``) learns toward: the market's consensus
+#: of the uploads, or the public rows' labels alone (the baseline without any client).
+SERVER_MODEL_TEACHERS = ("consensus", "labels")
 PARAMETER_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PARAMETERS)
 COMPRESSED_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == COMPRESSED)
 PERSONAL_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PERSONAL)
@@ -69,6 +72,8 @@ PRIVATE_TEACHER_STRATEGIES = ("fedkd",)
 DATASETS = ("digits", "cifar10", "femnist", "agnews", "emnist")
 #: Datasets whose inputs are text (they need a text model such as ``textbag``).
 TEXT_DATASETS = frozenset({"agnews"})
+#: Image datasets whose labels survive a horizontal flip (photographs; not characters).
+MIRRORABLE_DATASETS = frozenset({"cifar10"})
 #: Model names (builders: :data:`kta_flwr.task.models.MODELS`).
 MODELS = ("mlp", "cnn", "simplecnn", "simplecnn_small", "resnet8", "resnet18", "femnist_cnn", "textbag",
           "minilm")
@@ -225,6 +230,12 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     loudness_cap: float = 2.0
     score_uniform_share: float = 0.0
     class_quality: bool = False
+    # --- the server's global model under the market (docs/method.md#the-servers-global-model)
+    server_model: str = ""  # a model name: distilled on the server from the consensus; "": none
+    server_model_epochs: int = 5
+    server_model_label_weight: float = 1.0
+    server_model_teacher: str = "consensus"  # or "labels": the public labels alone (a baseline)
+    server_model_augment: bool = True  # images: random shifts (and flips where labels survive them)
     # --- robust parameter aggregators (Flower's Krum, FedTrimmedAvg) ---------------------
     krum_malicious: int = 2
     trim_beta: float = 0.2
@@ -590,6 +601,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
     _choice("divergence", cfg.divergence, DIVERGENCES)
     _choice("target-space", cfg.target_space, TARGET_SPACES)
     _choice("teacher-quality", cfg.teacher_quality, TEACHER_QUALITIES)
+    _choice("server-model-teacher", cfg.server_model_teacher, SERVER_MODEL_TEACHERS)
     if cfg.background_teacher and (cfg.neighbours == 0 or cfg.target_space != "logit"):
         raise ConfigError("run-config 'background-teacher' = true needs 'neighbours' > 0 (it "
                           "stands in for the teachers beyond the m nearest) and 'target-space' = "
@@ -639,6 +651,8 @@ def _validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"run-config '{key}' = {value!r} must be in [0, 1]")
     for key, value in (
         ("distill-epochs", cfg.distill_epochs),
+        ("server-model-epochs", cfg.server_model_epochs),
+        ("server-model-label-weight", cfg.server_model_label_weight),
         ("momentum", cfg.momentum),
         ("weight-decay", cfg.weight_decay),
         ("proximal-mu", cfg.proximal_mu),
@@ -719,6 +733,14 @@ def _validate(cfg: RunConfig) -> RunConfig:
     checked = [("models", name) for name in names]
     if cfg.student_model:
         checked.append(("student-model", cfg.student_model))
+    if cfg.server_model:
+        if not cfg.exchanges_knowledge:
+            raise ConfigError(
+                f"run-config 'server-model' = {cfg.server_model!r} needs a strategy that uploads "
+                f"predictions ({sorted(s for s in MARKET_STRATEGIES if s != 'local')}); "
+                f"strategy {cfg.strategy!r} has "
+                + ("none" if cfg.is_market else "a global model of its own"))
+        checked.append(("server-model", cfg.server_model))
     for key, name in checked:
         _choice(key, name, MODELS)
         if (name in TEXT_MODELS) != (cfg.dataset in TEXT_DATASETS):

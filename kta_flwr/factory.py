@@ -96,7 +96,8 @@ def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, f
         fingerprint=fingerprint, codec=knowledge_codec(cfg),
         reference_fraction=cfg.reference_fraction, holdout_fraction=cfg.holdout,
         max_staleness=cfg.max_staleness, kernels=kernels,
-        logit_noise=(cfg.logit_noise, cfg.logit_clip), **options,
+        logit_noise=(cfg.logit_noise, cfg.logit_clip), consensus=bool(cfg.server_model),
+        **options,
     )
 
 

@@ -95,7 +95,9 @@ def test_dropouts_and_a_short_fleet_never_stop_the_run(sim, app_dir):
 def test_killed_server_resumes_to_the_uninterrupted_result(sim, app_dir, tmp_path):
     fed, work = sim
     rounds = 5
-    whole = _config(work, "whole", **{"num-server-rounds": rounds})
+    # the server distils a global model of its own (server-model): it resumes too
+    server_model = {"server-model": "cnn", "server-model-epochs": 1}
+    whole = _config(work, "whole", **{"num-server-rounds": rounds, **server_model})
     reference = _submit(fed, app_dir, whole)
     _check_persisted(work / "whole", reference, rounds)
 
@@ -108,7 +110,7 @@ def test_killed_server_resumes_to_the_uninterrupted_result(sim, app_dir, tmp_pat
 
     # The SuperLink dies; its ServerApp lives on as an orphan (frozen here, so that it
     # cannot finish the run meanwhile) and still holds the run folder.
-    cut = _config(tmp_path, "cut", **{"num-server-rounds": rounds})
+    cut = _config(tmp_path, "cut", **{"num-server-rounds": rounds, **server_model})
     with LocalFederation(tmp_path / "fed-a", CLIENTS, simulation=True) as first:
         first.launch(app_dir, cut)
         wait_for_rounds(tmp_path / "cut" / "out", 2, timeout=300)
@@ -144,8 +146,10 @@ def test_killed_server_resumes_to_the_uninterrupted_result(sim, app_dir, tmp_pat
     assert all(len(env["fab_hash"]) == 64 for env in resumed["environments"])  # the app that ran
     assert [r["round"] for r in resumed["rounds"]] == list(range(1, rounds + 1))
     for key in ("bytes_up", "bytes_down", "bytes_total", "final_personalized_accuracy",
-                "final_global_accuracy"):
+                "final_global_accuracy", "final_server_global_accuracy"):
         assert resumed["summary"][key] == reference["summary"][key], key
+    assert ([r["server-global-accuracy"] for r in resumed["rounds"]]
+            == [r["server-global-accuracy"] for r in reference["rounds"]])
 
 
 def test_killed_supernodes_one_rejoins_and_one_never_returns(tmp_path, app_dir):

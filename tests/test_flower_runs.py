@@ -35,6 +35,8 @@ SMALL = {
 }
 #: The runs whose MLflow tracking is checked (the default store under their output-dir).
 TRACKED = {"tracking": "mlflow"}
+#: The server's own global model under the market (a CNN; the clients train MLPs).
+SERVER_MODEL = {"server-model": "cnn", "server-model-epochs": 2}
 
 
 def _check_common(res: dict, strategy: str) -> None:
@@ -101,7 +103,7 @@ def _check_tiers(res: dict) -> None:
 def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     out = tmp_path / "out"
     runs = [("kta", TRACKED), ("fedavg", TRACKED), ("kta", {"codec": "topk", "codec-topk": 2}),
-            ("kta", {"reference-fraction": 0.5}), ("kta", {"node-state": "disk"}),
+            ("kta", {"reference-fraction": 0.5}), ("kta", {"node-state": "disk", **SERVER_MODEL}),
             ("kta", PRIVATE_KTA), ("fedavg", {"dp-epsilon": 3.0}), ("kta", {"fleet": "tiers3"})]
     logs = []
     with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
@@ -138,11 +140,14 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     (fedavg_dir,) = [p.parent for p in (out / "1").glob("*/results.json")]
     assert inspect_run(fedavg_dir)["drawn"] == ["client_accuracy.png"]  # no market: accuracy only
 
-    # Models kept on disk only (node-state = disk): the same run, round for round (the
-    # means over clients may add them in another order: equal to the last bits).
-    for key in ("personalized-accuracy", "global-accuracy", "bytes_up", "bytes_down"):
+    # Models kept on disk only (node-state = disk), and the server distilling a global
+    # model of its own (server-model): the same run, round for round (the means over
+    # clients may add them in another order: equal to the last bits), the same bytes.
+    for key in ("personalized-accuracy", "global-accuracy", "bytes_up", "bytes_down", "messages"):
         assert [row[key] for row in on_disk["rounds"]] == pytest.approx(
             [row[key] for row in kta["rounds"]], rel=1e-12, abs=0)
+    assert on_disk["summary"]["wire_manifest"] == kta["summary"]["wire_manifest"]
+    _check_server_model(out / "4", on_disk, logs[4])
 
     # kta on a rotating half of the reference set: half the rows up; down, the half's rows
     # that are not held out, to the clients the gate let through.
@@ -198,6 +203,21 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     assert ours.accuracy == pytest.approx(fedavg["summary"]["final_global_accuracy"], abs=1e-9)
     _check_tracked(kta_dir, kta, ["results.json", "rounds", "rounds.csv"])
     _check_tracked(fedavg_dir, fedavg, ["global-model.pt", "results.json", "rounds", "rounds.csv"])
+
+
+def _check_server_model(out: Path, res: dict, log: str) -> None:
+    """The server's global model (``server-model``): its accuracy in every round's line
+    and row, and kept as ``global-model.pt``, which scores what the run reported."""
+    server = [row["server-global-accuracy"] for row in res["rounds"]]
+    assert all(0.0 < acc <= 1.0 for acc in server)
+    assert f"server-acc {server[-1]:.4f} |" in log
+    assert res["summary"]["final_server_global_accuracy"] == server[-1]
+    (run_dir,) = [p.parent for p in out.glob("*/results.json")]
+    kept = load_personalized(run_dir / "global-model.pt", {"strategy": "kta", "partition_id": -1})
+    cfg = RunConfig().replace(reference_size=N_REF, test_size=200)
+    data = load_client_data(cfg, 0, CLIENTS)
+    assert evaluate(kept, data.test.x, data.test.y, data.label_distribution,
+                    torch.device("cpu")).accuracy == pytest.approx(server[-1], abs=1e-9)
 
 
 def _check_tracked(run_dir: Path, res: dict, artifacts: list[str]) -> None:

@@ -6,7 +6,7 @@ import torch
 from kta_flwr.config import RunConfig
 from kta_flwr.task.splits import load_client_data
 from kta_flwr.task.models import build_model
-from kta_flwr.task.training import Optim, distill, evaluate, train_supervised
+from kta_flwr.task.training import Optim, distill, evaluate, shifts_and_flips, train_supervised
 
 CPU = torch.device("cpu")
 OPT = Optim(lr=0.05, momentum=0.9)
@@ -97,3 +97,32 @@ def test_distill_clip_bounds_every_step():
         moved[clip] = float((end - start).norm())
     assert moved[0.01] <= 0.5 * 0.01 * 1.0001  # one full-batch step
     assert moved[0.0] > 10 * moved[0.01]
+
+
+def test_shifts_and_flips_move_each_image_by_its_own_seeded_offset():
+    images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5) + 1  # no zeros
+    shifted = shifts_and_flips(seed=4, max_shift=1, flip=False)(images)
+    assert shifted.shape == images.shape
+    assert torch.equal(shifted, shifts_and_flips(seed=4, max_shift=1, flip=False)(images))  # seeded
+    for image, out in zip(images, shifted):
+        # a shift by (dy, dx) in [-1, 1]^2: the image found again inside the zero-filled frame
+        found = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                 if torch.equal(out, torch.roll(image, (dy, dx), (1, 2)) * _frame(dy, dx))]
+        assert len(found) == 1
+    batch = torch.rand(64, 1, 4, 4) + 1
+    moved = shifts_and_flips(seed=0, max_shift=1, flip=False)(batch)
+    assert len({tuple((moved[i] == 0).flatten().tolist()) for i in range(64)}) > 3  # offsets differ
+    flipped = shifts_and_flips(seed=0, max_shift=0, flip=True)(batch)  # no shift: flips alone
+    mirrored = [bool(torch.equal(f, b.flip(-1))) for f, b in zip(flipped, batch)]
+    assert 10 < sum(mirrored) < 54
+    assert all(m or torch.equal(f, b) for m, f, b in zip(mirrored, flipped, batch))
+
+
+def _frame(dy: int, dx: int) -> torch.Tensor:
+    """``[5, 5]`` ones but the row and column a shift by (dy, dx) filled with zeros."""
+    mask = torch.ones(5, 5)
+    if dy:
+        mask[0 if dy > 0 else -1] = 0
+    if dx:
+        mask[:, 0 if dx > 0 else -1] = 0
+    return mask

@@ -40,6 +40,8 @@ from kta_flwr.flower.timing import EVALUATE_PHASES, PREFIX, TRAIN_PHASES
 MIB = 1024 * 1024
 PERSONALIZED = "personalized-accuracy"
 GLOBAL = "global-accuracy"
+#: The market's server-side global model on the whole test set (``server-model``).
+SERVER_GLOBAL = "server-global-accuracy"
 SAMPLES = "samples"
 #: Train metrics of the ε each client has spent (DP runs) -> their results key.
 EPSILONS = {"dp-epsilon": "dp_epsilon", "dp-lifetime-epsilon": "dp_lifetime_epsilon",
@@ -194,11 +196,13 @@ class RunRecorder:
         return MetricRecord({k: float(np.mean([c[k] for c in self._clients])) for k in keys})
 
     # Hook: evaluate_fn ----------------------------------------------------------------
-    def end_round(self, server_round: int, report: RoundReport | None = None) -> MetricRecord:
+    def end_round(self, server_round: int, report: RoundReport | None = None,
+                  server: Mapping[str, float] | None = None) -> MetricRecord:
         """Close round ``server_round``: one row, one log line, and the round's file
         (:mod:`kta_flwr.flower.round_log`: the market's decisions, each client's
         evaluation). ``report``: the replies the boundary checks dropped (counted as
-        failed with the error replies) and the nodes' restore notes (counted and named)."""
+        failed with the error replies) and the nodes' restore notes (counted and named).
+        ``server``: what the server measured itself (:data:`SERVER_GLOBAL`), into the row."""
         report = report or RoundReport()
         rejected = report.rejected
         traffic = self.meter.close_round()
@@ -211,6 +215,7 @@ class RunRecorder:
             "round": server_round,
             PERSONALIZED: _mean(clients, PERSONALIZED),
             GLOBAL: _mean(clients, GLOBAL),
+            **(server or {}),
             "clients_evaluated": len(clients),
             "messages": traffic.sent,
             "failed": traffic.failed + rejected,
@@ -241,10 +246,12 @@ class RunRecorder:
                     {**report.decisions, **evaluation_arrays(clients)})
         log(
             INFO,
-            "[%s] round %d/%d | pers-acc %.4f | global-acc %.4f | clients %d, failed %d%s%s | "
+            "[%s] round %d/%d | pers-acc %.4f | global-acc %.4f%s | clients %d, failed %d%s%s | "
             "%s%sMiB up %.4f down %.4f | cum MiB up %.4f down %.4f total %.4f | %.1f s",
             self.cfg.strategy, server_round, self.cfg.num_server_rounds,
-            row[PERSONALIZED], row[GLOBAL], len(clients), row["failed"],
+            row[PERSONALIZED], row[GLOBAL],
+            f" | server-acc {row[SERVER_GLOBAL]:.4f}" if SERVER_GLOBAL in row else "",
+            len(clients), row["failed"],
             "" if stale is None else f", stale {int(stale)}",
             "".join(f", restored node {note.node_id} from {note.notes.get(RESTORE_FILE, '?')}"
                     for note in report.notes),
@@ -283,6 +290,7 @@ class RunRecorder:
         return {
             "final_personalized_accuracy": last.get(PERSONALIZED, math.nan),
             "final_global_accuracy": last.get(GLOBAL, math.nan),
+            **({"final_server_global_accuracy": last[SERVER_GLOBAL]} if SERVER_GLOBAL in last else {}),
             "rounds_completed": len(self.rows),
             "bytes_up": up,
             "bytes_down": down,

@@ -14,7 +14,7 @@ foreign file is refused, naming the file and the reason.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,9 @@ class RunState:  # pylint: disable=too-many-instance-attributes
     recorder: dict[str, Any]  # rows, train metrics, elapsed seconds, the byte meter
     random_state: tuple[Any, ...]
     numpy_state: tuple[Any, ...]
+    #: The server's global model under the market (``server-model``): weights and the
+    #: banked consensus; empty without one (and in checkpoints written before it existed).
+    server_model: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def capture(cls, **fields: Any) -> RunState:
@@ -97,7 +100,10 @@ def load_run_state(run_dir: Path) -> RunState:
                               f"not a {kind.__name__}")
     if raw["round"] < 1:
         raise ConfigError(f"run-config 'resume-from': {path}: field 'round' = {raw['round']} < 1")
-    return RunState(**{name: raw[name] for name in _FIELDS})
+    server_model = raw.get("server_model", {})
+    if not isinstance(server_model, dict):
+        raise ConfigError(f"run-config 'resume-from': {path}: field 'server_model' is not a dict")
+    return RunState(**{name: raw[name] for name in _FIELDS}, server_model=server_model)
 
 
 def check_resumable(saved: dict[str, Any], cfg: RunConfig, completed: int) -> None:

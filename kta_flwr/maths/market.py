@@ -120,6 +120,7 @@ __all__ = [
     "class_weights",
     "consistent_accuracy",
     "dense_weights",
+    "global_consensus",
     "label_information",
     "label_likelihood",
     "label_quality",
@@ -705,6 +706,52 @@ def run_market(
     targets = _class_targets(teachers, weights, per_class, target_labels, params, teacher_priors, kernels)
     return MarketOutput(accuracy, divergence, similarity, dense_weights(weights), targets, taus,
                         distill, estimated_priors)
+
+
+def global_consensus(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    params: MarketParams,
+    divergence: np.ndarray | None = None,
+) -> np.ndarray:
+    """The market's consensus on the public rows, for one student with no class prior of
+    its own (the server's global model): each row of class c mixes the clients' logits
+    by what each tells about class c, with the market's defences.
+
+    Every client is centred and its loudness capped (``params.loudness_cap``), its class
+    prior divided out (``params.prior_correction``: a label-skewed client's lean toward
+    its own classes is not knowledge of the inputs), and weighted on the rows of class c
+    by ``I_c[j] ** gamma * s_j``: its :func:`class_information` on the rows of class c
+    given here (all of them: a client wrong on some rows of a class loses its weight on
+    every row of that class) times its Sybil share ``s_j`` (:func:`sybil_shares` of
+    ``divergence``). A class no client informs on keeps its label: a one-hot row.
+
+    Args:
+        logits: ``[K, N, C]`` the clients' uploaded logits on N public rows.
+        labels: ``[N]`` those rows' labels (the reference set is labeled and public).
+        params: the market's knobs (``loudness_cap``, ``prior_correction``,
+            ``accuracy_exponent``, ``sybil_divergence``, ``temperature``).
+        divergence: ``[K, K]`` the round's divergences (for the Sybil shares; None: no
+            grouping).
+
+    Returns:
+        ``[N, C]`` float32 probabilities at temperature ``params.temperature``, rows sum to 1.
+    """
+    logits = centre(np.asarray(logits))
+    labels = np.asarray(labels)
+    num_clients, _, num_classes = logits.shape
+    priors = class_prior(logits) if params.prior_correction else None
+    informed = class_information(logits, labels, priors)  # [K, C], scored on every row
+    shares = (np.ones(num_clients) if divergence is None
+              else sybil_shares(divergence, params.sybil_divergence))
+    per_class = informed ** params.accuracy_exponent * shares[:, None]  # [K, C]
+    row_weights = per_class[:, labels]  # [K, N]
+    totals = row_weights.sum(axis=0)  # [N]
+    mixed = np.einsum("kn,knc->nc", row_weights / np.where(totals > 0, totals, 1.0),
+                      _prior_free(cap_loudness(logits, params.loudness_cap), priors).astype(np.float64))
+    out = softmax(mixed, params.temperature)
+    out[totals <= 0] = np.eye(num_classes)[labels[totals <= 0]]
+    return out.astype(np.float32)
 
 
 def _class_targets(  # pylint: disable=too-many-arguments

@@ -41,6 +41,7 @@ from kta_flwr.flower.run_state import (
 from kta_flwr.flower.strategies.base import FederationError, NodeStrategy, ask_partitions, wait_for_nodes
 from kta_flwr.flower.strategies.rounds import RoundsFrom
 from kta_flwr.maths.market_kernels import MarketKernels
+from kta_flwr.server.global_model import SERVER_GLOBAL, ServerModel
 from kta_flwr.server.tracking import RunTracker, tracker_for
 from kta_flwr.storage import FolderBusy, FolderLock
 from kta_flwr.task.checkpoint import ModelMeta, save_checkpoint
@@ -48,6 +49,7 @@ from kta_flwr.task.market_torch import market_kernels
 from kta_flwr.task.models import build_model, head_keys
 from kta_flwr.task.splits import CentralSplits, load_splits, partition_indices
 from kta_flwr.task.text import minilm_path
+from kta_flwr.task.training import resolve_device
 
 #: The final global model of the parameter strategies, next to ``results.json``.
 GLOBAL_MODEL_FILE = "global-model.pt"
@@ -147,10 +149,11 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         is_member=lambda partition: cfg.model_for_partition(partition) == architecture,
     )
     metered = MeteredGrid(grid, meter)
+    server_model = ServerModel(cfg, splits, resolve_device(cfg.market_device)) if cfg.server_model else None
     first = 1
     if saved is not None:
         first = saved.round + 1
-        _resume(saved, strategy, recorder, metered, cfg)
+        _resume(saved, strategy, recorder, metered, cfg, server_model)
     tracker.start(recorder.ensure_run_dir(), cfg, {
         "strategy": cfg.strategy, "dataset": cfg.dataset, "kta.lineage": str(lineage),
         "kta.flwr_run_id": str(grid.run.run_id)})
@@ -167,11 +170,16 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         server_round = rounds.true_round(local_round)
         recorder.note_partitions(strategy.partition_of)
         report = strategy.take_round_report()
-        out = recorder.end_round(server_round, report)
+        extra = {}
+        if server_model is not None:
+            server_model.learn(server_round, strategy.take_consensus())
+            extra[SERVER_GLOBAL] = server_model.accuracy()
+        out = recorder.end_round(server_round, report, extra)
         tracker.log_round(server_round, recorder.rows[-1], report.decisions)
         save_run_state(recorder.ensure_run_dir(), RunState.capture(
             round=server_round, lineage=lineage, config=cfg.to_flwr(),
             strategy=strategy.state_dict(), recorder=recorder.state(),
+            server_model=server_model.state_dict() if server_model is not None else {},
         ))
         recorder.write()
         return out
@@ -192,8 +200,12 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
     except BaseException:
         tracker.finish(recorder.ensure_run_dir(), failed=True)  # e.g. Ctrl-C: closed as failed
         raise
-    _save_global_model(cfg, splits, architecture, strategy.global_model(), recorder,
-                       (grid.run.run_id, lineage))
+    if server_model is not None:
+        _save_global_model(cfg, splits, server_model.architecture, server_model.tensors(), recorder,
+                           (grid.run.run_id, lineage))
+    else:
+        _save_global_model(cfg, splits, architecture, strategy.global_model(), recorder,
+                           (grid.run.run_id, lineage))
     run_dir = recorder.write()
     tracker.finish(run_dir)
     summary = recorder.summary()
@@ -227,18 +239,22 @@ def _resumable_state(cfg: RunConfig) -> RunState | None:
     return saved
 
 
-def _resume(
-    saved: RunState, strategy: NodeStrategy, recorder: RunRecorder, grid: MeteredGrid, cfg: RunConfig
+def _resume(  # pylint: disable=too-many-arguments
+    saved: RunState, strategy: NodeStrategy, recorder: RunRecorder, grid: MeteredGrid, cfg: RunConfig,
+    server_model: ServerModel | None,
 ) -> None:
     """Restore what ``saved`` holds; map the new node ids to the saved partitions.
 
     Raises:
-        ConfigError: the saved state does not fit this strategy (a field is named).
+        ConfigError: the saved state does not fit this strategy or server model (a field
+            is named).
     """
     try:
         recorder.restore(saved.recorder)
         strategy.load_state_dict(saved.strategy)
-    except (KeyError, TypeError, ValueError) as err:
+        if server_model is not None:
+            server_model.load_state_dict(saved.server_model)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ConfigError(
             f"run-config 'resume-from': {Path(cfg.resume_from) / STATE_FILE}: its saved state "
             f"does not fit strategy {cfg.strategy!r} ({type(err).__name__}: {err})") from None
@@ -261,8 +277,9 @@ def _save_global_model(  # pylint: disable=too-many-arguments
 ) -> None:
     """The strategy's final global model (:meth:`~kta_flwr.flower.strategies.base.NodeStrategy.global_model`:
     FedAvg's family, fedavg-common's and fedavg-ft/Ditto's last aggregate, HeteroFL's
-    full-width model, fedavg-topk/SA-PEF's last version; none under the market, FedProto,
-    FedKD or FedRep), a model of ``architecture``, next to ``results.json``."""
+    full-width model, fedavg-topk/SA-PEF's last version; none under FedProto, FedKD or
+    FedRep) or the market's server model (``server-model``), a model of
+    ``architecture``, next to ``results.json``."""
     if tensors is None or not recorder.rows:
         return
     spec = splits.spec_for(cfg)
@@ -278,7 +295,8 @@ def _save_global_model(  # pylint: disable=too-many-arguments
         finetune_layers=spec.finetune_layers, fingerprint=splits.reference_fingerprint,
         strategy=cfg.strategy, partition_id=-1, run_id=run_id, lineage=lineage,
         round=int(last["round"]), rounds_trained=int(last["round"]),
-        accuracies={k: float(last[k]) for k in ("personalized-accuracy", "global-accuracy")},
+        accuracies={k: float(last[k]) for k in ("personalized-accuracy", "global-accuracy", SERVER_GLOBAL)
+                    if k in last},
         private=cfg.private,
     )
     save_checkpoint(recorder.ensure_run_dir() / GLOBAL_MODEL_FILE, meta, model.state_dict(),

@@ -40,7 +40,8 @@ from kta_flwr.task.text import build_vocab, encoder_for
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
-__all__ = ["ArrayDataset", "CentralSplits", "ClientData", "load_client_data", "load_splits"]
+__all__ = ["ArrayDataset", "CentralSplits", "ClientData", "load_client_data", "load_splits",
+           "shared_split"]
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: used as a cache key
@@ -356,6 +357,12 @@ def _for_model(data: ArrayDataset, splits: CentralSplits, model: str) -> ArrayDa
         return data
     encode = encoder_for(model, splits.vocab, splits.text_length)
     return ArrayDataset(encode(data.x), data.y, data.num_classes)
+
+
+def shared_split(splits: CentralSplits, part: str, model: str) -> ArrayDataset:
+    """The shared split ``part`` (``"reference"`` or ``"test"``) as ``model`` reads it
+    (tokenized for text), once per process."""
+    return _shared_for_model(splits, part, model)
 
 
 @lru_cache(maxsize=8)

@@ -191,6 +191,7 @@ def distill(
     max_grad_norm: float = 0.0,
     dp: PrivateTraining | None = None,
     private_rate: float = 0.0,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Stage 2: distill toward personalized soft targets on the reference set.
 
@@ -216,6 +217,8 @@ def distill(
         private_rate: under ``dp``, the private term's Poisson rate (0: once over the
             private rows per epoch; a node passes its planned rate, so that its spend
             never exceeds the plan's).
+        augment: applied to each batch of reference inputs (:func:`shifts_and_flips`);
+            the rows keep their targets. None: the inputs as they are.
 
     Returns:
         Mean loss over all batches.
@@ -230,7 +233,7 @@ def distill(
         chunks = iter(_private_schedule(len(yp), len(qs), batch_size, epochs, seed + 7))
 
     def reference_loss(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        out = module(xs[idx])
+        out = module(xs[idx] if augment is None else augment(xs[idx]))
         log_p = F.log_softmax(out / temperature, dim=-1)
         loss = kl_weight * temperature**2 * F.kl_div(log_p, qs[idx], reduction="batchmean")
         if ys is not None:
@@ -259,6 +262,25 @@ def distill(
         return loss
 
     return _fit(model, len(qs), batch_loss, epochs, batch_size, optim, device, seed, max_grad_norm)
+
+
+def shifts_and_flips(seed: int, max_shift: int, flip: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A seeded augmentation of image batches ``[B, C, H, W]``: each image shifted by up to
+    ``max_shift`` pixels each way (zeros fill in; a random crop of the zero-padded image)
+    and, with ``flip``, mirrored left-right with probability 1/2. Same shape and device."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def apply(images: torch.Tensor) -> torch.Tensor:
+        size, height, width = images.shape[0], images.shape[-2], images.shape[-1]
+        padded = F.pad(images, (max_shift,) * 4)
+        dy, dx = torch.randint(0, 2 * max_shift + 1, (2, size), generator=generator).tolist()
+        out = torch.stack([padded[i, :, y:y + height, x:x + width] for i, (y, x) in enumerate(zip(dy, dx))])
+        if flip:
+            mirrored = (torch.rand(size, generator=generator) < 0.5).to(images.device)
+            out = torch.where(mirrored[:, None, None, None], out.flip(-1), out)
+        return out
+
+    return apply
 
 
 def stage2_rate(num_private: int, steps_per_epoch: int) -> float:

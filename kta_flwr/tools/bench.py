@@ -88,6 +88,8 @@ class RunResult:
     #: A fleet's run: per tier, its ``summary.tiers`` entry (model, partitions, accuracies,
     #: bytes, seconds per train reply); empty otherwise.
     tiers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The market's server-side global model on the whole test set (``server-model``); NaN without one.
+    final_server_global: float = math.nan
 
     def mib_to_reach(self, target: float) -> float | None:
         """Cumulative MiB at the first round whose personalized accuracy >= ``target``."""
@@ -121,7 +123,7 @@ def read_run(results_json: Path, method: str, seed: int) -> RunResult:
     return RunResult(
         method, seed, summary["final_personalized_accuracy"], summary["final_global_accuracy"],
         summary["mib_total"], summary["seconds"], curve, machine_of(res.get("environments", [])),
-        summary.get("tiers", {}),
+        summary.get("tiers", {}), summary.get("final_server_global_accuracy", math.nan),
     )
 
 
@@ -186,6 +188,7 @@ def aggregate(runs: list[RunResult], target: float) -> dict[str, dict[str, Any]]
             "seeds": [r.seed for r in mine],
             "personalized": _mean_std([r.final_personalized for r in mine]),
             "global": _mean_std([r.final_global for r in mine]),
+            "server_global": _mean_std([r.final_server_global for r in mine]),
             "mib_total": _mean_std([r.mib_total for r in mine]),
             "mib_to_target": _mean_std([m for m in reach if m is not None]),
             "reached_target": sum(m is not None for m in reach),
@@ -250,10 +253,12 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
         mean, std = pair
         return "—" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
+    server = any(not math.isnan(s.get("server_global", (math.nan,))[0]) for s in stats.values())
     lines = [
-        f"| method | personalized acc. | global acc. | total MiB | MiB to {target:.2f} pers. | wall s "
+        "| method | personalized acc. | global acc. | " + ("server model acc. | " if server else "")
+        + f"total MiB | MiB to {target:.2f} pers. | wall s "
         "| Pareto | paper |" + (f" Δ pers. vs {paired[0]} (points), by seed |" if paired else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if paired else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if server else "") + ("---|" if paired else ""),
     ]
     front = front_of(stats)
     for method, s in stats.items():
@@ -261,7 +266,8 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
         fig = paper.get(method)
         paper_txt = "—" if fig is None else f"{fig[0]}%" + (f" @ {fig[1]} MiB" if fig[1] else "")
         lines.append(
-            f"| {method} | {pm(s['personalized'])} | {pm(s['global'])} | {pm(s['mib_total'], 3)} "
+            f"| {method} | {pm(s['personalized'])} | {pm(s['global'])} | "
+            + (f"{pm(s['server_global'])} | " if server else "") + f"{pm(s['mib_total'], 3)} "
             f"| {reach} | {pm(s['wall_seconds'], 0)} | {'✓' if method in front else ''} | {paper_txt} |"
             + (f" {_paired_cell(paired[1].get(method, []))} |" if paired else "")
         )
@@ -275,6 +281,9 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
               "personalized accuracy.",
               "- wall s: the ServerApp's seconds from start to its last round (Flower's and "
               "Ray's start-up not included)."]
+    if server:
+        lines.append("- server model acc.: the global model the server distils from the market's "
+                     "consensus on the public rows (`server-model`), on the whole test set.")
     if paired:
         lines.append(f"- Δ pers. vs {paired[0]}: final personalized accuracy minus {paired[0]}'s "
                      "on the same seed (same partitions), mean and each seed in seed order.")

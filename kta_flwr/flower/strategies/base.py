@@ -21,7 +21,9 @@ baselines and Flower's stock strategies (:mod:`.stock`, which wraps them) alike:
   round) and **the round's record** (:meth:`NodeStrategy.take_round_report`: rejected
   replies, nodes' notes, the market's decisions);
 - **the global model**: what ``Strategy.start`` starts from (:meth:`NodeStrategy.start_arrays`)
-  and what is kept after the run (:meth:`NodeStrategy.global_model`).
+  and what is kept after the run (:meth:`NodeStrategy.global_model`); or, under the
+  market, the consensus on the public rows the server distils its own global model from
+  (:meth:`NodeStrategy.take_consensus`).
 
 Every option is a constructor argument (:class:`NodeOptions`). What happens on each
 fault: ``docs/running.md``.
@@ -151,6 +153,17 @@ class NodeOptions(TypedDict):
     round_timeout: NotRequired[float]
 
 
+@dataclass(frozen=True)
+class Consensus:
+    """What the clients' uploads agree on, on public rows: the server's global model
+    learns from this and the rows' inputs only (:mod:`kta_flwr.server.global_model`)."""
+
+    #: ``[M]`` indices into the public reference set.
+    rows: np.ndarray
+    #: ``[M, C]`` probabilities, rows sum to 1.
+    targets: np.ndarray
+
+
 @dataclass
 class RoundReport:
     """What a round leaves besides its metrics, for the results (:meth:`NodeStrategy.take_round_report`)."""
@@ -209,6 +222,11 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
         """The last round's decisions as arrays for the round file (the market's); taken
         once, then empty."""
         return {}
+
+    def take_consensus(self) -> Consensus | None:
+        """The last round's consensus of the uploaded predictions on public rows (the
+        market's, when asked for it); taken once. None where there is none."""
+        return None
 
     # --- the round's record -----------------------------------------------------------------
     def take_round_report(self) -> RoundReport:

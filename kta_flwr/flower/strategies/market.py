@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 
 from kta_flwr.flower import protocol
 from kta_flwr.flower.round_log import market_arrays
-from kta_flwr.flower.strategies.base import NodeOptions, NodeStrategy
+from kta_flwr.flower.strategies.base import Consensus, NodeOptions, NodeStrategy
 from kta_flwr.flower.validation import (
     MAX_CENTRED_LOGIT,
     TRAIN,
@@ -42,7 +42,7 @@ from kta_flwr.flower.validation import (
     train_metrics,
 )
 from kta_flwr.maths.knowledge_codec import Codec
-from kta_flwr.maths.market import MarketOutput, MarketParams, run_market
+from kta_flwr.maths.market import MarketOutput, MarketParams, global_consensus, run_market
 from kta_flwr.maths.market_kernels import FAST, MarketKernels
 from kta_flwr.maths.noisy_logits import noisy_logit_bound
 
@@ -65,6 +65,10 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             are dropped from the bank.
         kernels: the market's heavy computations (numpy by default; the ServerApp passes
             torch kernels for ``market-device``).
+        consensus: also compute, each round, the consensus of the uploads on every row of
+            the round's reference subset (:func:`~kta_flwr.maths.market.global_consensus`),
+            which the ServerApp distils its global model from (``server-model``); nothing
+            more crosses the wire.
         options: sampling and metric hooks, :class:`~kta_flwr.flower.strategies.base.NodeOptions`
             (``seed`` also seeds the reference subsets).
     """
@@ -82,9 +86,13 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         max_staleness: int = 3,
         kernels: MarketKernels = FAST,
         logit_noise: tuple[float, float] = (0.0, 0.0),
+        consensus: bool = False,
         **options: Unpack[NodeOptions],
     ) -> None:
         super().__init__(**options)
+        self.computes_consensus = consensus
+        #: The last round's consensus (taken by :meth:`take_consensus`).
+        self.consensus: Consensus | None = None
         #: ``(logit-noise, logit-clip)``: the clients' Gaussian noise on their logits,
         #: which widens the bound of what an honest upload holds.
         self.logit_noise = logit_noise
@@ -238,6 +246,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         out = run_market(stacked, self.reference_labels[rows], self.params, held_out=held_out,
                          kernels=self.kernels, target_rows=~held_out)
         self.last_market = out
+        if self.computes_consensus:
+            self.consensus = Consensus(rows, global_consensus(
+                stacked, self.reference_labels[rows], self.params, out.divergence))
         self.targets = {n: q for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
         self.target_subset = dict.fromkeys(self.targets, subset_id)
         self.target_draw = dict.fromkeys(self.targets, self.last_draw)
@@ -266,6 +277,11 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         """The last market round's arrays (empty if the market did not run since)."""
         record, self.round_record = self.round_record, {}
         return record
+
+    def take_consensus(self) -> Consensus | None:
+        """The last market round's consensus (None if not asked for, or not run since)."""
+        consensus, self.consensus = self.consensus, None
+        return consensus
 
     # --- node restarts and resumed runs ---------------------------------------------------
     def rekey(self, old: int, new: int) -> None:
