@@ -59,6 +59,8 @@ MARKET_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == MARKET
 #: What the server's global model (``server-model``) learns toward: the market's consensus
 #: of the uploads, or the public rows' labels alone (the baseline without any client).
 SERVER_MODEL_TEACHERS = ("consensus", "labels")
+#: Where a market newcomer starts: its own initialisation, or the server's global model.
+NEWCOMER_STARTS = ("scratch", "global")
 PARAMETER_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PARAMETERS)
 COMPRESSED_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == COMPRESSED)
 PERSONAL_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PERSONAL)
@@ -236,6 +238,10 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     server_model_label_weight: float = 1.0
     server_model_teacher: str = "consensus"  # or "labels": the public labels alone (a baseline)
     server_model_augment: bool = True  # images: random shifts (and flips where labels survive them)
+    # --- newcomers: partitions that join a running fleet (docs/method.md#newcomers) --------
+    newcomer_fraction: float = 0.0  # share of the fleet's partitions held back (0: none)
+    newcomer_round: int = 0  # the round they join
+    newcomer_start: str = "scratch"  # market: "scratch" or "global" (the server model's weights)
     # --- robust parameter aggregators (Flower's Krum, FedTrimmedAvg) ---------------------
     krum_malicious: int = 2
     trim_beta: float = 0.2
@@ -349,6 +355,19 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         counts = Counter(self.model_for_partition(p) for p in range(num_partitions))
         order = self.model_names
         return max(counts, key=lambda name: (counts[name], order.index(name)))
+
+    def newcomers(self, num_partitions: int) -> frozenset[int]:
+        """The partitions held back until ``newcomer-round``: ``newcomer-fraction`` of
+        ``num_partitions`` (at least one when the fraction is above 0), drawn from ``seed``."""
+        if self.newcomer_fraction <= 0:
+            return frozenset()
+        count = min(num_partitions - 1, max(1, round(self.newcomer_fraction * num_partitions)))
+        return frozenset(random.Random(f"kta-flwr newcomers {self.seed}").sample(range(num_partitions), count))
+
+    def join_rounds(self, num_partitions: int) -> dict[int, int]:
+        """Partition -> the round it joins the fleet, for the :meth:`newcomers` (the
+        others are there from round 1)."""
+        return dict.fromkeys(sorted(self.newcomers(num_partitions)), self.newcomer_round)
 
     @property
     def keeps_node_model(self) -> bool:
@@ -565,6 +584,30 @@ def _check_privacy(cfg: RunConfig) -> None:
             f"logits {[s for s in MARKET_STRATEGIES if s != 'local']}, not {cfg.strategy!r}")
 
 
+def _check_newcomers(cfg: RunConfig) -> None:
+    """Newcomers join in a round of the run; only the market can hand them the server's
+    model, of their own architecture."""
+    if not 0.0 <= cfg.newcomer_fraction < 1.0:
+        raise ConfigError(f"run-config 'newcomer-fraction' = {cfg.newcomer_fraction!r} must be in [0, 1)")
+    _choice("newcomer-start", cfg.newcomer_start, NEWCOMER_STARTS)
+    if cfg.newcomer_fraction > 0 and not 2 <= cfg.newcomer_round <= cfg.num_server_rounds:
+        raise ConfigError(
+            f"run-config 'newcomer-round' = {cfg.newcomer_round!r} must be in [2, "
+            f"'num-server-rounds' = {cfg.num_server_rounds}] when 'newcomer-fraction' > 0")
+    if cfg.newcomer_start == "global":
+        if not (cfg.exchanges_knowledge and cfg.server_model):
+            raise ConfigError(
+                "run-config 'newcomer-start' = 'global' sends newcomers the market's server model: "
+                "it needs a strategy that uploads predictions and 'server-model' (strategy "
+                f"{cfg.strategy!r}, server-model {cfg.server_model!r}); parameter strategies "
+                "send their global model to every node anyway")
+        if set(cfg.model_names) != {cfg.server_model}:
+            raise ConfigError(
+                f"run-config 'newcomer-start' = 'global' loads the server model "
+                f"({cfg.server_model!r}) into each newcomer's own model, but the clients train "
+                f"{sorted(set(cfg.model_names))}; use one architecture for both, or 'scratch'")
+
+
 def _check_heterofl(cfg: RunConfig) -> None:
     """HeteroFL: a width-scalable global model and one rate in (0, 1] per tier."""
     if cfg.shared_model not in WIDTH_SCALABLE_MODELS:
@@ -733,6 +776,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
     checked = [("models", name) for name in names]
     if cfg.student_model:
         checked.append(("student-model", cfg.student_model))
+    _check_newcomers(cfg)
     if cfg.server_model:
         if not cfg.exchanges_knowledge:
             raise ConfigError(

@@ -116,10 +116,11 @@ def _stock(cfg: RunConfig, initial_arrays: ArrayRecord, options: NodeOptions) ->
 def node_options(
     cfg: RunConfig, evaluate_metrics_aggr_fn: MetricsAggregator,
     train_metrics_aggr_fn: MetricsAggregator | None = None, max_examples: int | None = None,
-    lineage: int | None = None,
+    lineage: int | None = None, num_partitions: int = 0,
 ) -> NodeOptions:
     """The options every strategy takes (sampling, node wait, evaluation schedule, the
-    boundary's bounds, metric hooks, lineage) from ``cfg``."""
+    boundary's bounds, metric hooks, lineage, the newcomers' rounds among
+    ``num_partitions`` partitions) from ``cfg``."""
     options = NodeOptions(
         evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         train_metrics_aggr_fn=train_metrics_aggr_fn,
@@ -128,7 +129,7 @@ def node_options(
         min_round_nodes=cfg.min_round_nodes, seed=cfg.seed,
         privacy_metrics=cfg.privacy_metrics,
         evaluate_every=cfg.evaluate_every, last_round=cfg.num_server_rounds, lineage=lineage,
-        round_timeout=cfg.round_timeout,
+        round_timeout=cfg.round_timeout, join_round=cfg.join_rounds(num_partitions),
     )
     if max_examples is not None:
         options["max_examples"] = max_examples

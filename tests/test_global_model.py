@@ -4,22 +4,31 @@ toward, the strategy that hands it over, and the model that never sees a client'
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client_app.app import train
 
 from kta_flwr.config import ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import market_params
 from kta_flwr.flower import protocol
+from kta_flwr.flower.round_log import read_rounds
 from kta_flwr.flower.strategies.base import Consensus
 from kta_flwr.flower.strategies.market import KnowledgeMarket
 from kta_flwr.maths.market import MarketParams, centre, global_consensus, pairwise_divergence, probabilities
 from kta_flwr.server.global_model import ServerModel
 from kta_flwr.task.datasets import ArrayDataset
+from kta_flwr.task.models import build_model
 from kta_flwr.task.splits import load_splits
-from tests.conftest import client_metrics, reply, train_round
+from kta_flwr.tools.federation import LocalFederation
+from tests.conftest import FakeNode, FixedGrid, client_metrics, read_results, reply, train_round
+
+pytestmark = pytest.mark.usefixtures("server_identity")  # messages are made here
 
 C = 3
 #: Rows of classes 0, 0, 1, 1, 2, 2.
@@ -175,3 +184,100 @@ def test_the_server_model_reads_public_rows_and_the_consensus_only(digits):
 def test_a_bad_server_model_config_is_refused_naming_the_key(changes, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
         parse_run_config(changes)
+
+
+def test_newcomers_wait_for_their_round_and_get_the_start_model_with_their_first_instruction():
+    market = KnowledgeMarket(
+        params=market_params(RunConfig(strategy="kta")), reference_labels=np.tile(np.arange(C), 10),
+        num_classes=C, fingerprint="abc", evaluate_metrics_aggr_fn=lambda recs, key: MetricRecord({}),
+        min_nodes=3, join_round={1: 3}, consensus=True,
+    )
+    grid = FixedGrid([10, 11, 12])  # node 11 holds partition 1, the newcomer
+    start = ArrayRecord({"w": Array(np.ones((4, 5), np.float32))})
+    market.offer_start_model(start)
+    rng = np.random.default_rng(2)
+    for server_round in range(1, 5):
+        messages = list(market.configure_train(server_round, ArrayRecord(), ConfigRecord({}), grid))
+        sampled = [m.metadata.dst_node_id for m in messages]
+        assert sampled == ([10, 12] if server_round < 3 else [10, 11, 12])
+        carrying = {m.metadata.dst_node_id: m.content.array_records[protocol.START_MODEL]
+                    for m in messages if protocol.START_MODEL in m.content.array_records}
+        assert list(carrying) == ([11] if server_round == 3 else [])  # its first instruction only
+        if carrying:
+            np.testing.assert_array_equal(carrying[11]["w"].numpy(), np.ones((4, 5), np.float32))
+        evaluated = [m.metadata.dst_node_id for m in market.configure_evaluate(
+            server_round, ArrayRecord(), ConfigRecord({}), grid)]
+        assert evaluated == sampled
+        train_round(market, server_round, [reply(n, RecordDict({
+            protocol.LOGITS: protocol.pack(rng.normal(size=(30, C)).astype(np.float32), market.codec),
+            protocol.METRICS: client_metrics(grid.node_ids.index(n))})) for n in sampled])
+
+
+def test_a_newcomer_starts_from_the_model_its_first_instruction_carries(tmp_path):
+    offered = build_model("mlp", load_splits(FakeNode(tmp_path, "kta").cfg).spec, seed=99)
+    trained = {}
+    for start in (None, offered):
+        node = FakeNode(tmp_path / str(start is None), "kta", local_epochs=1, learning_rate=1e-9)
+        msg = node.message("train", 1)
+        if start is not None:
+            msg.content[protocol.START_MODEL] = ArrayRecord(start.state_dict())
+        reply_msg = train(msg, node.context)
+        assert not reply_msg.has_error()
+        trained[start is None] = node.context.state.array_records["personal-model"]
+    # a step of 1e-9: the newcomer's model is the offered one, the other its own initialisation
+    for name, value in offered.state_dict().items():
+        np.testing.assert_allclose(trained[False][name].numpy(), value.numpy(), atol=1e-6)
+        assert not np.allclose(trained[True][name].numpy(), value.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"newcomer-fraction": 0.3}, "'newcomer-round' = 0 must be in [2,"),
+    ({"newcomer-fraction": 1.0, "newcomer-round": 2}, "'newcomer-fraction' = 1.0"),
+    ({"newcomer-start": "global"}, "needs a strategy that uploads predictions and 'server-model'"),
+    ({"newcomer-start": "global", "server-model": "cnn"}, "but the clients train ['mlp']"),
+    ({"strategy": "fedavg", "newcomer-start": "global"}, "parameter strategies"),
+])
+def test_a_bad_newcomer_config_is_refused_naming_the_key(changes, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        parse_run_config(changes)
+
+
+def test_the_newcomers_are_a_seeded_share_of_the_fleet():
+    cfg = RunConfig(newcomer_fraction=0.3, newcomer_round=4)
+    assert len(cfg.newcomers(10)) == 3 and cfg.newcomers(10) == cfg.newcomers(10)
+    assert cfg.replace(seed=1).newcomers(10) != cfg.newcomers(10)
+    assert cfg.join_rounds(10) == dict.fromkeys(sorted(cfg.newcomers(10)), 4)
+    assert len(cfg.replace(newcomer_fraction=0.01).newcomers(3)) == 1  # at least one
+    assert len(cfg.replace(newcomer_fraction=0.9).newcomers(3)) == 2  # never the whole fleet
+    assert RunConfig().join_rounds(10) == {}
+
+
+@pytest.mark.slow
+def test_a_newcomer_joins_a_running_simulation_from_the_server_model(tmp_path, app_dir):
+    """One client of three joins in round 2 and starts from the server's global model:
+    not evaluated before, its start model counted once on the wire, its accuracy after
+    1 and 2 rounds in the summary."""
+    rounds, clients, n_ref = 3, 3, 100
+    cfg = {"num-server-rounds": rounds, "reference-size": n_ref, "test-size": 200, "local-epochs": 1,
+           "distill-epochs": 1, "tracking": "none", "output-dir": str(tmp_path / "out"),
+           "model-dir": str(tmp_path / "models"), "server-model": "mlp", "server-model-epochs": 1,
+           "newcomer-fraction": 0.3, "newcomer-round": 2, "newcomer-start": "global"}
+    with LocalFederation(tmp_path, clients, simulation=True) as fed:
+        proc = fed.submit(app_dir, cfg)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (res,) = read_results(tmp_path / "out")
+    (newcomer,) = parse_run_config(cfg).newcomers(clients)
+    assert res["summary"]["newcomers"]["partitions"] == [newcomer]
+    assert [row["clients_evaluated"] for row in res["rounds"]] == [2, 3, 3]
+    assert math.isnan(res["rounds"][0]["newcomer-accuracy"])
+    after = res["summary"]["newcomers"]["personalized_after_rounds"]
+    assert list(after) == ["1", "2"] and after["1"] == res["rounds"][1]["newcomer-accuracy"]
+    # the start model: the server model's every tensor, once, in round 2's instructions
+    model = build_model("mlp", load_splits(RunConfig(reference_size=n_ref, test_size=200)).spec, 0)
+    manifest = res["summary"]["wire_manifest"]
+    starts = {key: count for key, count in manifest.items() if " start-model." in key}
+    assert len(starts) == len(model.state_dict()) and set(starts.values()) == {1}
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    targets = read_rounds(next((tmp_path / "out").glob("*/rounds")).parent)[1]["bytes_down"].sum()
+    assert res["rounds"][1]["bytes_down"] == model_bytes + targets
+    assert res["rounds"][2]["bytes_down"] < model_bytes  # targets only after that

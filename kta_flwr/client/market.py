@@ -3,7 +3,9 @@ client's own model; only reference-set logits leave the node.
 
 Round ``r`` of a market client:
 
-1. restore the client's own model from ``context.state`` (it never leaves the node);
+1. restore the client's own model from ``context.state`` (it never leaves the node); a
+   newcomer with nothing to restore starts from the server's global model when its first
+   instruction carries one (``newcomer-start = "global"``);
 2. **stage 1**: ``local-epochs`` of cross-entropy on the private partition;
 3. **stage 2** (when this round's instruction carries targets, computed by the server from
    earlier logits; not in a client's first round, nor when the market's gate kept them
@@ -37,6 +39,9 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
     targets = None
     with timer("restore"):
         model = node.personal_model()
+        if protocol.START_MODEL in msg.content.array_records and not node.has_trained():
+            # a newcomer: the server's global model to start from (newcomer-start = global)
+            model.load_state_dict(msg.content.array_records[protocol.START_MODEL].to_torch_state_dict())
         if protocol.TARGETS in msg.content.array_records:
             targets = protocol.unpack(
                 msg.content, protocol.TARGETS, len(node.target_rows()), data.splits.num_classes, codec

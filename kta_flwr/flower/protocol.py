@@ -40,6 +40,8 @@ METRICS = "metrics"
 #: A dense model's record, both ways (Flower's FedAvg's ``arrayrecord_key``; HeteroFL's
 #: sub-models, fedavg-common's members).
 ARRAYS = "arrays"
+#: A newcomer's first instruction under the market: the server's global model to start from.
+START_MODEL = "start-model"
 VALUES = "values"  # the single array of a float32 payload
 FINGERPRINT = "reference-fingerprint"
 LOGITS_SUBSET = "logits-subset"

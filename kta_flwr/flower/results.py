@@ -42,6 +42,10 @@ PERSONALIZED = "personalized-accuracy"
 GLOBAL = "global-accuracy"
 #: The market's server-side global model on the whole test set (``server-model``).
 SERVER_GLOBAL = "server-global-accuracy"
+#: The newcomers' mean personalized accuracy in a round (``newcomer-fraction``).
+NEWCOMERS = "newcomer-accuracy"
+#: Rounds after joining at which the summary reports the newcomers' accuracy.
+NEWCOMER_ROUNDS = (1, 2, 5)
 SAMPLES = "samples"
 #: Train metrics of the ε each client has spent (DP runs) -> their results key.
 EPSILONS = {"dp-epsilon": "dp_epsilon", "dp-lifetime-epsilon": "dp_lifetime_epsilon",
@@ -151,6 +155,9 @@ class RunRecorder:
         #: Each partition's client seconds in train replies (all phases) and rounds trained.
         self.train_seconds: dict[int, float] = {}
         self.train_rounds: dict[int, int] = {}
+        #: The partitions that join late (``newcomer-fraction``): their mean accuracy is a
+        #: column of its own (:data:`NEWCOMERS`).
+        self.newcomers: frozenset[int] = frozenset()
         self._clients: list[dict[str, float]] = []
         self._trained: list[dict[str, float]] = []
         self._started = time.monotonic()
@@ -216,6 +223,8 @@ class RunRecorder:
             PERSONALIZED: _mean(clients, PERSONALIZED),
             GLOBAL: _mean(clients, GLOBAL),
             **(server or {}),
+            **({NEWCOMERS: _mean([c for c in clients if int(c.get(PARTITION_ID, -1)) in self.newcomers],
+                                 PERSONALIZED)} if self.newcomers else {}),
             "clients_evaluated": len(clients),
             "messages": traffic.sent,
             "failed": traffic.failed + rejected,
@@ -270,6 +279,15 @@ class RunRecorder:
             }
         )
 
+    def _newcomer_summary(self) -> dict[str, Any]:
+        """The newcomers, the round they joined, and their mean personalized accuracy after
+        each of :data:`NEWCOMER_ROUNDS` rounds in the fleet (the rounds the run reached)."""
+        by_round = {row["round"]: row.get(NEWCOMERS, math.nan) for row in self.rows}
+        joined = self.cfg.newcomer_round
+        return {"partitions": sorted(self.newcomers), "join_round": joined,
+                "personalized_after_rounds": {str(k): by_round[joined + k - 1]
+                                              for k in NEWCOMER_ROUNDS if joined + k - 1 in by_round}}
+
     def _note_epsilon(self, trained: list[dict[str, float]]) -> dict[str, float]:
         """Keep each client's reported ε; the round's max and median over its reporters."""
         columns: dict[str, float] = {}
@@ -291,6 +309,7 @@ class RunRecorder:
             "final_personalized_accuracy": last.get(PERSONALIZED, math.nan),
             "final_global_accuracy": last.get(GLOBAL, math.nan),
             **({"final_server_global_accuracy": last[SERVER_GLOBAL]} if SERVER_GLOBAL in last else {}),
+            **({"newcomers": self._newcomer_summary()} if self.newcomers else {}),
             "rounds_completed": len(self.rows),
             "bytes_up": up,
             "bytes_down": down,

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from torch import nn
 
 from kta_flwr.config import MIRRORABLE_DATASETS, RunConfig
@@ -76,6 +77,10 @@ class ServerModel:
         num_classes = self.targets.shape[1]
         return evaluate(self.model, self.test.x, self.test.y, np.full(num_classes, 1.0 / num_classes),
                         self.device).accuracy
+
+    def arrays(self) -> ArrayRecord:
+        """The model's state as Flower arrays (what a newcomer starts from)."""
+        return ArrayRecord(self.model.state_dict())
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The model's state (names -> host arrays)."""

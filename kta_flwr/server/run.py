@@ -75,12 +75,16 @@ def _initial_arrays(cfg: RunConfig, splits: CentralSplits, architecture: str) ->
     return ArrayRecord(OrderedDict((k, v) for k, v in model.state_dict().items() if k not in head))
 
 
+def _fleet_size(cfg: RunConfig, grid: Grid) -> int:
+    """The fleet's number of partitions: ``min-nodes``, or the nodes connected if more."""
+    return max(cfg.min_nodes, len(list(grid.get_node_ids())))
+
+
 def _global_architecture(cfg: RunConfig, grid: Grid) -> str:
     """The architecture of the global model: ``fedavg-common``'s common one among the
-    fleet's partitions (``min-nodes`` of them, or the nodes connected if more), else the
-    config's shared model."""
+    fleet's partitions (:func:`_fleet_size`), else the config's shared model."""
     if cfg.family == COMMON:
-        return cfg.common_architecture(max(cfg.min_nodes, len(list(grid.get_node_ids()))))
+        return cfg.common_architecture(_fleet_size(cfg, grid))
     return cfg.shared_model
 
 
@@ -135,6 +139,8 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         held.enter_context(_hold(recorder.ensure_run_dir()))
     lineage = saved.lineage if saved else grid.run.run_id
     architecture = _global_architecture(cfg, grid)
+    num_partitions = _fleet_size(cfg, grid)
+    recorder.newcomers = cfg.newcomers(num_partitions)
     strategy = build_strategy(
         cfg,
         initial_arrays=_initial_arrays(cfg, splits, architecture),
@@ -143,7 +149,8 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         fingerprint=splits.reference_fingerprint,
         options=node_options(cfg, recorder.aggregate_evaluate, recorder.aggregate_train,
                              max_examples=max(len(splits.train.y), len(splits.test.y)),
-                             lineage=saved.lineage if saved else None),
+                             lineage=saved.lineage if saved else None,
+                             num_partitions=num_partitions),
         market_kernels=kernels,
         tier_shapes=_tier_shapes(cfg, splits),
         is_member=lambda partition: cfg.model_for_partition(partition) == architecture,
@@ -154,6 +161,8 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
     if saved is not None:
         first = saved.round + 1
         _resume(saved, strategy, recorder, metered, cfg, server_model)
+    if server_model is not None and cfg.newcomer_start == "global":
+        strategy.offer_start_model(server_model.arrays())
     tracker.start(recorder.ensure_run_dir(), cfg, {
         "strategy": cfg.strategy, "dataset": cfg.dataset, "kta.lineage": str(lineage),
         "kta.flwr_run_id": str(grid.run.run_id)})
@@ -174,6 +183,8 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         if server_model is not None:
             server_model.learn(server_round, strategy.take_consensus())
             extra[SERVER_GLOBAL] = server_model.accuracy()
+            if cfg.newcomer_start == "global":
+                strategy.offer_start_model(server_model.arrays())
         out = recorder.end_round(server_round, report, extra)
         tracker.log_round(server_round, recorder.rows[-1], report.decisions)
         save_run_state(recorder.ensure_run_dir(), RunState.capture(

@@ -90,6 +90,9 @@ class RunResult:
     tiers: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The market's server-side global model on the whole test set (``server-model``); NaN without one.
     final_server_global: float = math.nan
+    #: Newcomers (``newcomer-fraction``): rounds since joining -> their mean personalized
+    #: accuracy (``summary.newcomers``); empty without them.
+    newcomers: dict[str, float] = field(default_factory=dict)
 
     def mib_to_reach(self, target: float) -> float | None:
         """Cumulative MiB at the first round whose personalized accuracy >= ``target``."""
@@ -124,6 +127,7 @@ def read_run(results_json: Path, method: str, seed: int) -> RunResult:
         method, seed, summary["final_personalized_accuracy"], summary["final_global_accuracy"],
         summary["mib_total"], summary["seconds"], curve, machine_of(res.get("environments", [])),
         summary.get("tiers", {}), summary.get("final_server_global_accuracy", math.nan),
+        summary.get("newcomers", {}).get("personalized_after_rounds", {}),
     )
 
 
@@ -189,6 +193,8 @@ def aggregate(runs: list[RunResult], target: float) -> dict[str, dict[str, Any]]
             "personalized": _mean_std([r.final_personalized for r in mine]),
             "global": _mean_std([r.final_global for r in mine]),
             "server_global": _mean_std([r.final_server_global for r in mine]),
+            "newcomers": {k: _mean_std([r.newcomers[k] for r in mine if k in r.newcomers])
+                          for k in dict.fromkeys(k for r in mine for k in r.newcomers)},
             "mib_total": _mean_std([r.mib_total for r in mine]),
             "mib_to_target": _mean_std([m for m in reach if m is not None]),
             "reached_target": sum(m is not None for m in reach),
@@ -254,11 +260,14 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
         return "—" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
     server = any(not math.isnan(s.get("server_global", (math.nan,))[0]) for s in stats.values())
+    after = sorted({k for s in stats.values() for k in s.get("newcomers", {})}, key=int)
     lines = [
         "| method | personalized acc. | global acc. | " + ("server model acc. | " if server else "")
+        + "".join(f"newcomers after {k} | " for k in after)
         + f"total MiB | MiB to {target:.2f} pers. | wall s "
         "| Pareto | paper |" + (f" Δ pers. vs {paired[0]} (points), by seed |" if paired else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|" if server else "") + ("---|" if paired else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if server else "") + "---|" * len(after)
+        + ("---|" if paired else ""),
     ]
     front = front_of(stats)
     for method, s in stats.items():
@@ -267,7 +276,9 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
         paper_txt = "—" if fig is None else f"{fig[0]}%" + (f" @ {fig[1]} MiB" if fig[1] else "")
         lines.append(
             f"| {method} | {pm(s['personalized'])} | {pm(s['global'])} | "
-            + (f"{pm(s['server_global'])} | " if server else "") + f"{pm(s['mib_total'], 3)} "
+            + (f"{pm(s['server_global'])} | " if server else "")
+            + "".join(f"{pm(s['newcomers'].get(k, (math.nan, math.nan)))} | " for k in after)
+            + f"{pm(s['mib_total'], 3)} "
             f"| {reach} | {pm(s['wall_seconds'], 0)} | {'✓' if method in front else ''} | {paper_txt} |"
             + (f" {_paired_cell(paired[1].get(method, []))} |" if paired else "")
         )
@@ -284,6 +295,10 @@ def markdown_table(preset: str, cfg: RunConfig, stats: dict[str, dict[str, Any]]
     if server:
         lines.append("- server model acc.: the global model the server distils from the market's "
                      "consensus on the public rows (`server-model`), on the whole test set.")
+    if after:
+        lines.append("- newcomers after k: the personalized accuracy of the clients that joined in "
+                     "`newcomer-round`, after k rounds in the fleet (evaluated in round "
+                     "`newcomer-round` + k - 1).")
     if paired:
         lines.append(f"- Δ pers. vs {paired[0]}: final personalized accuracy minus {paired[0]}'s "
                      "on the same seed (same partitions), mean and each seed in seed order.")

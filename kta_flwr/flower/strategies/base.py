@@ -135,6 +135,9 @@ class NodeOptions(TypedDict):
         lineage: the run a resumed run continues, stamped into every instruction
             (default None: a new run, nothing stamped; nodes use the run's own id).
         round_timeout: seconds to wait for the replies of a query (default 600).
+        join_round: partition -> the round it joins the fleet (newcomers; default none:
+            every partition from round 1). Before it, its node is neither sampled nor
+            evaluated; nodes are asked their partition first (:meth:`NodeStrategy.learn_partitions`).
     """
 
     evaluate_metrics_aggr_fn: MetricsAggregator
@@ -151,6 +154,7 @@ class NodeOptions(TypedDict):
     last_round: NotRequired[int]
     lineage: NotRequired[int | None]
     round_timeout: NotRequired[float]
+    join_round: NotRequired[dict[int, int]]
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,8 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
         #: Stamped into every instruction: the run a resumed run continues (None: not sent).
         self.lineage = options.get("lineage")
         self.round_timeout = options.get("round_timeout", 600.0)
+        #: Partition -> the round it joins (newcomers); the others are there from round 1.
+        self.join_round = dict(options.get("join_round", {}))
         #: The boundary every reply passes (it checks claims against ``partition_of``).
         self.screen = ReplyScreen(holders=lambda: self.partition_of)
         self._rng = random.Random(self.seed)
@@ -227,6 +233,11 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
         """The last round's consensus of the uploaded predictions on public rows (the
         market's, when asked for it); taken once. None where there is none."""
         return None
+
+    def offer_start_model(self, arrays: ArrayRecord) -> None:
+        """The model a newcomer may start from (``newcomer-start = "global"``: the server's
+        global model under the market, handed over after every round). Strategies whose
+        nodes all receive a global model anyway ignore it."""
 
     # --- the round's record -----------------------------------------------------------------
     def take_round_report(self) -> RoundReport:
@@ -316,8 +327,15 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
             nodes = sorted(grid.get_node_ids())
             if not nodes:
                 raise FederationError(f"round {server_round}: no node is connected any more")
+        if self.join_round:  # newcomers are not there before their round
+            nodes = [n for n in self.learn_partitions(grid, nodes, server_round)
+                     if self.joins_in(n) <= server_round]
         nodes.sort(key=lambda n: (self.partition_of.get(n, 1 << 62), n))
         return nodes
+
+    def joins_in(self, node_id: int) -> int:
+        """The round node ``node_id``'s partition joins the fleet (1 unless a newcomer's)."""
+        return self.join_round.get(self.partition_of.get(node_id, -1), 1)
 
     def sample(self, grid: Grid, fraction: float, kind: str, server_round: int) -> list[int]:
         """A seeded sample of ``fraction`` of the present nodes (at least one,

@@ -93,6 +93,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self.computes_consensus = consensus
         #: The last round's consensus (taken by :meth:`take_consensus`).
         self.consensus: Consensus | None = None
+        #: What a newcomer starts from, sent with its first instruction (None: nothing).
+        self.start_model: ArrayRecord | None = None
         #: ``(logit-noise, logit-clip)``: the clients' Gaussian noise on their logits,
         #: which widens the bound of what an honest upload holds.
         self.logit_noise = logit_noise
@@ -152,6 +154,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                 if self.holdout_fraction > 0:
                     extra[protocol.TARGETS_HOLDOUT] = self.target_draw[node_id]
                 content[protocol.CONFIG] = ConfigRecord({**config, **extra})
+            if self.start_model is not None and 1 < self.joins_in(node_id) == server_round:
+                content[protocol.START_MODEL] = self.start_model
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         with_targets = sum(n in self.targets for n in node_ids)
         log(INFO, "configure_train: %d nodes sampled, %d with personalized targets",
@@ -282,6 +286,10 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         """The last market round's consensus (None if not asked for, or not run since)."""
         consensus, self.consensus = self.consensus, None
         return consensus
+
+    def offer_start_model(self, arrays: ArrayRecord) -> None:
+        """Send ``arrays`` to each newcomer with its first instruction, from now on."""
+        self.start_model = arrays
 
     # --- node restarts and resumed runs ---------------------------------------------------
     def rekey(self, old: int, new: int) -> None:
