@@ -9,6 +9,7 @@ import pytest
 from kta_flwr.config import ConfigError, RunConfig
 from kta_flwr.flower.results import host_environment
 from kta_flwr.tools.bench import (
+    aggregate,
     RunResult,
     tier_table,
     machine_of,
@@ -164,3 +165,24 @@ def test_a_fleets_table_has_a_row_per_method_and_tier_averaged_over_seeds():
     assert lines[2] == "| kta | small | cnn | 0.7000 ± 0.1414 | 0.3500 ± 0.0707 | 1.000 | 1.50 |"
     assert lines[3] == "| kta | large | cnn | 0.8000 ± 0.0000 | 0.4000 ± 0.0000 | 1.000 | 9.00 |"
     assert len(lines) == 4 and tier_table(runs[2:]) == ""
+
+
+def test_the_table_adds_the_server_model_and_the_newcomers_where_runs_have_them():
+    def run(method, seed, server=math.nan, newcomers=None):
+        return RunResult(method, seed, 0.5, 0.25, 1.0, 10.0, final_server_global=server,
+                         newcomers=newcomers or {})
+
+    runs = [run("kta", 0, 0.40, {"1": 0.6, "2": 0.7}), run("kta", 1, 0.44, {"1": 0.8, "2": 0.9}),
+            run("fedavg", 0, newcomers={"1": 0.5})]
+    stats = aggregate(runs, 0.3)
+    assert stats["kta"]["server_global"] == pytest.approx((0.42, 0.0282843), rel=1e-5)
+    assert math.isnan(stats["fedavg"]["server_global"][0])  # none: no mean over nothing
+    lines = markdown_table("digits", RunConfig(), stats, 0.3).splitlines()
+    assert lines[0].startswith("| method | personalized acc. | global acc. | server model acc. | "
+                               "newcomers after 1 | newcomers after 2 | total MiB |")
+    assert lines[2].startswith("| kta | 0.5000 ± 0.0000 | 0.2500 ± 0.0000 | 0.4200 ± 0.0283 | "
+                               "0.7000 ± 0.1414 | 0.8000 ± 0.1414 | 1.000")
+    assert lines[3].startswith("| fedavg | 0.5000 ± 0.0000 | 0.2500 ± 0.0000 | — | 0.5000 ± 0.0000 | — |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines[:4])
+    plain = markdown_table("digits", RunConfig(), aggregate([run("kta", 0)], 0.3), 0.3)
+    assert "server model" not in plain and "newcomers" not in plain

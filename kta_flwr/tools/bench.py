@@ -192,8 +192,10 @@ def aggregate(runs: list[RunResult], target: float) -> dict[str, dict[str, Any]]
             "seeds": [r.seed for r in mine],
             "personalized": _mean_std([r.final_personalized for r in mine]),
             "global": _mean_std([r.final_global for r in mine]),
-            "server_global": _mean_std([r.final_server_global for r in mine]),
-            "newcomers": {k: _mean_std([r.newcomers[k] for r in mine if k in r.newcomers])
+            "server_global": _mean_std([r.final_server_global for r in mine
+                                        if not math.isnan(r.final_server_global)]),
+            "newcomers": {k: _mean_std([r.newcomers[k] for r in mine
+                                        if not math.isnan(r.newcomers.get(k, math.nan))])
                           for k in dict.fromkeys(k for r in mine for k in r.newcomers)},
             "mib_total": _mean_std([r.mib_total for r in mine]),
             "mib_to_target": _mean_std([m for m in reach if m is not None]),
