@@ -281,3 +281,27 @@ def test_a_newcomer_joins_a_running_simulation_from_the_server_model(tmp_path, a
     targets = read_rounds(next((tmp_path / "out").glob("*/rounds")).parent)[1]["bytes_down"].sum()
     assert res["rounds"][1]["bytes_down"] == model_bytes + targets
     assert res["rounds"][2]["bytes_down"] < model_bytes  # targets only after that
+
+
+def test_a_newcomer_sampled_late_gets_the_start_model_with_the_first_instruction_it_receives():
+    def market_of(fraction: float) -> KnowledgeMarket:
+        return KnowledgeMarket(
+            params=market_params(RunConfig(strategy="kta")), reference_labels=np.tile(np.arange(C), 10),
+            num_classes=C, fingerprint="abc", evaluate_metrics_aggr_fn=lambda recs, key: MetricRecord({}),
+            min_nodes=4, join_round={1: 2}, fraction_train=fraction, seed=0,
+        )
+
+    market = market_of(0.25)
+    grid = FixedGrid([10, 11, 12, 13])
+    market.offer_start_model(ArrayRecord({"w": Array(np.ones(3, np.float32))}))
+    to_newcomer = []
+    for server_round in range(1, 13):
+        for message in market.configure_train(server_round, ArrayRecord(), ConfigRecord({}), grid):
+            if message.metadata.dst_node_id == 11:
+                to_newcomer.append((server_round, protocol.START_MODEL in message.content.array_records))
+        if server_round == 6:  # a resumed run remembers who was sent it
+            restored = market_of(0.25)
+            restored.load_state_dict(market.state_dict())
+            assert restored.started == market.started
+    assert len(to_newcomer) >= 2 and to_newcomer[0][0] > 2  # not sampled in the round it joined
+    assert [carried for _, carried in to_newcomer] == [True] + [False] * (len(to_newcomer) - 1)

@@ -95,6 +95,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self.consensus: Consensus | None = None
         #: What a newcomer starts from, sent with its first instruction (None: nothing).
         self.start_model: ArrayRecord | None = None
+        #: The newcomers' partitions that were sent it.
+        self.started: set[int] = set()
         #: ``(logit-noise, logit-clip)``: the clients' Gaussian noise on their logits,
         #: which widens the bound of what an honest upload holds.
         self.logit_noise = logit_noise
@@ -154,8 +156,10 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                 if self.holdout_fraction > 0:
                     extra[protocol.TARGETS_HOLDOUT] = self.target_draw[node_id]
                 content[protocol.CONFIG] = ConfigRecord({**config, **extra})
-            if self.start_model is not None and 1 < self.joins_in(node_id) == server_round:
+            if self.start_model is not None and self.joins_in(node_id) > 1 and (
+                    self.partition_of[node_id] not in self.started):  # a newcomer's first instruction
                 content[protocol.START_MODEL] = self.start_model
+                self.started.add(self.partition_of[node_id])
             messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN))
         with_targets = sum(n in self.targets for n in node_ids)
         log(INFO, "configure_train: %d nodes sampled, %d with personalized targets",
@@ -306,7 +310,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         return {**super().state_dict(), "bank": self.bank, "bank_subset": self.bank_subset,
                 "bank_round": self.bank_round, "targets": self.targets,
                 "target_subset": self.target_subset, "target_draw": self.target_draw,
-                "last_draw": self.last_draw}
+                "last_draw": self.last_draw, "started": sorted(self.started)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
@@ -314,3 +318,4 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         for name in ("bank", "bank_subset", "bank_round", "targets", "target_subset", "target_draw"):
             setattr(self, name, {int(node): value for node, value in state[name].items()})
         self.last_draw = state["last_draw"]
+        self.started = {int(p) for p in state.get("started", [])}
