@@ -266,7 +266,8 @@ class RunRecorder:
                     for note in report.notes),
             "".join(f"{metric} max {row[key + '_max']:.2f} | "
                     for metric, key in EPSILONS.items() if key + "_max" in row),
-            "" if market_seconds is None else f"market {market_seconds:.2f} s | ",
+            ("" if market_seconds is None else f"market {market_seconds:.2f} s | ")
+            + (f"server model {row['server_model_seconds']:.2f} s | " if "server_model_seconds" in row else ""),
             _mib(row["bytes_up"]), _mib(row["bytes_down"]),
             _mib(row["cum_bytes_up"]), _mib(row["cum_bytes_down"]),
             _mib(row["cum_bytes_up"] + row["cum_bytes_down"]), row["seconds"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections import OrderedDict
 from logging import ERROR, INFO
 from pathlib import Path
@@ -181,8 +182,10 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         report = strategy.take_round_report()
         extra = {}
         if server_model is not None:
+            started = time.perf_counter()
             server_model.learn(server_round, strategy.take_consensus())
             extra[SERVER_GLOBAL] = server_model.accuracy()
+            extra["server_model_seconds"] = round(time.perf_counter() - started, 4)
             if cfg.newcomer_start == "global":
                 strategy.offer_start_model(server_model.arrays())
         out = recorder.end_round(server_round, report, extra)
