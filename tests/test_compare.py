@@ -31,6 +31,15 @@ def test_verdicts_and_average(tmp_path):
     # kta 0.5, local 0.485, fedmd 0.44: kta is best on average although it misses b and c.
     assert "kta best on average: yes" in text
     assert text.count("**no**") == 2
+    assert "server model" not in text
+
+    # a summary whose kta has the server's global model: its accuracy beside kta's global
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    summary["methods"]["kta"]["server_global"] = [0.4125, 0.01]
+    (tmp_path / "a" / "summary.json").write_text(json.dumps(summary))
+    text = compare.markdown({"a": compare.load_setting(tmp_path / "a")}, [], "kta", ["local"], 1.0)
+    assert "| kta | 0.5000 ± 0.0100 / 0.2500 (server model 0.4125) / 1.50 |" in text
+    assert "| local | 0.5050 ± 0.0100 / 0.2525 / 1.50 |" in text
 
 
 def test_cli_writes_files_and_rejects_a_missing_folder(tmp_path, capsys):

@@ -12,7 +12,7 @@ reads each setting's ``summary.json`` (written by :mod:`kta_flwr.tools.bench`), 
 ``--out``:
 
 - ``comparison.md``: one row per method, per setting its mean ± std final personalized
-  accuracy, global accuracy and total MiB, and the mean personalized accuracy over the
+  accuracy, global accuracy (and the server model's, where it has one) and total MiB, and the mean personalized accuracy over the
   settings; then, per setting, the verdict on ``--default`` against the best of
   ``--against`` (within ``--margin`` of it, in accuracy points);
 - ``comparison.json``: the same numbers;
@@ -43,6 +43,8 @@ class Cell:
     mib: tuple[float, float]
     seeds: int
     per_seed: dict[int, float]  # final personalized accuracy per seed
+    #: The market's server-side global model (``server-model``); NaN without one.
+    server_global: tuple[float, float] = (math.nan, math.nan)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ def load_setting(folder: Path) -> dict[str, Cell]:
         per_seed.setdefault(run["method"], {})[int(run["seed"])] = run["final_personalized"]
     return {
         name: Cell(tuple(s["personalized"]), tuple(s["global"]), tuple(s["mib_total"]),
-                   len(s["seeds"]), per_seed.get(name, {}))
+                   len(s["seeds"]), per_seed.get(name, {}),
+                   tuple(s.get("server_global", (math.nan, math.nan))))
         for name, s in summary["methods"].items()
     }
 
@@ -110,9 +113,11 @@ def markdown(table: dict[str, dict[str, Cell]], found: list[Verdict], default: s
         row = []
         for setting in settings:
             cell = table[setting].get(method)
+            server = "" if cell is None or math.isnan(cell.server_global[0]) else (
+                f" (server model {cell.server_global[0]:.4f})")
             row.append("—" if cell is None else
                        f"{cell.personalized[0]:.4f} ± {cell.personalized[1]:.4f} / "
-                       f"{cell.global_[0]:.4f} / {cell.mib[0]:.2f}")
+                       f"{cell.global_[0]:.4f}{server} / {cell.mib[0]:.2f}")
         mean = mean_over_settings(table, method)
         lines.append(f"| {method} | " + " | ".join(row) + f" | {'—' if math.isnan(mean) else f'{mean:.4f}'} |")
     lines += ["", f"`{default}` against the best of {{{', '.join(against)}}} (mean personalized "
