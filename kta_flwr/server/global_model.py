@@ -10,7 +10,7 @@ are those of the run without it. It keeps the latest consensus of every public r
 rotating reference subset covers the rows over rounds), trains ``server-model-epochs``
 epochs a round (KL toward the consensus at ``temperature`` plus
 ``server-model-label-weight`` × cross-entropy on the labels; ``server-model-teacher =
-"labels"``: toward the labels alone, the baseline without the clients; images shifted and,
+"labels"``: cross-entropy on the labels alone, the baseline without the clients; images shifted and,
 where labels survive it, flipped: ``server-model-augment``), is evaluated on the whole
 test set after every round, saved in the server's checkpoint (a resumed run continues
 it) and, at the end, as ``global-model.pt``. ``docs/method.md#the-servers-global-model``.
@@ -18,11 +18,12 @@ it) and, at the end, as ``global-model.pt``. ``docs/method.md#the-servers-global
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from kta_flwr.config import MIRRORABLE_DATASETS, RunConfig
@@ -58,6 +59,7 @@ class ServerModel:
         if len(known) == 0:
             return 0.0
         cfg = self.cfg
+        labels_only = cfg.server_model_teacher == "labels"  # plain cross-entropy on the labels
         seed = cfg.seed * 1_000_003 + server_round
         augment = None
         if cfg.server_model_augment and self.public.x.ndim == 4:  # images [N, C, H, W]
@@ -68,7 +70,8 @@ class ServerModel:
             epochs=cfg.server_model_epochs, batch_size=cfg.batch_size,
             optim=Optim(cfg.distill_learning_rate, cfg.momentum, cfg.weight_decay),
             device=self.device, seed=seed, temperature=cfg.temperature,
-            kl_weight=1.0, y_ref=self.public.y[known], ce_weight=cfg.server_model_label_weight,
+            kl_weight=0.0 if labels_only else 1.0, y_ref=self.public.y[known],
+            ce_weight=1.0 if labels_only else cfg.server_model_label_weight,
             max_grad_norm=cfg.distill_clip, augment=augment,
         )
 
@@ -79,8 +82,8 @@ class ServerModel:
                         self.device).accuracy
 
     def arrays(self) -> ArrayRecord:
-        """The model's state as Flower arrays (what a newcomer starts from)."""
-        return ArrayRecord(self.model.state_dict())
+        """The model's state as Flower arrays on the host (what a newcomer starts from)."""
+        return ArrayRecord(OrderedDict((name, Array(value)) for name, value in self.tensors().items()))
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The model's state (names -> host arrays)."""
