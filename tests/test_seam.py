@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 SERVER = Path(__file__).resolve().parents[1] / "kta_flwr" / "server"
 
 
-def _strategy(name: str, tmp_path: Path, **changes) -> NodeStrategy:
+def _strategy(name: str, tmp_path: Path, num_partitions: int = 0, **changes) -> NodeStrategy:
     cfg = RunConfig(strategy=name, output_dir=str(tmp_path)).replace(**changes)
     model = build_model("mlp", ModelSpec((64,), 10), cfg.seed)
     head = head_keys(model) if cfg.shares_body_only else frozenset()
@@ -41,7 +41,7 @@ def _strategy(name: str, tmp_path: Path, **changes) -> NodeStrategy:
         cfg, initial_arrays=ArrayRecord() if cfg.is_market else arrays,
         reference_labels=np.arange(30) % 10, num_classes=10, fingerprint="abc",
         options=node_options(cfg, recorder.aggregate_evaluate, recorder.aggregate_train,
-                             max_examples=1000, lineage=41),
+                             max_examples=1000, lineage=41, num_partitions=num_partitions),
         tier_shapes=[{k: tuple(v.shape) for k, v in model.state_dict().items()}],
     )
 
@@ -73,6 +73,20 @@ def test_every_strategy_stamps_its_lineage_and_saves_its_state(name, tmp_path):
     assert (keeps is not None) == (name in ("fedavg", "fedprox", "fedmedian", "krum", "fedtrimmedavg",
                                             "fedavg-ft", "ditto", "fedavg-topk", "sapef", "heterofl",
                                             "fedavg-common"))
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_leaves_a_newcomer_out_until_its_round(name, tmp_path):
+    newcomers = {"newcomer_fraction": 0.3, "newcomer_round": 3}
+    (late,) = RunConfig(**newcomers).newcomers(3)
+    grid = FixedGrid([5, 6, 7])  # node 5 + p holds partition p
+    for server_round, expected in ((2, sorted({5, 6, 7} - {5 + late})), (3, [5, 6, 7])):
+        strategy = _strategy(name, tmp_path, num_partitions=3, **newcomers)
+        start = strategy.start_arrays()
+        trained = strategy.configure_train(server_round, start, ConfigRecord({}), grid)
+        assert sorted(m.metadata.dst_node_id for m in trained) == expected
+        evaluated = strategy.configure_evaluate(server_round, start, ConfigRecord({}), grid)
+        assert sorted(m.metadata.dst_node_id for m in evaluated) == expected
 
 
 def _without_arrays(path: Path) -> str:
