@@ -42,6 +42,8 @@ PERSONALIZED = "personalized-accuracy"
 GLOBAL = "global-accuracy"
 #: The market's server-side global model on the whole test set (``server-model``).
 SERVER_GLOBAL = "server-global-accuracy"
+#: The seconds the server spent on that model in a round (training and evaluation).
+SERVER_SECONDS = "server_model_seconds"
 #: The newcomers' mean personalized accuracy in a round (``newcomer-fraction``).
 NEWCOMERS = "newcomer-accuracy"
 #: Rounds after joining at which the summary reports the newcomers' accuracy.
@@ -267,7 +269,7 @@ class RunRecorder:
             "".join(f"{metric} max {row[key + '_max']:.2f} | "
                     for metric, key in EPSILONS.items() if key + "_max" in row),
             ("" if market_seconds is None else f"market {market_seconds:.2f} s | ")
-            + (f"server model {row['server_model_seconds']:.2f} s | " if "server_model_seconds" in row else ""),
+            + (f"server model {row[SERVER_SECONDS]:.2f} s | " if SERVER_SECONDS in row else ""),
             _mib(row["bytes_up"]), _mib(row["bytes_down"]),
             _mib(row["cum_bytes_up"]), _mib(row["cum_bytes_down"]),
             _mib(row["cum_bytes_up"] + row["cum_bytes_down"]), row["seconds"],

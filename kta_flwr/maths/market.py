@@ -713,6 +713,7 @@ def global_consensus(
     labels: np.ndarray,
     params: MarketParams,
     divergence: np.ndarray | None = None,
+    priors: np.ndarray | None = None,
 ) -> np.ndarray:
     """The market's consensus on the public rows, for one student with no class prior of
     its own (the server's global model): each row of class c mixes the clients' logits
@@ -733,6 +734,8 @@ def global_consensus(
             ``accuracy_exponent``, ``sybil_divergence``, ``temperature``).
         divergence: ``[K, K]`` the round's divergences (for the Sybil shares; None: no
             grouping).
+        priors: ``[K, C]`` the clients' class priors (:class:`MarketOutput`'s of the same
+            logits; None: estimated here, :func:`class_prior`).
 
     Returns:
         ``[N, C]`` float32 probabilities at temperature ``params.temperature``, rows sum to 1.
@@ -740,7 +743,10 @@ def global_consensus(
     logits = centre(np.asarray(logits))
     labels = np.asarray(labels)
     num_clients, _, num_classes = logits.shape
-    priors = class_prior(logits) if params.prior_correction else None
+    if not params.prior_correction:
+        priors = None
+    elif priors is None:
+        priors = class_prior(logits)
     informed = class_information(logits, labels, priors)  # [K, C], scored on every row
     shares = (np.ones(num_clients) if divergence is None
               else sybil_shares(divergence, params.sybil_divergence))

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid
 from kta_flwr.config import COMMON, SUBMODELS, ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import build_strategy, node_options
 from kta_flwr.flower.metering import ByteMeter, MeteredGrid
-from kta_flwr.flower.results import RunRecorder
+from kta_flwr.flower.results import SERVER_SECONDS, RunRecorder
 from kta_flwr.flower.run_state import (
     STATE_FILE,
     RunState,
@@ -185,7 +185,7 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
             started = time.perf_counter()
             server_model.learn(server_round, strategy.take_consensus())
             extra[SERVER_GLOBAL] = server_model.accuracy()
-            extra["server_model_seconds"] = round(time.perf_counter() - started, 4)
+            extra[SERVER_SECONDS] = round(time.perf_counter() - started, 4)
             if cfg.newcomer_start == "global":
                 strategy.offer_start_model(server_model.arrays())
         out = recorder.end_round(server_round, report, extra)
@@ -214,12 +214,9 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
     except BaseException:
         tracker.finish(recorder.ensure_run_dir(), failed=True)  # e.g. Ctrl-C: closed as failed
         raise
-    if server_model is not None:
-        _save_global_model(cfg, splits, server_model.architecture, server_model.tensors(), recorder,
-                           (grid.run.run_id, lineage))
-    else:
-        _save_global_model(cfg, splits, architecture, strategy.global_model(), recorder,
-                           (grid.run.run_id, lineage))
+    kept = ((server_model.architecture, server_model.tensors()) if server_model is not None
+            else (architecture, strategy.global_model()))
+    _save_global_model(cfg, splits, *kept, recorder, (grid.run.run_id, lineage))
     run_dir = recorder.write()
     tracker.finish(run_dir)
     summary = recorder.summary()

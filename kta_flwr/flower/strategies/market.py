@@ -256,7 +256,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self.last_market = out
         if self.computes_consensus:
             self.consensus = Consensus(rows, global_consensus(
-                stacked, self.reference_labels[rows], self.params, out.divergence))
+                stacked, self.reference_labels[rows], self.params, out.divergence, out.priors))
         self.targets = {n: q for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
         self.target_subset = dict.fromkeys(self.targets, subset_id)
         self.target_draw = dict.fromkeys(self.targets, self.last_draw)
