@@ -61,6 +61,10 @@ MARKET_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == MARKET
 SERVER_MODEL_TEACHERS = ("consensus", "labels")
 #: Where a market newcomer starts: its own initialisation, or the server's global model.
 NEWCOMER_STARTS = ("scratch", "global")
+#: Where an unlabeled transfer set comes from (``transfer-source``; "": none): rows of
+#: the training pool no client holds (labels dropped), another dataset's training inputs
+#: (``emnist``: EMNIST Letters), or a user's array file of model inputs.
+TRANSFER_SOURCES = ("", "pool", "emnist", "file")
 PARAMETER_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PARAMETERS)
 COMPRESSED_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == COMPRESSED)
 PERSONAL_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PERSONAL)
@@ -232,6 +236,11 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     loudness_cap: float = 2.0
     score_uniform_share: float = 0.0
     class_quality: bool = False
+    # --- an unlabeled transfer set beside the labeled reference set (docs/method.md#the-transfer-set)
+    transfer_source: str = ""  # "", "pool", "emnist" or "file" (TRANSFER_SOURCES)
+    transfer_path: str = ""  # emnist / file: where the inputs are (relative: as data-path)
+    transfer_size: int = 2000  # rows in the transfer set
+    transfer_rows: int = 200  # transfer rows exchanged per round (a rotating window)
     # --- the server's global model under the market (docs/method.md#the-servers-global-model)
     server_model: str = ""  # a model name: distilled on the server from the consensus; "": none
     server_model_epochs: int = 5
@@ -440,6 +449,16 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         return self.model_names[0]
 
     @property
+    def transfer_per_round(self) -> int:
+        """Transfer rows exchanged per round: ``transfer-rows`` with a transfer set, else 0."""
+        return self.transfer_rows if self.transfer_source else 0
+
+    def resolved_transfer_path(self, root: Path = DATA_ROOT) -> str:
+        """``transfer-path`` as an absolute path (relative: from ``root``, as ``data-path``)."""
+        path = Path(self.transfer_path).expanduser()
+        return str(path if path.is_absolute() else root.expanduser() / path)
+
+    @property
     def holdout(self) -> float:
         """Share of reference rows held out from distillation: ``holdout-fraction`` under
         kta's adaptive market (which scores its candidates there), else 0."""
@@ -476,6 +495,13 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
             return self.data_path
         path = Path(self.data_path).expanduser()
         return str(path if path.is_absolute() else root.expanduser() / path)
+
+    def rooted(self, root: Path = DATA_ROOT) -> RunConfig:
+        """A copy whose ``data-path`` and ``transfer-path`` are taken from ``root`` when
+        relative (a tool's ``--data-root``), so the ServerApp and ClientApps read the same
+        files wherever they run."""
+        return self.replace(data_path=self.resolved_data_path(root),
+                            transfer_path=self.resolved_transfer_path(root) if self.transfer_path else "")
 
     def to_flwr(self) -> dict[str, Any]:
         """The config as Flower run-config keys (kebab-case)."""
@@ -606,6 +632,34 @@ def _check_newcomers(cfg: RunConfig) -> None:
                 f"run-config 'newcomer-start' = 'global' loads the server model "
                 f"({cfg.server_model!r}) into each newcomer's own model, but the clients train "
                 f"{sorted(set(cfg.model_names))}; use one architecture for both, or 'scratch'")
+
+
+def _check_transfer(cfg: RunConfig) -> None:
+    """The transfer set: a source, sizes that fit each other, and a strategy that
+    uploads predictions (whose clients distil on what they receive)."""
+    _choice("transfer-source", cfg.transfer_source, TRANSFER_SOURCES)
+    if not cfg.transfer_source:
+        return
+    if not cfg.exchanges_knowledge:
+        raise ConfigError(
+            f"run-config 'transfer-source' = {cfg.transfer_source!r} needs a strategy that uploads "
+            f"predictions ({sorted(s for s in MARKET_STRATEGIES if s != 'local')}), not "
+            f"{cfg.strategy!r}")
+    _positive("transfer-size", cfg.transfer_size)
+    _positive("transfer-rows", cfg.transfer_rows)
+    if cfg.transfer_rows > cfg.transfer_size:
+        raise ConfigError(f"run-config 'transfer-rows' = {cfg.transfer_rows} exceeds 'transfer-size' "
+                          f"= {cfg.transfer_size}: a round cannot exchange more rows than the set has")
+    if cfg.transfer_source in ("emnist", "file") and not cfg.transfer_path:
+        raise ConfigError(f"run-config 'transfer-source' = {cfg.transfer_source!r} needs 'transfer-path' "
+                          "(where its inputs are)")
+    if cfg.transfer_source == "pool" and cfg.transfer_path:
+        raise ConfigError("run-config 'transfer-path' is for the sources 'emnist' and 'file'; "
+                          "'transfer-source' = 'pool' carves its rows out of the dataset itself")
+    if cfg.reference_ce_weight > 0:
+        raise ConfigError(
+            f"run-config 'reference-ce-weight' = {cfg.reference_ce_weight!r} trains on the labels of "
+            "the rows clients distil on, but the transfer set has none; set it to 0 with 'transfer-source'")
 
 
 def _check_heterofl(cfg: RunConfig) -> None:
@@ -777,6 +831,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
     if cfg.student_model:
         checked.append(("student-model", cfg.student_model))
     _check_newcomers(cfg)
+    _check_transfer(cfg)
     if cfg.server_model:
         if not cfg.exchanges_knowledge:
             raise ConfigError(

@@ -97,6 +97,8 @@ def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, f
         reference_fraction=cfg.reference_fraction, holdout_fraction=cfg.holdout,
         max_staleness=cfg.max_staleness, kernels=kernels,
         logit_noise=(cfg.logit_noise, cfg.logit_clip), consensus=bool(cfg.server_model),
+        transfer_size=cfg.transfer_size if cfg.transfer_per_round else 0,
+        transfer_rows=cfg.transfer_per_round,
         **options,
     )
 

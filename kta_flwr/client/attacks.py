@@ -164,11 +164,15 @@ def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[st
     if cfg.attack in LOGIT_ATTACKS and protocol.LOGITS in content.array_records:
         rows = node.reference_rows(protocol.LOGITS_SUBSET)
         reference = node.data.splits.reference
-        held_out = node.held_out()[rows]  # what the attacker knows: the last scored rows
         codec = knowledge_codec(cfg)
-        honest = protocol.unpack(content, protocol.LOGITS, len(rows), reference.num_classes, codec)
+        honest = protocol.unpack(content, protocol.LOGITS, len(node.exchanged_inputs(protocol.LOGITS_SUBSET)),
+                                 reference.num_classes, codec)
+        # what the attacker knows: the reference labels, the last scored rows; on
+        # transfer rows (after the reference rows) its own top class stands for the label
+        labels = np.concatenate([reference.y[rows], honest[len(rows):].argmax(axis=1)])
+        held_out = np.concatenate([node.held_out()[rows], np.zeros(len(honest) - len(rows), bool)])
         content[protocol.LOGITS] = protocol.pack(poisoned_logits(
-            cfg, cfg.attack, honest, reference.y[rows], held_out, node.seed, node.server_round), codec)
+            cfg, cfg.attack, honest, labels, held_out, node.seed, node.server_round), codec)
     elif cfg.attack in ("negated", "scaled-update") and sync.UPDATE in content.array_records:
         content[sync.UPDATE] = sync.to_record(_poisoned_update(node, content))
     elif cfg.attack in ("negated", "scaled-update"):

@@ -44,7 +44,7 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
             model.load_state_dict(msg.content.array_records[protocol.START_MODEL].to_torch_state_dict())
         if protocol.TARGETS in msg.content.array_records:
             targets = protocol.unpack(
-                msg.content, protocol.TARGETS, len(node.target_rows()), data.splits.num_classes, codec
+                msg.content, protocol.TARGETS, node.num_target_rows(), data.splits.num_classes, codec
             )
     with timer("stage1"):
         metrics["train-loss"] = node.train_stage1(model)
@@ -53,8 +53,7 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
             metrics["distill-loss"] = node.train_stage2(model, targets)
     if cfg.exchanges_knowledge:
         with timer("predict"):
-            rows = node.reference_rows(protocol.LOGITS_SUBSET)
-            logits = predict_logits(model, data.reference.x[rows], node.device)
+            logits = predict_logits(model, node.exchanged_inputs(protocol.LOGITS_SUBSET), node.device)
             if cfg.logit_noise > 0:
                 logits = noisy_logits(logits, cfg.logit_noise, cfg.logit_clip,
                                       np.random.default_rng([node.seed, 2]))

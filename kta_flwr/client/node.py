@@ -216,6 +216,27 @@ class Node:  # pylint: disable=too-many-instance-attributes
             len(self.data.reference.y), self.cfg.reference_fraction, self.cfg.seed, subset
         )
 
+    def transfer_rows(self, key: str) -> np.ndarray:
+        """Transfer rows exchanged with the subset the instruction names under ``key``
+        (none without a transfer set)."""
+        transfer = self.data.transfer
+        return protocol.transfer_window(0 if transfer is None else len(transfer.y), self.cfg.transfer_per_round,
+                                        self.cfg.seed, int(self.config.get(key, 0)))
+
+    def exchanged_inputs(self, key: str) -> np.ndarray:
+        """``[M + T, *input]``: the inputs of the rows the instruction names under ``key``,
+        the reference rows first, then the transfer rows (the wire's row order)."""
+        return self._with_transfer(self.data.reference.x[self.reference_rows(key)], key)
+
+    def _with_transfer(self, reference_inputs: np.ndarray, key: str) -> np.ndarray:
+        if self.data.transfer is None:
+            return reference_inputs
+        return np.concatenate([reference_inputs, self.data.transfer.x[self.transfer_rows(key)]])
+
+    def num_target_rows(self) -> int:
+        """Rows this round's targets cover: :meth:`target_rows` and the transfer rows."""
+        return len(self.target_rows()) + len(self.transfer_rows(protocol.TARGETS_SUBSET))
+
     def target_rows(self) -> np.ndarray:
         """Reference rows this round's targets cover: the targets' subset, less the rows
         the market held out (adaptive market; the draw the instruction names).
@@ -238,12 +259,13 @@ class Node:  # pylint: disable=too-many-instance-attributes
                                       int(self.config[protocol.TARGETS_HOLDOUT]))
 
     def train_stage2(self, model: nn.Module, targets: np.ndarray) -> float:
-        """``distill-epochs`` of KL toward ``targets`` (``[len(target_rows()), C]``) on the
-        reference rows, each batch paired with a private slice; the mean loss."""
+        """``distill-epochs`` of KL toward ``targets`` (``[num_target_rows(), C]``) on the
+        reference rows (and transfer rows), each batch paired with a private slice; the
+        mean loss."""
         ref = self.data.reference
         rows = self.target_rows()
         return distill(
-            model, ref.x[rows], targets, epochs=self.cfg.distill_epochs, batch_size=self.cfg.batch_size,
+            model, self._with_transfer(ref.x[rows], protocol.TARGETS_SUBSET), targets, epochs=self.cfg.distill_epochs, batch_size=self.cfg.batch_size,
             optim=self.optim(self.cfg.distill_learning_rate), device=self.device, seed=self.seed + 1,
             temperature=self.cfg.temperature, kl_weight=self.cfg.distill_weight,
             y_ref=ref.y[rows], ce_weight=self.cfg.reference_ce_weight,
@@ -258,7 +280,8 @@ class Node:  # pylint: disable=too-many-instance-attributes
         ``distilled``), see :func:`kta_flwr.task.training.training_samples`."""
         cfg = self.cfg
         return training_samples(
-            len(self.data.train.y), len(self.reference_rows(protocol.TARGETS_SUBSET)),
+            len(self.data.train.y),
+            len(self.reference_rows(protocol.TARGETS_SUBSET)) + len(self.transfer_rows(protocol.TARGETS_SUBSET)),
             local_epochs=cfg.local_epochs, distill_epochs=cfg.distill_epochs,
             batch_size=cfg.batch_size, private_weight=cfg.private_ce_weight, distilled=distilled,
         )

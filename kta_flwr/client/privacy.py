@@ -49,10 +49,11 @@ def delta_of(cfg: RunConfig, num_private: int) -> float:
 
 def stage2_steps(cfg: RunConfig, num_reference: int) -> int:
     """Steps per stage-2 epoch with the most distillation rows any round can have: a
-    reference subset's size, at most the rows not held out."""
+    reference subset's size, at most the rows not held out, and the transfer rows."""
     size = len(protocol.reference_subset(num_reference, cfg.reference_fraction, cfg.seed, 0))
     held_out = protocol.held_out_count(num_reference, cfg.holdout)
-    return -(-max(1, min(size, num_reference - held_out)) // cfg.batch_size)
+    rows = min(size, num_reference - held_out) + cfg.transfer_per_round
+    return -(-max(1, rows) // cfg.batch_size)
 
 
 def planned_calls(cfg: RunConfig, num_private: int, num_reference: int) -> list[tuple[float, int]]:

@@ -12,6 +12,11 @@ client uploads logits for (``logits-subset``, used by the next round's targets) 
 subset its targets cover (``targets-subset``); both sides derive the rows from the run's
 seed, so no index is sent.
 
+With an unlabeled **transfer set** (``transfer-source``) each round also exchanges a
+rotating window of ``transfer-rows`` transfer rows (:func:`transfer_window`, the same
+subset id): the logits are ``[M + T, C]``, the M reference rows of the subset first, then
+the T transfer rows; the targets likewise, the reference rows they cover first.
+
 Under the adaptive market a share of the reference rows is **held out** each round
 (:func:`held_out_mask`): the market scores teachers, chooses each client's τ and gates
 on those rows, and the targets it computes cover only the other rows
@@ -115,9 +120,24 @@ def reference_subset(num_reference: int, fraction: float, seed: int, subset_id: 
     the whole set before any row repeats. ``fraction >= 1``: every row, for every id."""
     if fraction >= 1.0:
         return np.arange(num_reference)
-    size = max(1, math.ceil(fraction * num_reference))
-    order = np.random.default_rng(seed).permutation(num_reference)
-    return np.sort(order[(subset_id * size + np.arange(size)) % num_reference])
+    return rotating_window(num_reference, max(1, math.ceil(fraction * num_reference)), seed, subset_id)
+
+
+def transfer_window(num_transfer: int, rows_per_round: int, seed: int, subset_id: int) -> np.ndarray:
+    """Sorted indices of the transfer rows exchanged with subset ``subset_id``:
+    :func:`rotating_window` of ``rows_per_round`` rows over a permutation seeded by
+    ``(seed, 1)`` (a stream apart from the reference subsets'); none for 0 rows."""
+    if rows_per_round <= 0:
+        return np.arange(0)
+    return rotating_window(num_transfer, rows_per_round, [seed, 1], subset_id)
+
+
+def rotating_window(num_rows: int, size: int, seed: int | list[int], window_id: int) -> np.ndarray:
+    """Sorted entries ``window_id * size ... + size - 1`` (cyclically) of a permutation of
+    ``range(num_rows)`` seeded by ``seed``: the first ``num_rows // size`` windows hold
+    no row twice, and every row is taken before any repeats."""
+    order = np.random.default_rng(seed).permutation(num_rows)
+    return np.sort(order[(window_id * size + np.arange(size)) % num_rows])
 
 
 def held_out_mask(num_reference: int, fraction: float, draw: int | list[int]) -> np.ndarray:

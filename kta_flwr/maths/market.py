@@ -609,6 +609,7 @@ def run_market(
     held_out: np.ndarray | None = None,
     kernels: MarketKernels = FAST,
     target_rows: np.ndarray | None = None,
+    unlabeled: np.ndarray | None = None,
 ) -> MarketOutput:
     """One market round: accuracy, similarity graph, teacher weights and targets.
 
@@ -624,9 +625,13 @@ def run_market(
         target_rows: ``[N]`` bool, the rows to compute targets on (the strategy's: those
             not held out, the only ones it sends); None: every row. Nothing else depends
             on it.
+        unlabeled: ``[K, T, C]`` the same clients' logits on T unlabeled transfer rows
+            (None: none). Teachers are scored, and the graph measured, on the labeled
+            rows alone; these rows only get targets, mixed by the same weights.
 
     Returns:
-        The round's :class:`MarketOutput`; its ``targets`` cover ``target_rows`` only.
+        The round's :class:`MarketOutput`; its ``targets`` (``[K, N_t + T, C]``) cover
+        ``target_rows``, then the unlabeled rows.
     """
     logits = np.asarray(logits)
     if logits.ndim != 3:
@@ -704,6 +709,11 @@ def run_market(
                                   class_information(scoring, labels[rows], priors),
                                   params.accuracy_exponent)
     targets = _class_targets(teachers, weights, per_class, target_labels, params, teacher_priors, kernels)
+    if unlabeled is not None and np.asarray(unlabeled).shape[1] > 0:
+        transfer_teachers, _ = _teachers(cap_loudness(centre(unlabeled), params.loudness_cap), priors, weights)
+        targets = np.concatenate(
+            [targets, _class_targets(transfer_teachers, weights, None, np.arange(0), params,
+                                     teacher_priors, kernels)], axis=1)
     return MarketOutput(accuracy, divergence, similarity, dense_weights(weights), targets, taus,
                         distill, estimated_priors)
 

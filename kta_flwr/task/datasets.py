@@ -279,6 +279,58 @@ def load_agnews(data_path: str) -> Source:
     return Source(train, test)
 
 
+def load_transfer_inputs(source: str, path: str, input_shape: tuple[int, ...],
+                         task_images: np.ndarray) -> np.ndarray:
+    """The inputs of an external transfer set (no labels are read): float32
+    ``[M, *input_shape]``.
+
+    Args:
+        source: ``"emnist"`` (EMNIST Letters' training images, upright) or ``"file"`` (an
+            ``.npy`` array, or an ``.npz`` with an array ``x``, of inputs exactly as the
+            task's models read them: float32, normalised as the task's loader does).
+        path: the run config's ``transfer-path``, resolved.
+        input_shape: the task's input shape (``[C, H, W]``).
+        task_images: some of the task's inputs (its reference set): EMNIST's images
+            are inverted when their background (mean border pixel) is the opposite of
+            the task's (FEMNIST writes dark on light, EMNIST light on dark).
+
+    Raises:
+        ConfigError: no file at ``path``, or inputs of another shape, dtype or with
+            values that are not finite (naming ``transfer-path``).
+    """
+    where = f"run-config 'transfer-path' = {path!r} ('transfer-source' = {source!r})"
+    try:
+        if source == "emnist":
+            x = load_emnist_letters(path).train.x
+        else:
+            file = Path(path).expanduser()
+            if not file.is_file():
+                raise ConfigError(f"{where}: no such file; expected an .npy array or an .npz with 'x'")
+            loaded = np.load(file, allow_pickle=False)
+            x = loaded["x"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{where}: cannot be read as an .npy array or an .npz with 'x' ({err})") from None
+    if not np.issubdtype(x.dtype, np.number) or tuple(x.shape[1:]) != tuple(input_shape):
+        raise ConfigError(f"{where} holds {x.dtype} inputs of shape {list(x.shape[1:])}; the task's "
+                          f"models read float32 inputs of shape {list(input_shape)}")
+    x = np.asarray(x, np.float32)
+    if not np.isfinite(x).all():
+        raise ConfigError(f"{where} holds values that are not finite")
+    if source == "emnist" and abs(_border_mean(x) - _border_mean(task_images)) > 0.5:
+        x = 1.0 - x
+    return x
+
+
+def _border_mean(images: np.ndarray) -> float:
+    """Mean of the outermost pixels of ``[M, C, H, W]`` images (at most 1,000 of them)."""
+    sample = images[:1000]
+    border = np.concatenate([sample[..., 0, :], sample[..., -1, :], sample[..., :, 0], sample[..., :, -1]],
+                            axis=-1)
+    return float(border.mean())
+
+
 #: Dataset name -> loader taking the run config's ``data-path``.
 DATASETS: dict[str, Callable[[str], Source]] = {
     "digits": load_digits,

@@ -33,14 +33,17 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from kta_flwr.config import ConfigError, RunConfig, is_hub_path
-from kta_flwr.task.datasets import DATASETS, ArrayDataset, Source, load_from_hub
+from kta_flwr.task.datasets import DATASETS, ArrayDataset, Source, load_from_hub, load_transfer_inputs
 from kta_flwr.task.models import ModelSpec
 from kta_flwr.task.text import build_vocab, encoder_for
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
-__all__ = ["ArrayDataset", "CentralSplits", "ClientData", "load_client_data", "load_splits",
+#: The label of every transfer row: the transfer set's labels are never loaded.
+UNLABELED = -1
+
+__all__ = ["UNLABELED", "ArrayDataset", "CentralSplits", "ClientData", "load_client_data", "load_splits",
            "shared_split"]
 
 
@@ -55,6 +58,9 @@ class CentralSplits:
     test_groups: np.ndarray | None = None  # [len(test)] writer ids
     vocab: tuple[str, ...] = ()  # text: the word vocabulary (ids 2.., see kta_flwr.task.text)
     text_length: int = 0  # text: tokens per sample after encoding
+    #: The public unlabeled transfer set (``transfer-source``): inputs only, every label
+    #: -1 (:data:`UNLABELED`; none is ever read); None without one.
+    transfer: ArrayDataset | None = None
 
     @property
     def num_classes(self) -> int:
@@ -103,9 +109,11 @@ def load_splits(cfg: RunConfig) -> CentralSplits:
     Raises:
         ConfigError: missing data, or sizes that do not fit the dataset.
     """
+    transfer = (cfg.transfer_source, cfg.resolved_transfer_path() if cfg.transfer_path else "",
+                cfg.transfer_size if cfg.transfer_source else 0)
     return _load_splits(
         cfg.dataset, cfg.resolved_data_path(), cfg.reference_size, cfg.test_size, cfg.max_train_size,
-        cfg.vocab_size, cfg.text_length, cfg.seed,
+        cfg.vocab_size, cfg.text_length, cfg.seed, transfer,
     )
 
 
@@ -128,6 +136,7 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
     vocab_size: int,
     text_length: int,
     seed: int,
+    transfer_spec: tuple[str, str, int] = ("", "", 0),
 ) -> CentralSplits:
     src: Source = load_from_hub(dataset, data_path) if is_hub_path(data_path) else DATASETS[dataset](data_path)
     train, groups = src.train, src.train_groups
@@ -168,6 +177,8 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
         pool_rows, ref_rows = _stratified(train.y, reference_size, seed + 1)
     reference = train.take(ref_rows)
     pool, pool_groups = train.take(pool_rows), None if groups is None else groups[pool_rows]
+    # --- transfer (unlabeled) -------------------------------------------------------
+    transfer, pool, pool_groups = _transfer_set(transfer_spec, pool, pool_groups, reference, seed)
     # --- cap ------------------------------------------------------------------------
     if 0 < max_train_size < len(pool.y):
         _, rows = _stratified(pool.y, max_train_size, seed + 2)
@@ -177,8 +188,44 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
     if src.is_text:
         vocab = build_vocab(list(pool.x) + list(reference.x), vocab_size)
     return CentralSplits(
-        pool, reference, test, pool_groups, test_groups, vocab, text_length if src.is_text else 0
+        pool, reference, test, pool_groups, test_groups, vocab, text_length if src.is_text else 0,
+        transfer,
     )
+
+
+def _transfer_set(
+    spec: tuple[str, str, int], pool: ArrayDataset, pool_groups: np.ndarray | None,
+    reference: ArrayDataset, seed: int,
+) -> tuple[ArrayDataset | None, ArrayDataset, np.ndarray | None]:
+    """(transfer set or None, pool, pool groups): ``spec`` = (source, resolved path,
+    size). ``pool`` carves ``size`` rows out of the training pool (whole writers, in a
+    seeded order, when the data has writer ids; stratified otherwise), so no client
+    holds them; ``emnist``/``file`` draw ``size`` rows of the inputs at the path. Labels
+    are dropped (:data:`UNLABELED`). The test set is left as it is."""
+    source, path, size = spec
+    if not source:
+        return None, pool, pool_groups
+    if source == "pool":
+        if size >= len(pool.y):
+            raise ConfigError(
+                f"run-config 'transfer-size' = {size} leaves no training data: the pool holds "
+                f"{len(pool.y)} rows after the test and reference sets")
+        if pool_groups is not None:
+            rows, kept = _reference_writers(pool_groups, size, seed + 3)
+        else:
+            kept, rows = _stratified(pool.y, size, seed + 4)
+        inputs = pool.x[rows]
+        pool, pool_groups = pool.take(kept), None if pool_groups is None else pool_groups[kept]
+    else:
+        if reference.x.dtype == object:
+            raise ConfigError(f"run-config 'transfer-source' = {source!r} reads images; the task's "
+                              "inputs are text (use 'pool')")
+        everything = load_transfer_inputs(source, path, tuple(reference.x.shape[1:]), reference.x)
+        if size > len(everything):
+            raise ConfigError(f"run-config 'transfer-size' = {size} exceeds the {len(everything)} "
+                              f"inputs at 'transfer-path' = {path!r}")
+        inputs = everything[np.sort(np.random.default_rng(seed + 4).choice(len(everything), size, replace=False))]
+    return ArrayDataset(inputs, np.full(len(inputs), UNLABELED, np.int64), reference.num_classes), pool, pool_groups
 
 
 def _reference_writers(
@@ -314,6 +361,7 @@ class ClientData:
     test: ArrayDataset
     splits: CentralSplits
     local_test: ArrayDataset | None = None
+    transfer: ArrayDataset | None = None  # the unlabeled transfer set, as the model reads it
 
     @property
     def label_distribution(self) -> np.ndarray:
@@ -348,6 +396,7 @@ def _load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) ->
         test=_shared_for_model(splits, "test", model),
         splits=splits,
         local_test=None if local_test is None else _for_model(local_test, splits, model),
+        transfer=None if splits.transfer is None else _shared_for_model(splits, "transfer", model),
     )
 
 
@@ -367,6 +416,6 @@ def shared_split(splits: CentralSplits, part: str, model: str) -> ArrayDataset:
 
 @lru_cache(maxsize=8)
 def _shared_for_model(splits: CentralSplits, part: str, model: str) -> ArrayDataset:
-    """``splits.<part>`` (reference or test) for ``model``, once per process: every
+    """``splits.<part>`` (reference, test or transfer) for ``model``, once per process: every
     client of that architecture in a simulation worker shares it."""
     return _for_model(getattr(splits, part), splits, model)

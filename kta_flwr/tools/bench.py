@@ -387,9 +387,9 @@ def run_bench(  # pylint: disable=too-many-arguments,too-many-locals
     if paired_with is not None and paired_with not in methods:
         raise ConfigError(f"--paired-with: {paired_with!r} is not one of --methods {methods}")
     base = load_preset(preset, {"min-nodes": clients, **(overrides or {})})
-    base = base.replace(data_path=base.resolved_data_path(data_root or DATA_ROOT))
+    base = base.rooted(data_root or DATA_ROOT)
     # Reject a bad method or variant before anything runs.
-    configs = {method: method_config(base, method) for method in methods}
+    configs = {method: method_config(base, method).rooted(data_root or DATA_ROOT) for method in methods}
     results_dir = out_dir / preset
     results_dir.mkdir(parents=True, exist_ok=True)
     runs: list[RunResult] = []

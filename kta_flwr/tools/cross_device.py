@@ -136,7 +136,7 @@ def run_cross_device(  # pylint: disable=too-many-arguments
                 **base, "strategy": strategy, "min-nodes": clients, "evaluate-every": rounds,
                 "fraction-train": fraction, "fraction-evaluate": fraction,
             })
-            cfg = cfg.replace(data_path=cfg.resolved_data_path(data_root or DATA_ROOT))
+            cfg = cfg.rooted(data_root or DATA_ROOT)
             print(f"[cross-device] {strategy}, {clients} clients, fraction {fraction} ...", flush=True)
             row = point(run_flower(cfg, clients, engine, results_dir), strategy, clients, fraction)
             report["points"].append(row)

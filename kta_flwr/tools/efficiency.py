@@ -333,7 +333,7 @@ def run_efficiency(  # pylint: disable=too-many-arguments,too-many-locals
         # loop does.
         fixed = {"strategy": "kta", "distill-gate": False, "holdout-fraction": 0.0}
         cfg = load_preset(preset, {**fixed, **(extra or {})})
-        return cfg.replace(data_path=cfg.resolved_data_path(data_root or DATA_ROOT))
+        return cfg.rooted(data_root or DATA_ROOT)
 
     base = config(overrides)
     sbase = config(scaling_overrides)  # the preset + --scaling-set, not --set

@@ -136,7 +136,7 @@ def run_faults(  # pylint: disable=too-many-arguments,too-many-locals
     if unknown:
         raise ConfigError(f"--scenarios: unknown {unknown}; choose from {list(SCENARIOS)}")
     base = load_preset(preset, {"min-nodes": clients, **overrides})
-    base = base.replace(data_path=base.resolved_data_path(data_root or DATA_ROOT))
+    base = base.rooted(data_root or DATA_ROOT)
     kill_base = base.replace(min_nodes=node_kill_clients,
                              **{k.replace("-", "_"): v for k, v in (node_kill_overrides or {}).items()})
     results_dir = out_dir / "faults" / preset

@@ -65,6 +65,11 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             are dropped from the bank.
         kernels: the market's heavy computations (numpy by default; the ServerApp passes
             torch kernels for ``market-device``).
+        transfer_size: rows in the unlabeled transfer set (0: none).
+        transfer_rows: transfer rows exchanged per round, a rotating window
+            (:func:`kta_flwr.flower.protocol.transfer_window`): clients upload logits on
+            them after the reference rows and receive targets on them; the server knows
+            no label of theirs.
         consensus: also compute, each round, the consensus of the uploads on every row of
             the round's reference subset (:func:`~kta_flwr.maths.market.global_consensus`),
             which the ServerApp distils its global model from (``server-model``); nothing
@@ -86,6 +91,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         max_staleness: int = 3,
         kernels: MarketKernels = FAST,
         logit_noise: tuple[float, float] = (0.0, 0.0),
+        transfer_size: int = 0,
+        transfer_rows: int = 0,
         consensus: bool = False,
         **options: Unpack[NodeOptions],
     ) -> None:
@@ -107,6 +114,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self.codec = codec
         self.reference_fraction = reference_fraction
         self.holdout_fraction = holdout_fraction
+        self.transfer_size = transfer_size
+        self.transfer_rows = transfer_rows if transfer_size > 0 else 0
         #: The last round's draw of held-out rows (the next must hold out other rows).
         self.last_draw: int | None = None
         #: Latest valid logits ``[M, C]`` per node id, on the rows of reference subset
@@ -192,7 +201,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                                 self.privacy_metrics)
         if self.params is None:
             return ReplySpec(metrics)
-        num_rows = len(self.rows(server_round + 1))
+        num_rows = len(self.rows(server_round + 1)) + self.transfer_rows
         bound = noisy_logit_bound(*self.logit_noise, num_rows, MAX_CENTRED_LOGIT)
 
         def logits(record: ArrayRecord) -> np.ndarray:
@@ -222,6 +231,10 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             len(self.reference_labels), self.reference_fraction, self.seed, subset_id
         )
 
+    def transfer(self, subset_id: int) -> np.ndarray:
+        """Transfer rows exchanged with subset ``subset_id`` (none without a transfer set)."""
+        return protocol.transfer_window(self.transfer_size, self.transfer_rows, self.seed, subset_id)
+
     def _price(self, server_round: int) -> dict[str, float]:
         """Run the market on the banked logits of the next round's reference subset
         (every banked node when all rows are exchanged) that are at most
@@ -233,7 +246,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                 server_round, node, self.bank_round[node])
             for table in (self.bank, self.bank_subset, self.bank_round):
                 del table[node]
-        whole = self.reference_fraction >= 1.0
+        # every banked upload covers the same rows only when all reference rows and no
+        # rotating transfer rows are exchanged
+        whole = self.reference_fraction >= 1.0 and self.transfer_rows == 0
         self.market_nodes = sorted(
             (n for n in self.bank if whole or self.bank_subset[n] == subset_id),
             key=lambda n: (self.partition_of.get(n, 1 << 62), n),
@@ -251,12 +266,14 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self.last_draw = protocol.scoring_draw(server_round, stacked, self.last_draw,
                                                num_reference, self.holdout_fraction)
         held_out = protocol.held_out_mask(num_reference, self.holdout_fraction, self.last_draw)[rows]
-        out = run_market(stacked, self.reference_labels[rows], self.params, held_out=held_out,
-                         kernels=self.kernels, target_rows=~held_out)
+        labeled, unlabeled = stacked[:, :len(rows)], stacked[:, len(rows):]
+        out = run_market(labeled, self.reference_labels[rows], self.params, held_out=held_out,
+                         kernels=self.kernels, target_rows=~held_out,
+                         unlabeled=unlabeled if self.transfer_rows else None)
         self.last_market = out
         if self.computes_consensus:
             self.consensus = Consensus(rows, global_consensus(
-                stacked, self.reference_labels[rows], self.params, out.divergence, out.priors))
+                labeled, self.reference_labels[rows], self.params, out.divergence, out.priors))
         self.targets = {n: q for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
         self.target_subset = dict.fromkeys(self.targets, subset_id)
         self.target_draw = dict.fromkeys(self.targets, self.last_draw)
@@ -264,8 +281,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         uploaded = [self.bank_round[n] == server_round for n in self.market_nodes]
         self.round_record = market_arrays(
             out, [self.partition_of.get(n, -1) for n in self.market_nodes], uploaded,
-            bytes_up=[row_bytes * len(rows) * up for up in uploaded],
-            bytes_down=[row_bytes * int((~held_out).sum()) * go for go in out.distill],
+            bytes_up=[row_bytes * (len(rows) + self.transfer_rows) * up for up in uploaded],
+            bytes_down=[row_bytes * (int((~held_out).sum()) + self.transfer_rows) * go
+                        for go in out.distill],
             scored_rows=rows[held_out],
         )
         weights = out.weights

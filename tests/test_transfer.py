@@ -1,0 +1,219 @@
+"""The unlabeled transfer set (issue 42): its rows, its splits, the market's targets on it,
+the wire's rows and bytes, and the client's use of it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from client_app.app import train
+from kta_flwr.config import ConfigError, RunConfig, parse_run_config
+from kta_flwr.factory import market_params
+from kta_flwr.flower import protocol
+from kta_flwr.flower.strategies.market import KnowledgeMarket
+from kta_flwr.maths.market import cap_loudness, centre, run_market
+from kta_flwr.maths.market_kernels import FAST
+from kta_flwr.task.splits import UNLABELED, load_splits
+from tests.conftest import FakeNode, FixedGrid, client_metrics, reply, train_round
+
+C = 10
+pytestmark = pytest.mark.usefixtures("server_identity")  # messages are made here
+
+
+def test_transfer_windows_rotate_without_repeats_within_a_cycle():
+    windows = [protocol.transfer_window(50, 12, seed=4, subset_id=s) for s in range(5)]
+    cycle = np.concatenate(windows[:4])  # 50 // 12 windows: no row twice
+    assert len(np.unique(cycle)) == 48
+    assert set(np.concatenate(windows)) == set(range(50))  # every row before any repeats
+    assert all(len(w) == 12 for w in windows)
+    np.testing.assert_array_equal(windows[2], protocol.transfer_window(50, 12, seed=4, subset_id=2))
+    assert not np.array_equal(windows[1], protocol.transfer_window(50, 12, seed=5, subset_id=1))
+    # a stream apart from the reference subsets'
+    assert not np.array_equal(windows[1], protocol.reference_subset(50, 12 / 50, 4, 1))
+    assert len(protocol.transfer_window(50, 0, seed=4, subset_id=1)) == 0
+
+
+def _digits(**changes: object) -> RunConfig:
+    return parse_run_config({"reference-size": 100, "test-size": 100, "seed": 3,
+                             **{k.replace("_", "-"): v for k, v in changes.items()}})
+
+
+def test_the_pool_transfer_set_is_unlabeled_and_no_client_holds_it():
+    plain = load_splits(_digits())
+    carved = load_splits(_digits(transfer_source="pool", transfer_size=200))
+    transfer = carved.transfer
+    assert plain.transfer is None
+    assert transfer.x.shape == (200,) + plain.train.x.shape[1:]
+    assert (transfer.y == UNLABELED).all()  # no label of the transfer set is ever loaded
+    # the reference and test sets are untouched; the pool gives up exactly the transfer rows
+    assert carved.reference_fingerprint == plain.reference_fingerprint
+    np.testing.assert_array_equal(carved.test.x, plain.test.x)
+    assert len(carved.train.y) + 200 == len(plain.train.y)
+    rows = {row.tobytes() for row in plain.train.x}
+    clients = {row.tobytes() for row in carved.train.x}
+    assert all(row.tobytes() in rows and row.tobytes() not in clients for row in transfer.x)
+
+
+def test_a_transfer_file_is_read_as_model_inputs_and_a_bad_one_is_refused(tmp_path):
+    inputs = np.random.default_rng(0).random((40, 1, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "inputs.npy", inputs)
+    np.savez(tmp_path / "inputs.npz", x=inputs)
+    for name in ("inputs.npy", "inputs.npz"):
+        splits = load_splits(_digits(transfer_source="file", transfer_path=str(tmp_path / name), transfer_size=30,
+                                    transfer_rows=10))
+        assert splits.transfer.x.shape == (30, 1, 8, 8) and (splits.transfer.y == UNLABELED).all()
+        assert {r.tobytes() for r in splits.transfer.x} <= {r.tobytes() for r in inputs}
+    np.save(tmp_path / "wrong.npy", inputs[:, :, :4])
+    for path, size, says in ((tmp_path / "wrong.npy", 30, "shape [1, 4, 8]"),
+                             (tmp_path / "missing.npy", 30, "no such file"),
+                             (tmp_path / "inputs.npy", 41, "exceeds the 40 inputs")):
+        with pytest.raises(ConfigError, match="transfer") as err:
+            load_splits(_digits(transfer_source="file", transfer_path=str(path), transfer_size=size,
+                                transfer_rows=10))
+        assert says in str(err.value)
+
+
+def test_emnist_letters_become_femnist_transfer_rows_dark_on_light(shared_datasets):
+    cfg = parse_run_config({"dataset": "femnist", "data-path": str(shared_datasets / "femnist"),
+                            "partitioner": "natural", "reference-size": 300, "test-size": 0,
+                            "models": "femnist_cnn", "transfer-source": "emnist", "transfer-size": 500,
+                            "transfer-path": str(shared_datasets / "emnist_letters")})
+    splits = load_splits(cfg)
+    transfer = splits.transfer.x
+    assert transfer.shape == (500, 1, 28, 28) and (splits.transfer.y == UNLABELED).all()
+    # FEMNIST writes dark strokes on a light page, EMNIST the other way round: inverted
+    assert transfer[:, :, 0, :].mean() > 0.9 and splits.reference.x[:, :, 0, :].mean() > 0.9
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"transfer-source": "web"}, "'transfer-source'"),
+    ({"transfer-source": "pool", "strategy": "fedavg"}, "'transfer-source'"),
+    ({"transfer-source": "pool", "strategy": "local"}, "'transfer-source'"),
+    ({"transfer-source": "pool", "transfer-rows": 300, "transfer-size": 200}, "'transfer-rows'"),
+    ({"transfer-source": "pool", "transfer-rows": 0}, "'transfer-rows'"),
+    ({"transfer-source": "emnist"}, "'transfer-path'"),
+    ({"transfer-source": "pool", "transfer-path": "x.npy"}, "'transfer-path'"),
+    ({"transfer-source": "pool", "reference-ce-weight": 0.5}, "'reference-ce-weight'"),
+])
+def test_a_bad_transfer_config_is_refused_naming_the_key(changes, named):
+    with pytest.raises(ConfigError, match=named):
+        parse_run_config(changes)
+
+
+def test_a_pool_too_small_for_the_transfer_set_is_refused():
+    with pytest.raises(ConfigError, match="'transfer-size' = 1600 leaves no training data"):
+        load_splits(_digits(transfer_source="pool", transfer_size=1600))
+
+
+def _logits(rng: np.random.Generator, clients: int, rows: int) -> np.ndarray:
+    return (rng.normal(size=(clients, rows, C)) * 2).astype(np.float32)
+
+
+def test_transfer_rows_get_targets_by_the_round_weights_and_change_nothing_else():
+    rng = np.random.default_rng(1)
+    labels = np.tile(np.arange(C), 6)
+    labeled, unlabeled = _logits(rng, 5, len(labels)), _logits(rng, 5, 17)
+    held_out = np.zeros(len(labels), bool)
+    held_out[::5] = True
+    params = market_params(RunConfig(strategy="kta"))
+    without = run_market(labeled, labels, params, held_out=held_out, target_rows=~held_out)
+    out = run_market(labeled, labels, params, held_out=held_out, target_rows=~held_out, unlabeled=unlabeled)
+    for field in ("accuracy", "divergence", "weights", "tau", "distill", "priors"):
+        np.testing.assert_array_equal(getattr(out, field), getattr(without, field))
+    kept = int((~held_out).sum())
+    assert out.targets.shape == (5, kept + 17, C)
+    np.testing.assert_array_equal(out.targets[:, :kept], without.targets)
+    expected = FAST.targets(cap_loudness(centre(unlabeled), params.loudness_cap), out.weights,
+                            temperature=params.temperature, space=params.target_space, priors=out.priors)
+    np.testing.assert_allclose(out.targets[:, kept:], expected, rtol=1e-5, atol=1e-6)
+    # each transfer row's target follows from that row alone
+    order = rng.permutation(17)
+    shuffled = run_market(labeled, labels, params, held_out=held_out, target_rows=~held_out,
+                          unlabeled=unlabeled[:, order])
+    np.testing.assert_allclose(shuffled.targets[:, kept:], out.targets[:, kept:][:, order], rtol=1e-5, atol=1e-7)
+
+
+def _market(**changes: object) -> KnowledgeMarket:
+    cfg = RunConfig(strategy="kta")
+    return KnowledgeMarket(**{
+        "params": market_params(cfg), "reference_labels": np.tile(np.arange(C), 10), "num_classes": C,
+        "fingerprint": "abc", "evaluate_metrics_aggr_fn": lambda recs, key: MetricRecord({}),
+        "holdout_fraction": cfg.holdout_fraction, "reference_fraction": 0.5, "min_nodes": 3,
+        "transfer_size": 45, "transfer_rows": 20, **changes})
+
+
+def test_the_market_exchanges_reference_then_transfer_rows_with_exact_bytes():
+    market = _market()
+    rng = np.random.default_rng(2)
+    grid = FixedGrid([10, 11, 12])
+    ref_rows = len(market.rows(2))  # 50 of the 100 reference rows
+    assert ref_rows == 50 and len(market.transfer(2)) == 20
+    replies = [reply(n, RecordDict({
+        protocol.LOGITS: protocol.pack(rng.normal(size=(ref_rows + 20, C)).astype(np.float32), market.codec),
+        protocol.METRICS: client_metrics(i)})) for i, n in enumerate(grid.node_ids)]
+    short = reply(13, RecordDict({  # the reference rows alone: the wrong shape, dropped
+        protocol.LOGITS: protocol.pack(rng.normal(size=(ref_rows, C)).astype(np.float32), market.codec),
+        protocol.METRICS: client_metrics(3)}))
+    train_round(market, 1, replies + [short])
+    assert sorted(market.bank) == [10, 11, 12]
+    held = int(protocol.held_out_mask(100, market.holdout_fraction, market.last_draw)[market.rows(2)].sum())
+    messages = list(market.configure_train(2, None, ConfigRecord({}), grid))
+    carrying = [m for m in messages if protocol.TARGETS in m.content.array_records]
+    assert carrying and len(carrying) == int(market.last_market.distill.sum())
+    for message in carrying:
+        targets = message.content.array_records[protocol.TARGETS][protocol.VALUES].numpy()
+        assert targets.shape == (ref_rows - held + 20, C)
+        assert targets.nbytes == market.codec.row_bytes(C) * (ref_rows - held + 20)
+    record = market.round_record
+    assert list(record["bytes_up"]) == [market.codec.row_bytes(C) * (ref_rows + 20)] * 3
+
+
+def test_without_a_transfer_set_the_market_is_as_before():
+    rng = np.random.default_rng(3)
+    logits = [rng.normal(size=(50, C)).astype(np.float32) for _ in range(3)]
+    outs = []
+    for market in (_market(transfer_size=0, transfer_rows=0), _market(transfer_size=0, transfer_rows=20)):
+        train_round(market, 1, [reply(n, RecordDict({
+            protocol.LOGITS: protocol.pack(z, market.codec), protocol.METRICS: client_metrics(i)}))
+            for i, (n, z) in enumerate(zip((10, 11, 12), logits))])
+        outs.append(market.targets)
+    for node in outs[0]:
+        np.testing.assert_array_equal(outs[0][node], outs[1][node])
+
+
+def test_a_client_uploads_and_distils_on_its_transfer_rows(tmp_path):
+    node = FakeNode(tmp_path, "kta", reference_fraction=0.5, transfer_source="pool", transfer_size=200,
+                    transfer_rows=30, local_epochs=1, distill_epochs=1)
+    splits = load_splits(node.cfg)
+    first = node.call("train", 1)
+    assert not first.has_error(), first.error
+    uploaded = first.content.array_records[protocol.LOGITS][protocol.VALUES].numpy()
+    assert uploaded.shape == (50 + 30, C)
+    # round 2 carries targets on the subset's rows not held out, then the transfer rows
+    msg = node.message("train", 2)
+    rows = protocol.reference_subset(100, 0.5, node.cfg.seed, 2)
+    draw = 12345
+    kept = len(protocol.distill_rows(rows, protocol.held_out_mask(100, node.cfg.holdout, draw)))
+    targets = np.full((kept + 30, C), 1.0 / C, np.float32)
+    msg.content[protocol.TARGETS] = protocol.pack(targets, key=protocol.TARGETS)
+    msg.content[protocol.CONFIG] = ConfigRecord({"server-round": 2, protocol.TARGETS_SUBSET: 2,
+                                                 protocol.LOGITS_SUBSET: 3, protocol.TARGETS_HOLDOUT: draw})
+    second = train(msg, node.context)
+    assert not second.has_error(), second.error
+    assert "distill-loss" in second.content.metric_records[protocol.METRICS]
+    assert splits.transfer is not None and len(splits.transfer.y) == 200
+    # targets that leave the transfer rows out are refused, naming the record
+    msg.content[protocol.TARGETS] = protocol.pack(targets[:kept], key=protocol.TARGETS)
+    with pytest.raises(protocol.InvalidPayload, match="'targets'.*expected"):
+        train(msg, node.context)
+
+
+def test_transfer_rows_widen_the_privacy_plan_of_stage_2():
+    from kta_flwr.client.privacy import stage2_steps  # pylint: disable=import-outside-toplevel
+
+    cfg = dataclasses.replace(_digits(reference_fraction=0.5), batch_size=10)
+    with_transfer = _digits(reference_fraction=0.5, transfer_source="pool", transfer_rows=30, batch_size=10)
+    assert stage2_steps(with_transfer, 100) == stage2_steps(cfg, 100) + 3
