@@ -450,8 +450,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
 
     @property
     def transfer_per_round(self) -> int:
-        """Transfer rows exchanged per round: ``transfer-rows`` with a transfer set, else 0."""
-        return self.transfer_rows if self.transfer_source else 0
+        """Transfer rows exchanged per round: ``transfer-rows`` with a transfer set under a
+        strategy that uploads predictions, else 0."""
+        return self.transfer_rows if self.transfer_source and self.exchanges_knowledge else 0
 
     def resolved_transfer_path(self, root: Path = DATA_ROOT) -> str:
         """``transfer-path`` as an absolute path (relative: from ``root``, as ``data-path``)."""
@@ -640,13 +641,14 @@ def _check_transfer(cfg: RunConfig) -> None:
     _choice("transfer-source", cfg.transfer_source, TRANSFER_SOURCES)
     if not cfg.transfer_source:
         return
-    if not cfg.exchanges_knowledge:
+    if not cfg.exchanges_knowledge and cfg.transfer_source != "pool":
         raise ConfigError(
             f"run-config 'transfer-source' = {cfg.transfer_source!r} needs a strategy that uploads "
             f"predictions ({sorted(s for s in MARKET_STRATEGIES if s != 'local')}), not "
-            f"{cfg.strategy!r}")
+            f"{cfg.strategy!r} ('pool' may be given to any strategy: its rows are then held out of "
+            "the clients' data and unused, for comparisons on the same partitions)")
     _positive("transfer-size", cfg.transfer_size)
-    _positive("transfer-rows", cfg.transfer_rows)
+    _non_negative("transfer-rows", cfg.transfer_rows)
     if cfg.transfer_rows > cfg.transfer_size:
         raise ConfigError(f"run-config 'transfer-rows' = {cfg.transfer_rows} exceeds 'transfer-size' "
                           f"= {cfg.transfer_size}: a round cannot exchange more rows than the set has")

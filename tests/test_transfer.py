@@ -16,7 +16,7 @@ from kta_flwr.flower import protocol
 from kta_flwr.flower.strategies.market import KnowledgeMarket
 from kta_flwr.maths.market import cap_loudness, centre, run_market
 from kta_flwr.maths.market_kernels import FAST
-from kta_flwr.task.splits import UNLABELED, load_splits
+from kta_flwr.task.splits import UNLABELED, load_client_data, load_splits
 from tests.conftest import FakeNode, FixedGrid, client_metrics, reply, train_round
 
 C = 10
@@ -90,10 +90,10 @@ def test_emnist_letters_become_femnist_transfer_rows_dark_on_light(shared_datase
 
 @pytest.mark.parametrize(("changes", "named"), [
     ({"transfer-source": "web"}, "'transfer-source'"),
-    ({"transfer-source": "pool", "strategy": "fedavg"}, "'transfer-source'"),
-    ({"transfer-source": "pool", "strategy": "local"}, "'transfer-source'"),
+    ({"transfer-source": "emnist", "transfer-path": "e", "strategy": "fedavg"}, "'transfer-source'"),
+    ({"transfer-source": "file", "transfer-path": "e", "strategy": "local"}, "'transfer-source'"),
     ({"transfer-source": "pool", "transfer-rows": 300, "transfer-size": 200}, "'transfer-rows'"),
-    ({"transfer-source": "pool", "transfer-rows": 0}, "'transfer-rows'"),
+    ({"transfer-source": "pool", "transfer-rows": -1}, "'transfer-rows'"),
     ({"transfer-source": "emnist"}, "'transfer-path'"),
     ({"transfer-source": "pool", "transfer-path": "x.npy"}, "'transfer-path'"),
     ({"transfer-source": "pool", "reference-ce-weight": 0.5}, "'reference-ce-weight'"),
@@ -101,6 +101,17 @@ def test_emnist_letters_become_femnist_transfer_rows_dark_on_light(shared_datase
 def test_a_bad_transfer_config_is_refused_naming_the_key(changes, named):
     with pytest.raises(ConfigError, match=named):
         parse_run_config(changes)
+
+
+def test_every_strategy_can_leave_the_pool_transfer_rows_out_of_its_clients_data():
+    kta = load_splits(_digits(transfer_source="pool", transfer_size=200))
+    fedrep = load_splits(_digits(transfer_source="pool", transfer_size=200, strategy="fedrep"))
+    np.testing.assert_array_equal(kta.train.x, fedrep.train.x)  # the same pool, so the same partitions
+    assert _digits(transfer_source="pool", strategy="fedrep").transfer_per_round == 0  # nothing exchanged
+    for partition in range(3):
+        mine = load_client_data(_digits(transfer_source="pool", transfer_size=200, strategy="fedrep"), partition, 3)
+        np.testing.assert_array_equal(
+            mine.train.x, load_client_data(_digits(transfer_source="pool", transfer_size=200), partition, 3).train.x)
 
 
 def test_a_pool_too_small_for_the_transfer_set_is_refused():
