@@ -241,6 +241,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     transfer_path: str = ""  # emnist / file: where the inputs are (relative: as data-path)
     transfer_size: int = 2000  # rows in the transfer set
     transfer_rows: int = 200  # transfer rows exchanged per round (a rotating window)
+    distill_augment: bool = False  # images: stage 2's inputs shifted (and flipped where labels survive it)
     # --- the server's global model under the market (docs/method.md#the-servers-global-model)
     server_model: str = ""  # a model name: distilled on the server from the consensus; "": none
     server_model_epochs: int = 5

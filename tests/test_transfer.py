@@ -10,6 +10,7 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client_app.app import train
+from kta_flwr.client.node import Node
 from kta_flwr.config import ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import market_params
 from kta_flwr.flower import protocol
@@ -228,3 +229,18 @@ def test_transfer_rows_widen_the_privacy_plan_of_stage_2():
     cfg = dataclasses.replace(_digits(reference_fraction=0.5), batch_size=10)
     with_transfer = _digits(reference_fraction=0.5, transfer_source="pool", transfer_rows=30, batch_size=10)
     assert stage2_steps(with_transfer, 100) == stage2_steps(cfg, 100) + 3
+
+
+def test_stage_2_shifts_its_images_when_asked(tmp_path):
+    trained = {}
+    for augment in (False, True):
+        node = FakeNode(tmp_path / str(augment), "kta", distill_epochs=1, distill_augment=augment)
+        # pylint: disable-next=protected-access
+        assert (Node(node.message("train", 1), node.context)._distill_augment() is not None) == augment
+        msg = node.message("train", 1)
+        kept = len(protocol.distill_rows(np.arange(100), protocol.held_out_mask(100, node.cfg.holdout, 7)))
+        msg.content[protocol.TARGETS] = protocol.pack(np.full((kept, C), 1.0 / C, np.float32), key=protocol.TARGETS)
+        msg.content[protocol.CONFIG] = ConfigRecord({"server-round": 1, protocol.TARGETS_HOLDOUT: 7})
+        assert not train(msg, node.context).has_error()
+        trained[augment] = node.personal()
+    assert any(not np.allclose(trained[False][k], trained[True][k]) for k in trained[False])

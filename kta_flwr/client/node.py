@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
+import torch
 from torch import nn
 
 from kta_flwr.client.privacy import NodePrivacy
-from kta_flwr.config import NODE_STATE_DISK, ConfigError, RunConfig, parse_run_config
+from kta_flwr.config import MIRRORABLE_DATASETS, NODE_STATE_DISK, ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import update_codec
 from kta_flwr.flower import protocol, sync
 from kta_flwr.flower.protocol import RESTORE_FILE, RESTORE_REASON
@@ -46,6 +47,7 @@ from kta_flwr.task.training import (
     evaluate,
     model_vector,
     resolve_device,
+    shifts_and_flips,
     train_supervised,
     training_samples,
 )
@@ -270,10 +272,18 @@ class Node:  # pylint: disable=too-many-instance-attributes
             temperature=self.cfg.temperature, kl_weight=self.cfg.distill_weight,
             y_ref=ref.y[rows], ce_weight=self.cfg.reference_ce_weight,
             private=(self.data.train.x, self.data.train.y), private_weight=self.cfg.private_ce_weight,
-            max_grad_norm=self.cfg.distill_clip,
+            max_grad_norm=self.cfg.distill_clip, augment=self._distill_augment(),
             dp=self.privacy.training() if self.privacy else None,
             private_rate=self.privacy.stage2_rate() if self.privacy else 0.0,
         )
+
+    def _distill_augment(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Stage 2's augmentation (``distill-augment``, images only): shifts by up to 1/8 of
+        the side, and left-right flips where the labels survive them; else None."""
+        if not self.cfg.distill_augment or self.data.splits.is_text:
+            return None
+        return shifts_and_flips(self.seed + 5, max(1, self.data.reference.x.shape[-1] // 8),
+                                flip=self.cfg.dataset in MIRRORABLE_DATASETS)
 
     def samples_trained(self, distilled: bool) -> int:
         """Samples this round passed forward and backward (stage 1, and stage 2 when
