@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client_app.app import train
@@ -14,9 +15,11 @@ from kta_flwr.client.node import Node
 from kta_flwr.config import ConfigError, RunConfig, parse_run_config
 from kta_flwr.factory import market_params
 from kta_flwr.flower import protocol
+from kta_flwr.flower.strategies.base import Consensus
 from kta_flwr.flower.strategies.market import KnowledgeMarket
-from kta_flwr.maths.market import cap_loudness, centre, run_market
+from kta_flwr.maths.market import cap_loudness, centre, run_market, transfer_consensus
 from kta_flwr.maths.market_kernels import FAST
+from kta_flwr.server.global_model import ServerModel
 from kta_flwr.task.splits import UNLABELED, load_client_data, load_splits
 from tests.conftest import FakeNode, FixedGrid, client_metrics, reply, train_round
 
@@ -244,3 +247,52 @@ def test_stage_2_shifts_its_images_when_asked(tmp_path):
         assert not train(msg, node.context).has_error()
         trained[augment] = node.personal()
     assert any(not np.allclose(trained[False][k], trained[True][k]) for k in trained[False])
+
+
+def test_the_transfer_consensus_weighs_clients_by_their_information_on_the_labeled_rows():
+    rng = np.random.default_rng(5)
+    labels = np.tile(np.arange(C), 8)
+    knows = np.eye(C, dtype=np.float32)[labels] * 6.0  # right and sure on every labeled row
+    labeled = np.stack([knows, np.zeros_like(knows), np.zeros_like(knows)])  # two say nothing
+    unlabeled = _logits(rng, 3, 25)
+    params = dataclasses.replace(market_params(RunConfig(strategy="kta")), loudness_cap=0.0)
+    out = transfer_consensus(labeled, labels, unlabeled, params)
+    assert out.shape == (25, C)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(out.argmax(axis=1), unlabeled[0].argmax(axis=1))
+    louder = unlabeled.copy()
+    louder[1:] = _logits(rng, 2, 25) * 5  # the uninformed clients weigh nothing, however loud
+    np.testing.assert_allclose(transfer_consensus(labeled, labels, louder, params), out, rtol=1e-6)
+    nobody = transfer_consensus(-np.stack([knows] * 3), labels, unlabeled, params)  # all wrong
+    np.testing.assert_allclose(nobody, 1.0 / C, rtol=1e-6)  # no client informs: uniform rows
+
+
+def test_the_market_hands_over_a_consensus_on_the_transfer_rows_too():
+    market = _market(consensus=True)
+    rng = np.random.default_rng(6)
+    ref_rows = len(market.rows(2))
+    train_round(market, 1, [reply(n, RecordDict({
+        protocol.LOGITS: protocol.pack(rng.normal(size=(ref_rows + 20, C)).astype(np.float32), market.codec),
+        protocol.METRICS: client_metrics(i)})) for i, n in enumerate((10, 11, 12))])
+    taken = market.take_consensus()
+    np.testing.assert_array_equal(taken.transfer_rows, market.transfer(2))
+    stacked = np.stack([market.bank[n] for n in market.market_nodes])
+    np.testing.assert_array_equal(taken.transfer_targets, transfer_consensus(
+        stacked[:, :ref_rows], market.reference_labels[market.rows(2)], stacked[:, ref_rows:], market.params,
+        market.last_market.divergence, market.last_market.priors))
+
+
+def test_the_server_model_learns_on_the_transfer_rows_it_was_given_a_consensus_for():
+    for teacher in ("consensus", "labels"):
+        cfg = _digits(transfer_source="pool", transfer_size=200, transfer_rows=40, server_model="mlp",
+                      server_model_teacher=teacher, server_model_epochs=1)
+        splits = load_splits(cfg)
+        model = ServerModel(cfg, splits, torch.device("cpu"))
+        assert len(model.public.y) == 100 + 200 and (model.public.y[100:] == UNLABELED).all()
+        rows, window = np.arange(0, 100, 2), protocol.transfer_window(200, 40, cfg.seed, 2)
+        uniform = np.full((len(window), C), 1.0 / C, np.float32)
+        loss = model.learn(1, Consensus(rows, np.eye(C, dtype=np.float32)[splits.reference.y[rows]], window, uniform))
+        assert np.isfinite(loss) and loss > 0
+        banked = np.flatnonzero(~np.isnan(model.targets[:, 0]))
+        expected = rows if teacher == "labels" else np.concatenate([rows, 100 + window])
+        np.testing.assert_array_equal(banked, np.sort(expected))

@@ -752,22 +752,67 @@ def global_consensus(
     """
     logits = centre(np.asarray(logits))
     labels = np.asarray(labels)
-    num_clients, _, num_classes = logits.shape
+    per_class, priors = _consensus_weights(logits, labels, params, divergence, priors)
+    row_weights = per_class[:, labels]  # [K, N]
+    out, informed = _consensus_mix(logits, row_weights, priors, params)
+    out[~informed] = np.eye(logits.shape[-1])[labels[~informed]]
+    return out
+
+
+def transfer_consensus(  # pylint: disable=too-many-arguments
+    logits: np.ndarray,
+    labels: np.ndarray,
+    unlabeled: np.ndarray,
+    params: MarketParams,
+    divergence: np.ndarray | None = None,
+    priors: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`global_consensus` on unlabeled transfer rows: a row's class is unknown, so
+    each client weighs ``mean_c I_c[j] ** gamma * s_j``, its information averaged over
+    the classes (scored on the labeled rows), in the same defended mix.
+
+    Args:
+        logits: ``[K, N, C]`` the clients' logits on the labeled public rows; labels: ``[N]``.
+        unlabeled: ``[K, T, C]`` the same clients' logits on T transfer rows.
+        params, divergence, priors: as :func:`global_consensus`.
+
+    Returns:
+        ``[T, C]`` float32 probabilities at ``params.temperature``; uniform rows where no
+        client informs on any class.
+    """
+    logits = centre(np.asarray(logits))
+    per_class, priors = _consensus_weights(logits, np.asarray(labels), params, divergence, priors)
+    unlabeled = centre(np.asarray(unlabeled))
+    row_weights = np.repeat(per_class.mean(axis=1, keepdims=True), unlabeled.shape[1], axis=1)  # [K, T]
+    return _consensus_mix(unlabeled, row_weights, priors, params)[0]
+
+
+def _consensus_weights(
+    logits: np.ndarray, labels: np.ndarray, params: MarketParams, divergence: np.ndarray | None,
+    priors: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(``[K, C]`` each client's weight on the rows of each class, ``I_c[j] ** gamma *
+    s_j``; the priors divided out, None without ``prior_correction``) from centred
+    ``logits`` ``[K, N, C]`` on rows labelled ``labels``."""
     if not params.prior_correction:
         priors = None
     elif priors is None:
         priors = class_prior(logits)
     informed = class_information(logits, labels, priors)  # [K, C], scored on every row
-    shares = (np.ones(num_clients) if divergence is None
+    shares = (np.ones(logits.shape[0]) if divergence is None
               else sybil_shares(divergence, params.sybil_divergence))
-    per_class = informed ** params.accuracy_exponent * shares[:, None]  # [K, C]
-    row_weights = per_class[:, labels]  # [K, N]
+    return informed ** params.accuracy_exponent * shares[:, None], priors
+
+
+def _consensus_mix(logits: np.ndarray, row_weights: np.ndarray, priors: np.ndarray | None,
+                   params: MarketParams) -> tuple[np.ndarray, np.ndarray]:
+    """(``[N, C]`` float32 probabilities of the centred ``logits`` ``[K, N, C]``, loudness
+    capped and prior-free, mixed in logit space by ``row_weights`` ``[K, N]``; ``[N]``
+    bool: rows some client has weight on — the others are uniform)."""
     totals = row_weights.sum(axis=0)  # [N]
     mixed = np.einsum("kn,knc->nc", row_weights / np.where(totals > 0, totals, 1.0),
                       _prior_free(cap_loudness(logits, params.loudness_cap), priors).astype(np.float64))
-    out = softmax(mixed, params.temperature)
-    out[totals <= 0] = np.eye(num_classes)[labels[totals <= 0]]
-    return out.astype(np.float32)
+    return softmax(mixed, params.temperature).astype(np.float32), totals > 0
 
 
 def _class_targets(  # pylint: disable=too-many-arguments

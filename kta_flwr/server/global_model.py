@@ -1,5 +1,6 @@
 """The server's global model under the market (``server-model``): distilled each round on
-the public reference rows toward the consensus of the clients' uploads.
+the public reference rows (and, with a transfer set, the transfer rows exchanged so
+far) toward the consensus of the clients' uploads.
 
 What it learns from is what the server already holds: the public rows' inputs and labels
 and the market's consensus of the uploaded predictions on them
@@ -30,7 +31,7 @@ from kta_flwr.config import MIRRORABLE_DATASETS, RunConfig
 from kta_flwr.flower.results import SERVER_GLOBAL
 from kta_flwr.flower.strategies.base import Consensus
 from kta_flwr.task.models import build_model
-from kta_flwr.task.splits import CentralSplits, shared_split
+from kta_flwr.task.splits import ArrayDataset, CentralSplits, shared_split
 from kta_flwr.task.training import Optim, distill, evaluate, shifts_and_flips
 
 __all__ = ["SERVER_GLOBAL", "ServerModel"]
@@ -45,16 +46,26 @@ class ServerModel:
         self.architecture = cfg.server_model
         self.model: nn.Module = build_model(self.architecture, splits.spec_for(cfg), cfg.seed)
         self.public = shared_split(splits, "reference", self.architecture)
+        #: Where the transfer rows start in :attr:`public` (after the reference rows).
+        self.num_reference = len(self.public.y)
+        if splits.transfer is not None and cfg.transfer_per_round > 0:  # its rows, labels UNLABELED
+            transfer = shared_split(splits, "transfer", self.architecture)
+            self.public = ArrayDataset(np.concatenate([self.public.x, transfer.x]),
+                                       np.concatenate([self.public.y, transfer.y]), self.public.num_classes)
         self.test = shared_split(splits, "test", self.architecture)
-        #: ``[N_ref, C]`` the latest consensus of each public row (NaN: none yet).
+        #: ``[N_ref + N_transfer, C]`` the latest consensus of each public row (NaN: none yet).
         self.targets = np.full((len(self.public.y), splits.num_classes), np.nan, np.float32)
 
     def learn(self, server_round: int, consensus: Consensus | None) -> float:
         """Bank ``consensus`` (None: nothing new this round) and train on every public row
         with a consensus; returns the mean training loss (0 before any consensus)."""
         if consensus is not None:
-            self.targets[consensus.rows] = (consensus.targets if self.cfg.server_model_teacher == "consensus"
-                                            else np.eye(self.targets.shape[1])[self.public.y[consensus.rows]])
+            if self.cfg.server_model_teacher == "consensus":
+                self.targets[consensus.rows] = consensus.targets
+                if len(consensus.transfer_rows):
+                    self.targets[self.num_reference + consensus.transfer_rows] = consensus.transfer_targets
+            else:  # the labels alone: no transfer row has one
+                self.targets[consensus.rows] = np.eye(self.targets.shape[1])[self.public.y[consensus.rows]]
         known = np.flatnonzero(~np.isnan(self.targets[:, 0]))
         if len(known) == 0:
             return 0.0

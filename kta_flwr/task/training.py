@@ -204,7 +204,8 @@ def distill(
     Args:
         x_ref: ``[N, *input_shape]`` reference inputs.
         targets: ``[N, C]`` soft targets ``q`` (rows sum to 1).
-        y_ref: ``[N]`` reference labels, used only when ``ce_weight > 0``.
+        y_ref: ``[N]`` reference labels, used only when ``ce_weight > 0``; rows labelled
+            -1 (unlabeled transfer rows) take no cross-entropy.
         private: the client's private ``(x, y)``, used only when ``private_weight > 0``.
         max_grad_norm: clip each step's gradient to this L2 norm (0: no clipping). The
             ``T^2``-scaled KL can take steps ``T`` times larger than cross-entropy's;
@@ -237,7 +238,12 @@ def distill(
         log_p = F.log_softmax(out / temperature, dim=-1)
         loss = kl_weight * temperature**2 * F.kl_div(log_p, qs[idx], reduction="batchmean")
         if ys is not None:
-            loss = loss + ce_weight * F.cross_entropy(out, ys[idx])
+            labels = ys[idx]
+            if bool((labels < 0).any()):  # unlabeled rows (transfer): cross-entropy on the others
+                loss = loss + ce_weight * F.cross_entropy(out, labels, ignore_index=-1, reduction="sum") / max(
+                    1, int((labels >= 0).sum()))
+            else:
+                loss = loss + ce_weight * F.cross_entropy(out, labels)
         return loss
 
     if use_private and dp is not None:

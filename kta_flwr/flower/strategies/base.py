@@ -166,6 +166,10 @@ class Consensus:
     rows: np.ndarray
     #: ``[M, C]`` probabilities, rows sum to 1.
     targets: np.ndarray
+    #: ``[T]`` indices into the unlabeled transfer set (none without one).
+    transfer_rows: np.ndarray = field(default_factory=lambda: np.arange(0))
+    #: ``[T, C]`` probabilities on them, rows sum to 1.
+    transfer_targets: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
 @dataclass
