@@ -35,6 +35,8 @@ SMALL = {
 }
 #: The runs whose MLflow tracking is checked (the default store under their output-dir).
 TRACKED = {"tracking": "mlflow"}
+#: An unlabeled transfer set carved out of the pool, 25 of its 60 rows exchanged a round.
+TRANSFER = {"transfer-source": "pool", "transfer-size": 60, "transfer-rows": 25}
 #: The server's own global model under the market (a CNN; the clients train MLPs).
 SERVER_MODEL = {"server-model": "cnn", "server-model-epochs": 2}
 
@@ -103,7 +105,7 @@ def _check_tiers(res: dict) -> None:
 def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     out = tmp_path / "out"
     runs = [("kta", TRACKED), ("fedavg", TRACKED), ("kta", {"codec": "topk", "codec-topk": 2}),
-            ("kta", {"reference-fraction": 0.5}), ("kta", {"node-state": "disk", **SERVER_MODEL}),
+            ("kta", {"reference-fraction": 0.5, **TRANSFER}), ("kta", {"node-state": "disk", **SERVER_MODEL}),
             ("kta", PRIVATE_KTA), ("fedavg", {"dp-epsilon": 3.0}), ("kta", {"fleet": "tiers3"})]
     logs = []
     with LocalFederation(tmp_path, CLIENTS, simulation=True) as fed:
@@ -149,14 +151,18 @@ def test_simulation_kta_and_fedavg_bytes(tmp_path, app_dir):
     assert on_disk["summary"]["wire_manifest"] == kta["summary"]["wire_manifest"]
     _check_server_model(out / "4", on_disk, logs[4])
 
-    # kta on a rotating half of the reference set: half the rows up; down, the half's rows
-    # that are not held out, to the clients the gate let through.
+    # kta on a rotating half of the reference set and 25 transfer rows a round: half the
+    # reference rows and the transfer rows up; down, the half's rows that are not held
+    # out and the transfer rows, to the clients the gate let through.
     _check_common(half, "kta")
-    assert half["summary"]["bytes_up"] == ROUNDS * CLIENTS * (N_REF // 2) * C * 4
+    transfer = TRANSFER["transfer-rows"]
+    assert half["summary"]["bytes_up"] == ROUNDS * CLIENTS * (N_REF // 2 + transfer) * C * 4
     (half_dir,) = [p.parent for p in (out / "3").glob("*/results.json")]
     assert half["summary"]["bytes_down"] == sum(
-        n * _target_rows(half_dir, r, 0.5) * C * 4 for r, n in enumerate(_targets_sent(half), start=1)
+        n * (_target_rows(half_dir, r, 0.5) + transfer) * C * 4
+        for r, n in enumerate(_targets_sent(half), start=1)
     )
+    assert f"train/up logits.values float32[{N_REF // 2 + transfer}, {C}]" in half["summary"]["wire_manifest"]
 
     # kta with the topk codec (k = 2): per row 2 uint8 class indices + 2 uint8 probabilities.
     _check_common(topk, "kta")
