@@ -248,6 +248,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     server_model_label_weight: float = 1.0
     server_model_teacher: str = "consensus"  # or "labels": the public labels alone (a baseline)
     server_model_augment: bool = True  # images: random shifts (and flips where labels survive them)
+    server_model_teacher_weight: float = 0.0  # its predictions' share in every client's targets
     # --- newcomers: partitions that join a running fleet (docs/method.md#newcomers) --------
     newcomer_fraction: float = 0.0  # share of the fleet's partitions held back (0: none)
     newcomer_round: int = 0  # the round they join
@@ -843,6 +844,12 @@ def _validate(cfg: RunConfig) -> RunConfig:
                 f"strategy {cfg.strategy!r} has "
                 + ("none" if cfg.is_market else "a global model of its own"))
         checked.append(("server-model", cfg.server_model))
+    if not 0.0 <= cfg.server_model_teacher_weight < 1.0:
+        raise ConfigError(f"run-config 'server-model-teacher-weight' = {cfg.server_model_teacher_weight!r} "
+                          "must be in [0, 1)")
+    if cfg.server_model_teacher_weight > 0 and not cfg.server_model:
+        raise ConfigError("run-config 'server-model-teacher-weight' > 0 mixes the server model's "
+                          "predictions into the targets: set 'server-model' too")
     for key, name in checked:
         _choice(key, name, MODELS)
         if (name in TEXT_MODELS) != (cfg.dataset in TEXT_DATASETS):

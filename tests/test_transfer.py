@@ -296,3 +296,44 @@ def test_the_server_model_learns_on_the_transfer_rows_it_was_given_a_consensus_f
         banked = np.flatnonzero(~np.isnan(model.targets[:, 0]))
         expected = rows if teacher == "labels" else np.concatenate([rows, 100 + window])
         np.testing.assert_array_equal(banked, np.sort(expected))
+
+
+def test_the_server_model_as_one_more_teacher_mixes_into_every_pending_target():
+    market = _market()
+    rng = np.random.default_rng(7)
+    ref_rows = len(market.rows(2))
+    train_round(market, 1, [reply(n, RecordDict({
+        protocol.LOGITS: protocol.pack(rng.normal(size=(ref_rows + 20, C)).astype(np.float32), market.codec),
+        protocol.METRICS: client_metrics(i)})) for i, n in enumerate((10, 11, 12))])
+    before = {node: q.copy() for node, q in market.targets.items()}
+    assert before
+    asked = []
+
+    def predict(rows: np.ndarray, transfer_rows: np.ndarray) -> np.ndarray:
+        asked.append((rows, transfer_rows))
+        return np.eye(C, dtype=np.float32)[np.arange(len(rows) + len(transfer_rows)) % C]
+
+    market.blend_teacher(predict, 0.25)
+    (rows, transfer_rows), = asked
+    held_out = protocol.held_out_mask(100, market.holdout_fraction, market.last_draw)
+    np.testing.assert_array_equal(rows, protocol.distill_rows(market.rows(2), held_out))
+    np.testing.assert_array_equal(transfer_rows, market.transfer(2))
+    teacher = np.eye(C, dtype=np.float32)[np.arange(len(rows) + len(transfer_rows)) % C]
+    for node, q in before.items():
+        np.testing.assert_allclose(market.targets[node], 0.75 * q + 0.25 * teacher, rtol=1e-6, atol=1e-7)
+    market.blend_teacher(predict, 0.0)  # off: nothing asked, nothing changed
+    assert len(asked) == 1
+
+
+def test_the_server_model_predicts_on_reference_then_transfer_rows():
+    cfg = _digits(transfer_source="pool", transfer_size=200, transfer_rows=40, server_model="mlp",
+                  server_model_teacher_weight=0.3)
+    model = ServerModel(cfg, load_splits(cfg), torch.device("cpu"))
+    probs = model.predict(np.array([3, 1, 4]), np.array([0, 199]))
+    assert probs.shape == (5, C) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs[1], model.predict(np.array([1]), np.arange(0))[0], rtol=1e-5)
+    with pytest.raises(ConfigError, match="'server-model-teacher-weight'"):
+        _digits(server_model_teacher_weight=0.3)
+    with pytest.raises(ConfigError, match="'server-model-teacher-weight'"):
+        _digits(server_model="mlp", server_model_teacher_weight=1.0)

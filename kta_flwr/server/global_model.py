@@ -32,7 +32,7 @@ from kta_flwr.flower.results import SERVER_GLOBAL
 from kta_flwr.flower.strategies.base import Consensus
 from kta_flwr.task.models import build_model
 from kta_flwr.task.splits import ArrayDataset, CentralSplits, shared_split
-from kta_flwr.task.training import Optim, distill, evaluate, shifts_and_flips
+from kta_flwr.task.training import Optim, distill, evaluate, predict_logits, shifts_and_flips
 
 __all__ = ["SERVER_GLOBAL", "ServerModel"]
 
@@ -85,6 +85,14 @@ class ServerModel:
             ce_weight=1.0 if labels_only else cfg.server_model_label_weight,
             max_grad_norm=cfg.distill_clip, augment=augment,
         )
+
+    def predict(self, rows: np.ndarray, transfer_rows: np.ndarray) -> np.ndarray:
+        """``[M + T, C]`` float32 probabilities at ``temperature`` on reference rows
+        ``rows`` then transfer rows ``transfer_rows`` (what it teaches with
+        ``server-model-teacher-weight``)."""
+        inputs = self.public.x[np.concatenate([rows, self.num_reference + np.asarray(transfer_rows, int)])]
+        logits = torch.from_numpy(predict_logits(self.model, inputs, self.device))
+        return torch.softmax(logits.double() / self.cfg.temperature, dim=-1).numpy().astype(np.float32)
 
     def accuracy(self) -> float:
         """Top-1 accuracy on the whole test set."""

@@ -188,6 +188,8 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
             extra[SERVER_SECONDS] = round(time.perf_counter() - started, 4)
             if cfg.newcomer_start == "global":
                 strategy.offer_start_model(server_model.arrays())
+            if cfg.server_model_teacher_weight > 0:  # one more teacher in next round's targets
+                strategy.blend_teacher(server_model.predict, cfg.server_model_teacher_weight)
         out = recorder.end_round(server_round, report, extra)
         tracker.log_round(server_round, recorder.rows[-1], report.decisions)
         save_run_state(recorder.ensure_run_dir(), RunState.capture(

@@ -243,6 +243,13 @@ class NodeStrategy(Strategy):  # pylint: disable=too-many-instance-attributes
         global model under the market, handed over after every round). Strategies whose
         nodes all receive a global model anyway ignore it."""
 
+    def blend_teacher(self, predict: Callable[[np.ndarray, np.ndarray], np.ndarray], weight: float) -> None:
+        """Mix one more teacher into the targets waiting to be sent: each becomes
+        ``(1 - weight) q + weight p`` with ``p = predict(reference rows, transfer rows)``
+        (``[M + T, C]`` probabilities on the rows those targets cover; under the market
+        the server's global model, ``server-model-teacher-weight``). Strategies without
+        targets ignore it."""
+
     # --- the round's record -----------------------------------------------------------------
     def take_round_report(self) -> RoundReport:
         """Rejected replies, nodes' notes and decisions since the last call."""

@@ -21,7 +21,7 @@ in :mod:`kta_flwr.flower.protocol`; the method in words in ``docs/method.md``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO
 from typing import Any, Unpack
 
@@ -312,6 +312,21 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         """The last market round's consensus (None if not asked for, or not run since)."""
         consensus, self.consensus = self.consensus, None
         return consensus
+
+    def blend_teacher(self, predict: Callable[[np.ndarray, np.ndarray], np.ndarray], weight: float) -> None:
+        """Mix ``predict``'s probabilities on the rows the pending targets cover (they
+        share one subset and draw) into every pending target, ``(1 - weight) q + weight p``."""
+        if not self.targets or weight <= 0:
+            return
+        subset = next(iter(self.target_subset.values()))
+        rows = self.rows(subset)
+        if self.holdout_fraction > 0:
+            held_out = protocol.held_out_mask(len(self.reference_labels), self.holdout_fraction,
+                                              next(iter(self.target_draw.values())))
+            rows = protocol.distill_rows(rows, held_out)
+        teacher = np.asarray(predict(rows, self.transfer(subset)), np.float64)
+        for node, q in self.targets.items():
+            self.targets[node] = ((1.0 - weight) * q + weight * teacher).astype(np.float32)
 
     def offer_start_model(self, arrays: ArrayRecord) -> None:
         """Send ``arrays`` to each newcomer with its first instruction, from now on."""
