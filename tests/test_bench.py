@@ -186,3 +186,12 @@ def test_the_table_adds_the_server_model_and_the_newcomers_where_runs_have_them(
     assert all(line.count("|") == lines[0].count("|") for line in lines[:4])
     plain = markdown_table("digits", RunConfig(), aggregate([run("kta", 0)], 0.3), 0.3)
     assert "server model" not in plain and "newcomers" not in plain
+
+
+def test_repeated_set_options_all_apply():
+    from kta_flwr.tools import cli  # pylint: disable=import-outside-toplevel
+
+    parser = cli.benchmark_parser("bench", None, "overrides")
+    args = parser.parse_args(["--preset", "digits", "--set", "fleet=tiers3", "--set", "dirichlet-alpha=0.1", "seed=2"])
+    assert cli.overrides(args.set) == {"fleet": "tiers3", "dirichlet-alpha": 0.1, "seed": 2}
+    assert parser.parse_args(["--preset", "digits"]).set == []

@@ -21,7 +21,8 @@ def benchmark_parser(prog: str, description: str | None, set_help: str) -> argpa
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, help="configs/<name>.toml or a TOML path")
     parser.add_argument("--clients", type=int, default=10, help="simulated SuperNodes")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=set_help)
+    # extend: ``--set a=1 --set b=2`` keeps both (a second --set used to replace the first)
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help=set_help)
     parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="folder that relative data-path values are taken from "
