@@ -17,7 +17,7 @@ from kta_flwr.factory import market_params
 from kta_flwr.flower import protocol
 from kta_flwr.flower.strategies.base import Consensus
 from kta_flwr.flower.strategies.market import KnowledgeMarket
-from kta_flwr.maths.market import cap_loudness, centre, run_market, transfer_consensus
+from kta_flwr.maths.market import cap_loudness, centre, global_consensus, run_market
 from kta_flwr.maths.market_kernels import FAST
 from kta_flwr.server.global_model import ServerModel
 from kta_flwr.task.splits import UNLABELED, load_client_data, load_splits
@@ -247,6 +247,14 @@ def test_stage_2_shifts_its_images_when_asked(tmp_path):
         assert not train(msg, node.context).has_error()
         trained[augment] = node.personal()
     assert any(not np.allclose(trained[False][k], trained[True][k]) for k in trained[False])
+
+
+def transfer_consensus(labeled: np.ndarray, labels: np.ndarray, unlabeled: np.ndarray, params, *extra) -> np.ndarray:
+    """The consensus on the transfer rows alone (after the labeled rows), checking that
+    the labeled rows' part is the consensus without them."""
+    both = global_consensus(labeled, labels, params, *extra, unlabeled=unlabeled)
+    np.testing.assert_array_equal(both[:len(labels)], global_consensus(labeled, labels, params, *extra))
+    return both[len(labels):]
 
 
 def test_the_transfer_consensus_weighs_clients_by_their_information_on_the_labeled_rows():

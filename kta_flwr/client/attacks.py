@@ -165,8 +165,8 @@ def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[st
         rows = node.reference_rows(protocol.LOGITS_SUBSET)
         reference = node.data.splits.reference
         codec = knowledge_codec(cfg)
-        honest = protocol.unpack(content, protocol.LOGITS, len(node.exchanged_inputs(protocol.LOGITS_SUBSET)),
-                                 reference.num_classes, codec)
+        num_rows = len(rows) + len(node.transfer_rows(protocol.LOGITS_SUBSET))
+        honest = protocol.unpack(content, protocol.LOGITS, num_rows, reference.num_classes, codec)
         # what the attacker knows: the reference labels, the last scored rows; on
         # transfer rows (after the reference rows) its own top class stands for the label
         labels = np.concatenate([reference.y[rows], honest[len(rows):].argmax(axis=1)])

@@ -267,7 +267,8 @@ class Node:  # pylint: disable=too-many-instance-attributes
         ref = self.data.reference
         rows = self.target_rows()
         return distill(
-            model, self._with_transfer(ref.x[rows], protocol.TARGETS_SUBSET), targets, epochs=self.cfg.distill_epochs, batch_size=self.cfg.batch_size,
+            model, self._with_transfer(ref.x[rows], protocol.TARGETS_SUBSET), targets,
+            epochs=self.cfg.distill_epochs, batch_size=self.cfg.batch_size,
             optim=self.optim(self.cfg.distill_learning_rate), device=self.device, seed=self.seed + 1,
             temperature=self.cfg.temperature, kl_weight=self.cfg.distill_weight,
             y_ref=ref.y[rows], ce_weight=self.cfg.reference_ce_weight,

@@ -718,12 +718,13 @@ def run_market(
                         distill, estimated_priors)
 
 
-def global_consensus(
+def global_consensus(  # pylint: disable=too-many-arguments
     logits: np.ndarray,
     labels: np.ndarray,
     params: MarketParams,
     divergence: np.ndarray | None = None,
     priors: np.ndarray | None = None,
+    unlabeled: np.ndarray | None = None,
 ) -> np.ndarray:
     """The market's consensus on the public rows, for one student with no class prior of
     its own (the server's global model): each row of class c mixes the clients' logits
@@ -735,7 +736,10 @@ def global_consensus(
     by ``I_c[j] ** gamma * s_j``: its :func:`class_information` on the rows of class c
     given here (all of them: a client wrong on some rows of a class loses its weight on
     every row of that class) times its Sybil share ``s_j`` (:func:`sybil_shares` of
-    ``divergence``). A class no client informs on keeps its label: a one-hot row.
+    ``divergence``). A class no client informs on keeps its label: a one-hot row. On
+    unlabeled transfer rows a row's class is unknown, so each client weighs
+    ``mean_c I_c[j] ** gamma * s_j``, its information averaged over the classes, in the
+    same mix; a row no client informs on is uniform.
 
     Args:
         logits: ``[K, N, C]`` the clients' uploaded logits on N public rows.
@@ -746,45 +750,23 @@ def global_consensus(
             grouping).
         priors: ``[K, C]`` the clients' class priors (:class:`MarketOutput`'s of the same
             logits; None: estimated here, :func:`class_prior`).
+        unlabeled: ``[K, T, C]`` the same clients' logits on T unlabeled transfer rows
+            (None: none); the weights are still scored on the labeled rows only.
 
     Returns:
-        ``[N, C]`` float32 probabilities at temperature ``params.temperature``, rows sum to 1.
+        ``[N + T, C]`` float32 probabilities at temperature ``params.temperature``, rows
+        sum to 1: the labeled rows, then the unlabeled ones (as :func:`run_market`'s targets).
     """
     logits = centre(np.asarray(logits))
     labels = np.asarray(labels)
     per_class, priors = _consensus_weights(logits, labels, params, divergence, priors)
-    row_weights = per_class[:, labels]  # [K, N]
-    out, informed = _consensus_mix(logits, row_weights, priors, params)
+    out, informed = _consensus_mix(logits, per_class[:, labels], priors, params)  # weights [K, N]
     out[~informed] = np.eye(logits.shape[-1])[labels[~informed]]
-    return out
-
-
-def transfer_consensus(  # pylint: disable=too-many-arguments
-    logits: np.ndarray,
-    labels: np.ndarray,
-    unlabeled: np.ndarray,
-    params: MarketParams,
-    divergence: np.ndarray | None = None,
-    priors: np.ndarray | None = None,
-) -> np.ndarray:
-    """:func:`global_consensus` on unlabeled transfer rows: a row's class is unknown, so
-    each client weighs ``mean_c I_c[j] ** gamma * s_j``, its information averaged over
-    the classes (scored on the labeled rows), in the same defended mix.
-
-    Args:
-        logits: ``[K, N, C]`` the clients' logits on the labeled public rows; labels: ``[N]``.
-        unlabeled: ``[K, T, C]`` the same clients' logits on T transfer rows.
-        params, divergence, priors: as :func:`global_consensus`.
-
-    Returns:
-        ``[T, C]`` float32 probabilities at ``params.temperature``; uniform rows where no
-        client informs on any class.
-    """
-    logits = centre(np.asarray(logits))
-    per_class, priors = _consensus_weights(logits, np.asarray(labels), params, divergence, priors)
+    if unlabeled is None:
+        return out
     unlabeled = centre(np.asarray(unlabeled))
     row_weights = np.repeat(per_class.mean(axis=1, keepdims=True), unlabeled.shape[1], axis=1)  # [K, T]
-    return _consensus_mix(unlabeled, row_weights, priors, params)[0]
+    return np.concatenate([out, _consensus_mix(unlabeled, row_weights, priors, params)[0]])
 
 
 def _consensus_weights(

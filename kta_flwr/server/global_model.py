@@ -30,6 +30,7 @@ from torch import nn
 from kta_flwr.config import MIRRORABLE_DATASETS, RunConfig
 from kta_flwr.flower.results import SERVER_GLOBAL
 from kta_flwr.flower.strategies.base import Consensus
+from kta_flwr.maths.market import softmax
 from kta_flwr.task.models import build_model
 from kta_flwr.task.splits import ArrayDataset, CentralSplits, shared_split
 from kta_flwr.task.training import Optim, distill, evaluate, predict_logits, shifts_and_flips
@@ -91,8 +92,7 @@ class ServerModel:
         ``rows`` then transfer rows ``transfer_rows`` (what it teaches with
         ``server-model-teacher-weight``)."""
         inputs = self.public.x[np.concatenate([rows, self.num_reference + np.asarray(transfer_rows, int)])]
-        logits = torch.from_numpy(predict_logits(self.model, inputs, self.device))
-        return torch.softmax(logits.double() / self.cfg.temperature, dim=-1).numpy().astype(np.float32)
+        return softmax(predict_logits(self.model, inputs, self.device), self.cfg.temperature).astype(np.float32)
 
     def accuracy(self) -> float:
         """Top-1 accuracy on the whole test set."""

@@ -228,6 +228,8 @@ def distill(
         return 0.0
     xs, qs = _as_tensor(x_ref, device), _as_tensor(targets, device).float()
     ys = _as_tensor(y_ref, device) if (y_ref is not None and ce_weight > 0) else None
+    # unlabeled rows (transfer, label -1) take no cross-entropy; checked once, not per batch
+    some_unlabeled = ys is not None and bool((ys < 0).any())
     use_private = private is not None and private_weight > 0 and len(private[1]) > 0
     if use_private:
         xp, yp = _as_tensor(private[0], device), _as_tensor(private[1], device)
@@ -239,7 +241,7 @@ def distill(
         loss = kl_weight * temperature**2 * F.kl_div(log_p, qs[idx], reduction="batchmean")
         if ys is not None:
             labels = ys[idx]
-            if bool((labels < 0).any()):  # unlabeled rows (transfer): cross-entropy on the others
+            if some_unlabeled and bool((labels < 0).any()):  # cross-entropy on the labeled rows
                 loss = loss + ce_weight * F.cross_entropy(out, labels, ignore_index=-1, reduction="sum") / max(
                     1, int((labels >= 0).sum()))
             else:

@@ -42,7 +42,7 @@ from kta_flwr.flower.validation import (
     train_metrics,
 )
 from kta_flwr.maths.knowledge_codec import Codec
-from kta_flwr.maths.market import MarketOutput, MarketParams, global_consensus, run_market, transfer_consensus
+from kta_flwr.maths.market import MarketOutput, MarketParams, global_consensus, run_market
 from kta_flwr.maths.market_kernels import FAST, MarketKernels
 from kta_flwr.maths.noisy_logits import noisy_logit_bound
 
@@ -272,12 +272,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
                          unlabeled=unlabeled if self.transfer_rows else None)
         self.last_market = out
         if self.computes_consensus:
-            labels = self.reference_labels[rows]
-            self.consensus = Consensus(rows, global_consensus(
-                labeled, labels, self.params, out.divergence, out.priors))
-            if self.transfer_rows:
-                self.consensus = Consensus(rows, self.consensus.targets, self.transfer(subset_id), transfer_consensus(
-                    labeled, labels, unlabeled, self.params, out.divergence, out.priors))
+            agreed = global_consensus(labeled, self.reference_labels[rows], self.params, out.divergence,
+                                      out.priors, unlabeled=unlabeled if self.transfer_rows else None)
+            self.consensus = Consensus(rows, agreed[:len(rows)], self.transfer(subset_id), agreed[len(rows):])
         self.targets = {n: q for n, q, go in zip(self.market_nodes, out.targets, out.distill) if go}
         self.target_subset = dict.fromkeys(self.targets, subset_id)
         self.target_draw = dict.fromkeys(self.targets, self.last_draw)
