@@ -89,6 +89,17 @@ def test_every_strategy_leaves_a_newcomer_out_until_its_round(name, tmp_path):
         assert sorted(m.metadata.dst_node_id for m in evaluated) == expected
 
 
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_takes_one_more_teacher_and_changes_nothing_without_pending_targets(name, tmp_path):
+    strategy = _strategy(name, tmp_path)
+    write_state(tmp_path / "before.json", strategy.state_dict(), format_name="t/1")
+    asked = []
+    strategy.blend_teacher(lambda rows, transfer: asked.append(rows) or np.zeros((len(rows), 10)), 0.3)
+    write_state(tmp_path / "after.json", strategy.state_dict(), format_name="t/1")
+    assert not asked  # nothing pending: the teacher is not even asked
+    assert _without_arrays(tmp_path / "after.json") == _without_arrays(tmp_path / "before.json")
+
+
 def _without_arrays(path: Path) -> str:
     """A state file's JSON without the name of its arrays file (a digest of the arrays)."""
     return re.sub(r'"arrays": \{[^}]*\}', "", path.read_text())
