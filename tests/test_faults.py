@@ -119,8 +119,7 @@ def test_killed_server_resumes_to_the_uninterrupted_result(sim, app_dir, tmp_pat
         (run_dir,) = [p.parent for p in (tmp_path / "cut" / "out").glob("*/server-state.json")]
         killed_at = rounds_done(run_dir.parent)
         assert 2 <= killed_at < rounds, "the run ended before it could be killed"
-        with LocalFederation(tmp_path / "fed-b", CLIENTS, simulation=True) as second:
-            refused = second.submit(app_dir, {**cut, "resume-from": str(run_dir)})
+        refused = fed.submit(app_dir, {**cut, "resume-from": str(run_dir)})  # another SuperLink
         held = re.search(r"held by process (\d+)", refused.stdout + refused.stderr)
         assert held and int(held.group(1)) in orphans, refused.stdout[-3000:] + refused.stderr[-2000:]
     finally:
@@ -134,8 +133,7 @@ def test_killed_server_resumes_to_the_uninterrupted_result(sim, app_dir, tmp_pat
         shutil.copyfile(models / "kta.pt", models / "kta.prev.pt")
     (models / "kta.pt").write_bytes(b"garbage")
 
-    with LocalFederation(tmp_path / "fed-c", CLIENTS, simulation=True) as third:
-        proc = third.submit(app_dir, {**cut, "resume-from": str(run_dir)})
+    proc = fed.submit(app_dir, {**cut, "resume-from": str(run_dir)})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     log = proc.stdout + proc.stderr
     assert "(partition 1), train: restored kta.prev.pt: checkpoint" in log and "kta.pt cannot be read" in log

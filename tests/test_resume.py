@@ -17,6 +17,7 @@ import pytest
 from kta_flwr.tools.faults import rounds_done, wait_for_rounds
 from kta_flwr.tools.federation import LocalFederation
 from tests.conftest import read_results
+from tests.wire import check_compressed, check_shared_model
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ BASE = {"reference-size": 100, "test-size": 200, "local-epochs": 1, "min-nodes":
         "num-server-rounds": ROUNDS, "tracking": "none"}
 CASES = {
     "stock": {"strategy": "fedavg"},
-    "compressed": {"strategy": "sapef"},
+    "compressed": {"strategy": "sapef", "topk-fraction": 0.01, "sapef-alpha": 0.5},
     "personal-dp": {"strategy": "ditto", "dp-epsilon": 4.0},
 }
 #: What must be equal, bit for bit.
@@ -62,6 +63,12 @@ def test_a_killed_federation_resumes_to_the_uninterrupted_result(case, tmp_path,
         assert resumed["summary"][key] == reference["summary"][key], key
     for key in ("personalized-accuracy", "global-accuracy", "cum_bytes_up", "cum_bytes_down"):
         assert [r[key] for r in resumed["rounds"]] == [r[key] for r in reference["rounds"]], key
+    # The uninterrupted run's exact bytes (SA-PEF: Top-k with error feedback; Ditto under
+    # DP: FedAvg's, a personal model per node), read here rather than from runs of their own.
+    if case == "compressed":
+        check_compressed(reference, ROUNDS, CLIENTS, topk_fraction=CASES[case]["topk-fraction"])
+    if case == "personal-dp":
+        check_shared_model(reference, ROUNDS, CLIENTS, tmp_path / "whole" / "models")
     if "dp-epsilon" in CASES[case]:
         for key in ("dp_epsilon", "dp_lifetime_epsilon"):
             assert resumed["summary"][key] == reference["summary"][key], key

@@ -21,7 +21,7 @@ def test_a_rogue_supernode_cannot_stop_or_skew_the_honest_nodes(tmp_path, app_di
     cfg = RunConfig(
         num_server_rounds=ROUNDS, min_nodes=NODES, reference_size=100, test_size=200,
         local_epochs=1, distill_epochs=1, attack="malformed", attack_fraction=0.34,
-        output_dir=str(tmp_path / "out"), model_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "out"), model_dir=str(tmp_path / "models"), tracking="none",
     )
     (rogue,) = attackers(cfg, NODES)
     with LocalFederation(tmp_path / "fed", NODES) as fed:

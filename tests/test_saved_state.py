@@ -254,3 +254,36 @@ def test_a_warm_start_falls_back_to_an_intact_previous_checkpoint(tmp_path):
     _restart(warm, run_id=21)
     with pytest.raises(CheckpointError, match="warm-start': no usable checkpoint .*kta.pt.*kta.prev.pt"):
         train(warm.message("train", 1), warm.context)
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_node_draws_its_partition_once_a_run_and_reads_it_from_its_context_after(tmp_path):
+    """A SuperNode starts a process for every message: the run's first message draws the
+    node's partition and keeps its rows in the run's Context, the next ones read them
+    from there (shown by planting another partition's rows), and rows that do not fit
+    the training pool are drawn again and kept anew."""
+    from flwr.app import Array, ArrayRecord  # pylint: disable=import-outside-toplevel
+
+    from kta_flwr.client.node import PARTITION_STATE, Node  # pylint: disable=import-outside-toplevel
+    from kta_flwr.task.splits import load_client_data  # pylint: disable=import-outside-toplevel
+
+    fake = FakeNode(tmp_path, "kta", partition=1)
+    drawn = load_client_data(fake.cfg, 1, 4)
+    pool = drawn.splits.train
+    first = Node(fake.message("train", 1), fake.context)
+    np.testing.assert_array_equal(first.data.rows, drawn.rows)
+    np.testing.assert_array_equal(first.data.train.y, pool.y[drawn.rows])
+    kept = fake.context.state.array_records[PARTITION_STATE]["rows"].numpy()
+    np.testing.assert_array_equal(kept, drawn.rows)
+
+    other = load_client_data(fake.cfg, 2, 4).rows
+    assert not np.array_equal(other, drawn.rows)
+    fake.context.state[PARTITION_STATE] = ArrayRecord({"rows": Array(other)})
+    second = Node(fake.message("evaluate", 1), fake.context)
+    np.testing.assert_array_equal(second.data.train.x, pool.x[other])
+
+    fake.context.state[PARTITION_STATE] = ArrayRecord({"rows": Array(np.array([len(pool.y)], np.int64))})
+    third = Node(fake.message("train", 2), fake.context)
+    np.testing.assert_array_equal(third.data.rows, drawn.rows)
+    np.testing.assert_array_equal(
+        fake.context.state.array_records[PARTITION_STATE]["rows"].numpy(), drawn.rows)

@@ -50,7 +50,7 @@ def test_cross_device_benchmark_end_to_end(tmp_path):
     report = run_cross_device(  # 8 clients above full participation at 3: a 10 % sample
         "digits", [8], ["kta"], tmp_path,
         {"num-server-rounds": 2, "reference-size": 100, "test-size": 100, "local-epochs": 1,
-         "distill-epochs": 1}, full_participation=3,
+         "distill-epochs": 1, "tracking": "none"}, full_participation=3,
     )
     (p,) = report["points"]
     assert p["fraction"] == 0.1 and p["clients_evaluated"] == 1

@@ -68,7 +68,7 @@ def test_deploy_local_runs_the_compose_topology(tmp_path, capfd):
         text = text.replace(f'{key} = "docker/{key}"', f'{key} = "{tmp_path / key}"')
     settings.write_text(text.replace("port = 9093", "port = 9193").replace("first-port = 9101", "first-port = 9201"))
     rc = deploy_main(["local", "--settings", str(settings), "--set", "num-server-rounds=1",
-                      "reference-size=100", "test-size=100", "local-epochs=1"])
+                      "reference-size=100", "test-size=100", "local-epochs=1", "tracking=none"])
     out = capfd.readouterr().out
     assert rc == 0, out[-3000:]
     assert "created a CA" in out and "(TLS, node authentication) + 3 SuperNodes up" in out
@@ -79,7 +79,7 @@ def test_deploy_local_runs_the_compose_topology(tmp_path, capfd):
     # resuming the first run for one more round: reported as the success it is
     rc = deploy_main(["local", "--settings", str(settings), "--set", "num-server-rounds=2",
                       "reference-size=100", "test-size=100", "local-epochs=1",
-                      f"resume-from={run_dir}"])
+                      "tracking=none", f"resume-from={run_dir}"])
     out = capfd.readouterr().out
     assert rc == 0, out[-3000:]
     assert f"[deploy] results in {run_dir}" in out and "created a CA" not in out

@@ -61,6 +61,9 @@ VERSION_STATE = "global-version"
 RESIDUAL_STATE = "residual"
 #: ``context.state`` key of the checkpoint counters (``round``, ``rounds-trained``, accuracies).
 META_STATE = "checkpoint-meta"
+#: ``context.state`` key of the node's partition (its rows of the training pool), drawn by
+#: the run's first message and read by the next ones.
+PARTITION_STATE = "partition"
 #: Checkpoint extras <-> state keys of the compressed baselines' vectors.
 _EXTRA_VECTORS = {"global": GLOBAL_STATE, "residual": RESIDUAL_STATE}
 #: Fields a warm start must match (the architecture, the task and the reference set).
@@ -95,9 +98,12 @@ class Node:  # pylint: disable=too-many-instance-attributes
         self.cfg: RunConfig = parse_run_config(context.run_config)
         node = context.node_config
         self.partition_id = partition_id_of(context)
+        kept = context.state.array_records.get(PARTITION_STATE)
+        rows = None if kept is None else kept["rows"].numpy()
         self.data: ClientData = load_client_data(
-            self.cfg, self.partition_id, int(node["num-partitions"])
-        )
+            self.cfg, self.partition_id, int(node["num-partitions"]), rows=rows)
+        if rows is None or not np.array_equal(rows, self.data.rows):
+            context.state[PARTITION_STATE] = ArrayRecord({"rows": Array(self.data.rows)})
         self.config: ConfigRecord = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
         self.server_round = int(self.config.get("server-round", 0))
         #: Whether the message carries soft targets (market family).

@@ -362,6 +362,8 @@ class ClientData:
     splits: CentralSplits
     local_test: ArrayDataset | None = None
     transfer: ArrayDataset | None = None  # the unlabeled transfer set, as the model reads it
+    #: ``[n]`` int64: the training pool's rows this client holds (``splits.train``).
+    rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def label_distribution(self) -> np.ndarray:
@@ -370,20 +372,30 @@ class ClientData:
         return counts / max(counts.sum(), 1)
 
 
-def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int,
+                     rows: np.ndarray | None = None) -> ClientData:
     """The private training partition of client ``partition_id`` and the shared splits,
-    ready for the client's model (tokenized once per process for text, then cached)."""
-    return _load_client_data(cfg, partition_id, num_partitions)
+    ready for the client's model (tokenized once per process for text, then cached).
+
+    ``rows``: the partition's rows of the training pool (:attr:`ClientData.rows`) when the
+    caller kept them from an earlier call with the same config: a SuperNode starts a
+    process for every message, and drawing the partitions (flwr-datasets' import and
+    the draw) costs each ~1 s of CPU. Rows that do not fit the pool are drawn again."""
+    return _load_client_data(cfg, partition_id, num_partitions,
+                             None if rows is None else np.asarray(rows, np.int64).tobytes())
 
 
 @lru_cache(maxsize=4)
-def _load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+def _load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int,
+                      kept_rows: bytes | None) -> ClientData:
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(
             f"node-config 'partition-id' = {partition_id} must be in [0, {num_partitions})"
         )
     splits = load_splits(cfg)
-    rows = partition_indices(splits.train.y, num_partitions, cfg, splits.train_groups)[partition_id]
+    rows = None if kept_rows is None else np.frombuffer(kept_rows, np.int64)
+    if rows is None or len(rows) == 0 or rows.min() < 0 or rows.max() >= len(splits.train.y):
+        rows = partition_indices(splits.train.y, num_partitions, cfg, splits.train_groups)[partition_id]
     local_test = None
     if splits.train_groups is not None and splits.test_groups is not None:
         mine = np.isin(splits.test_groups, np.unique(splits.train_groups[rows]))
@@ -397,6 +409,7 @@ def _load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) ->
         splits=splits,
         local_test=None if local_test is None else _for_model(local_test, splits, model),
         transfer=None if splits.transfer is None else _shared_for_model(splits, "transfer", model),
+        rows=rows,
     )
 
 
