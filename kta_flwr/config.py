@@ -200,6 +200,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     batch_size: int = 32
     learning_rate: float = 0.05
     distill_learning_rate: float = 0.05
+    lr_decay: float = 1.0  # every client learning rate in round r: lr x lr_decay ** (r - 1)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     proximal_mu: float = 0.01
@@ -744,6 +745,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("reference-fraction", cfg.reference_fraction),
         ("svd-energy", cfg.svd_energy),
         ("svd-energy-end", cfg.svd_energy_end),
+        ("lr-decay", cfg.lr_decay),
     ):
         if not (0.0 < value <= 1.0):
             raise ConfigError(f"run-config '{key}' = {value!r} must be in (0, 1]")

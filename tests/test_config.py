@@ -30,6 +30,8 @@ def test_pyproject_config_matches_runconfig_defaults():
         ("dirichlet-alpha", -0.5, "positive"),
         ("reference-size", 0, "positive"),
         ("fraction-train", 1.5, "(0, 1]"),
+        ("lr-decay", 0.0, "(0, 1]"),
+        ("lr-decay", 1.2, "(0, 1]"),
         ("holdout-fraction", 1.0, "[0, 1)"),
         ("holdout-fraction", -0.1, "[0, 1)"),
         ("distill-clip", -1.0, ">= 0"),

@@ -1,12 +1,14 @@
 """Client-side torch routines on real digits data, tiny and seeded."""
 
 import numpy as np
+import pytest
 import torch
 
 from kta_flwr.config import RunConfig
 from kta_flwr.task.splits import load_client_data
 from kta_flwr.task.models import build_model
 from kta_flwr.task.training import Optim, distill, evaluate, shifts_and_flips, train_supervised
+from tests.conftest import FakeNode
 
 CPU = torch.device("cpu")
 OPT = Optim(lr=0.05, momentum=0.9)
@@ -126,3 +128,16 @@ def _frame(dy: int, dx: int) -> torch.Tensor:
     if dx:
         mask[:, 0 if dx > 0 else -1] = 0
     return mask
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_lr_decay_scales_every_client_learning_rate_by_the_round(tmp_path):
+    """``lr-decay`` = d: in round r both stages' SGD runs at lr x d ** (r - 1); 1 keeps it."""
+    from kta_flwr.client.node import Node  # pylint: disable=import-outside-toplevel
+
+    for decay, server_round, expected in ((0.5, 1, 0.05), (0.5, 3, 0.0125), (1.0, 7, 0.05)):
+        fake = FakeNode(tmp_path / f"{decay}-{server_round}", "kta", lr_decay=decay)
+        node = Node(fake.message("train", server_round), fake.context)
+        assert node.optim(0.05).lr == pytest.approx(expected)
+        model = torch.nn.Linear(2, 2)
+        assert node.optim(0.05).build(model).param_groups[0]["lr"] == pytest.approx(expected)

@@ -200,8 +200,10 @@ class Node:  # pylint: disable=too-many-instance-attributes
 
     # --- training -----------------------------------------------------------------------
     def optim(self, lr: float) -> Optim:
-        """SGD at ``lr`` with the run's momentum and weight decay."""
-        return Optim(lr=lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+        """SGD at ``lr`` x ``lr-decay`` ** (round - 1) with the run's momentum and weight
+        decay."""
+        decayed = lr * self.cfg.lr_decay ** max(self.server_round - 1, 0)
+        return Optim(lr=decayed, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
 
     def train_stage1(self, model: nn.Module, proximal_mu: float = 0.0,
                      proximal_to: nn.Module | None = None, epochs: int | None = None) -> float:
