@@ -257,7 +257,8 @@ def test_a_warm_start_falls_back_to_an_intact_previous_checkpoint(tmp_path):
 
 
 @pytest.mark.usefixtures("server_identity")
-def test_a_node_draws_its_partition_once_a_run_and_reads_it_from_its_context_after(tmp_path):
+@pytest.mark.parametrize("strategy", ["kta", "fedavg", "sapef", "ditto"])  # one per family
+def test_a_node_draws_its_partition_once_a_run_and_reads_it_from_its_context_after(tmp_path, strategy):
     """A SuperNode starts a process for every message: the run's first message draws the
     node's partition and keeps its rows in the run's Context, the next ones read them
     from there (shown by planting another partition's rows), and rows that do not fit
@@ -267,7 +268,7 @@ def test_a_node_draws_its_partition_once_a_run_and_reads_it_from_its_context_aft
     from kta_flwr.client.node import PARTITION_STATE, Node  # pylint: disable=import-outside-toplevel
     from kta_flwr.task.splits import load_client_data  # pylint: disable=import-outside-toplevel
 
-    fake = FakeNode(tmp_path, "kta", partition=1)
+    fake = FakeNode(tmp_path, strategy, partition=1)
     drawn = load_client_data(fake.cfg, 1, 4)
     pool = drawn.splits.train
     first = Node(fake.message("train", 1), fake.context)

@@ -131,12 +131,13 @@ def _frame(dy: int, dx: int) -> torch.Tensor:
 
 
 @pytest.mark.usefixtures("server_identity")
-def test_lr_decay_scales_every_client_learning_rate_by_the_round(tmp_path):
+@pytest.mark.parametrize("strategy", ["kta", "fedavg", "sapef", "ditto"])  # one per family
+def test_lr_decay_scales_every_client_learning_rate_by_the_round(tmp_path, strategy):
     """``lr-decay`` = d: in round r both stages' SGD runs at lr x d ** (r - 1); 1 keeps it."""
     from kta_flwr.client.node import Node  # pylint: disable=import-outside-toplevel
 
     for decay, server_round, expected in ((0.5, 1, 0.05), (0.5, 3, 0.0125), (1.0, 7, 0.05)):
-        fake = FakeNode(tmp_path / f"{decay}-{server_round}", "kta", lr_decay=decay)
+        fake = FakeNode(tmp_path / f"{decay}-{server_round}", strategy, lr_decay=decay)
         node = Node(fake.message("train", server_round), fake.context)
         assert node.optim(0.05).lr == pytest.approx(expected)
         model = torch.nn.Linear(2, 2)

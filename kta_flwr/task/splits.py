@@ -360,10 +360,10 @@ class ClientData:
     reference: ArrayDataset
     test: ArrayDataset
     splits: CentralSplits
+    #: ``[n]`` int64: the training pool's rows this client holds (``splits.train``).
+    rows: np.ndarray
     local_test: ArrayDataset | None = None
     transfer: ArrayDataset | None = None  # the unlabeled transfer set, as the model reads it
-    #: ``[n]`` int64: the training pool's rows this client holds (``splits.train``).
-    rows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def label_distribution(self) -> np.ndarray:
