@@ -237,6 +237,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     loudness_cap: float = 2.0
     score_uniform_share: float = 0.0
     class_quality: bool = False
+    label_share: float = 0.2
     # --- an unlabeled transfer set beside the labeled reference set (docs/method.md#the-transfer-set)
     transfer_source: str = ""  # "", "pool", "emnist" or "file" (TRANSFER_SOURCES)
     transfer_path: str = ""  # emnist / file: where the inputs are (relative: as data-path)
@@ -525,6 +526,18 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+#: Keys added with a default other than what runs did before them: the value a config
+#: written before the key existed ran with (:func:`stored_run_config`).
+BEFORE_KEY_EXISTED: dict[str, Any] = {"label-share": 0.0}
+
+
+def stored_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run config as a run saved it (``results.json``'s ``config``), with every key of
+    :data:`BEFORE_KEY_EXISTED` it lacks set to what that run ran with; keys of today
+    that it lacks and that are not listed behaved as their defaults do now."""
+    return {**BEFORE_KEY_EXISTED, **run_config}
+
+
 def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     """Build a validated :class:`RunConfig` from Flower's ``context.run_config``.
 
@@ -752,6 +765,9 @@ def _validate(cfg: RunConfig) -> RunConfig:
     for key, value in (("sapef-alpha", cfg.sapef_alpha), ("score-uniform-share", cfg.score_uniform_share)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"run-config '{key}' = {value!r} must be in [0, 1]")
+    if not 0.0 <= cfg.label_share < 1.0:
+        raise ConfigError(f"run-config 'label-share' = {cfg.label_share!r} must be in [0, 1) "
+                          "(1 would send the labels alone, with nothing from the teachers)")
     for key, value in (
         ("distill-epochs", cfg.distill_epochs),
         ("server-model-epochs", cfg.server_model_epochs),

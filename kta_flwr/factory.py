@@ -71,6 +71,7 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
         loudness_cap=cfg.loudness_cap if kta else 0.0,
         score_uniform_share=cfg.score_uniform_share if kta else 0.0,
         class_quality=cfg.class_quality and kta,
+        label_share=cfg.label_share if kta else 0.0,
     )
 
 

@@ -14,7 +14,7 @@ from kta_flwr.factory import market_params
 from kta_flwr.flower.protocol import held_out_mask
 from kta_flwr.maths.market import (
     cap_loudness, centre, class_information, class_prior, class_weights, consistent_accuracy,
-    label_information, run_market, scoring_weights, soft_targets, sybil_shares,
+    label_information, run_market, scoring_weights, soft_targets, sybil_shares, with_labels,
 )
 
 N, C, HONEST = 200, 5, 8
@@ -302,7 +302,8 @@ def test_class_quality_drops_a_teacher_on_the_class_it_flips_and_keeps_each_teac
     3s and 4s, and a student with no informative teacher on a class keeps its own
     predictions there; with one quality per teacher, student 1 (it knows the 4s) is
     taught 0 on its 4s by teachers 0 and 2 (the defence removed, this fails). The prior
-    correction is off: it would give teacher 0's uniform rows to its rare classes 3-4."""
+    correction is off: it would give teacher 0's uniform rows to its rare classes 3-4; so
+    is the label share, which alone would keep the 4s on top."""
     labels = np.random.default_rng(3).integers(0, C, N)
     one_hot = 8.0 * np.eye(C)[labels]
     knows = lambda classes: np.where(np.isin(labels, classes)[:, None], one_hot, 0.0)  # noqa: E731
@@ -323,9 +324,38 @@ def test_class_quality_drops_a_teacher_on_the_class_it_flips_and_keeps_each_teac
     np.testing.assert_array_equal(alone[4], np.eye(3))  # nobody but teacher 2, wrong on 4s
     fours = labels[~held_out] == 4
     for wanted in (True, False):
-        out = run_market(logits, labels, _kta(class_quality=wanted, gate=False, prior_correction=False),
+        out = run_market(logits, labels, _kta(class_quality=wanted, gate=False, prior_correction=False, label_share=0.0),
                          held_out, target_rows=~held_out)
         assert (out.targets[:, fours].mean(axis=1).argmax(axis=-1) == 4).all() == wanted
+
+
+def test_label_share_puts_that_share_on_the_label_and_scales_the_mix():
+    targets = np.array([[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]], np.float32)
+    mixed = with_labels(targets, np.array([1, 0]), 0.2)
+    np.testing.assert_allclose(mixed, [[[0.4, 0.44, 0.16], [0.28, 0.48, 0.24]]], rtol=1e-6)
+    assert mixed.dtype == np.float32
+    np.testing.assert_allclose(mixed.sum(axis=-1), 1.0, rtol=1e-6)
+
+
+def test_with_a_label_share_no_teacher_takes_a_row_off_its_label():
+    """Two loud teachers right everywhere but on the 0s, which they call C-1, among unsure
+    honest teachers: they keep their weight (they are right on most rows) and take some
+    honest students' targets off the label on the 0s; with ``label_share`` = s every
+    target row gives its label at least s and, here, ranks it first (removing the share,
+    this fails)."""
+    logits, labels = _honest(unsure=3.0)
+    loud = 12.0 * np.eye(C)[np.where(labels == 0, C - 1, labels)]
+    attacked = np.concatenate([0.5 * logits, np.stack([loud, loud + 0.01])])
+    held_out = held_out_mask(N, 0.2, 0)
+    zeros = labels[~held_out] == 0
+    undefended = _kta(gate=False, sybil_divergence=0.0, teacher_quality="accuracy", loudness_cap=0.0)
+    for share in (0.0, 0.2):
+        out = run_market(attacked, labels, replace(undefended, label_share=share), held_out,
+                         target_rows=~held_out)
+        assert out.weights[:HONEST, HONEST:].sum(axis=1).min() > 0.2  # the attackers are paid
+        on_zeros = out.targets[:HONEST][:, zeros]  # [8, rows of class 0, C]
+        assert on_zeros[..., 0].min() >= share
+        assert (on_zeros.argmax(axis=-1) == 0).all() == (share > 0)
 
 
 @pytest.mark.parametrize("strategy", ["fedmd", "ktpfl"])
@@ -333,8 +363,9 @@ def test_the_market_baselines_stay_as_published_whatever_kta_options_are_set(str
     """kta's defences are kta's: FedMD and KT-pFL run their published rules even when the
     run config turns every defence and scoring option on."""
     cfg = RunConfig(strategy=strategy, class_quality=True, score_uniform_share=0.5, loudness_cap=3.0,
-                    sybil_divergence=1e-3)
+                    sybil_divergence=1e-3, label_share=0.2)
     params = market_params(cfg)
+    assert params.label_share == 0.0
     assert (params.class_quality, params.score_uniform_share, params.loudness_cap, params.sybil_divergence,
             params.teacher_quality, params.prior_correction) == (False, 0.0, 0.0, 0.0, "accuracy", False)
     assert market_params(RunConfig(strategy="kta", class_quality=True)).class_quality

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kta_flwr.config import TRACKING_KEYS, ConfigError, RunConfig
+from kta_flwr.config import TRACKING_KEYS, ConfigError, RunConfig, stored_run_config
 from kta_flwr.storage import StateFileError, read_state, write_state
 
 STATE_FILE = "server-state.json"
@@ -114,6 +114,7 @@ def check_resumable(saved: dict[str, Any], cfg: RunConfig, completed: int) -> No
             or a ``num-server-rounds`` below the rounds already completed.
     """
     now = cfg.to_flwr()
+    saved = stored_run_config(saved)  # a checkpoint older than a key ran without it
     for key in sorted(set(saved) | set(now)):
         if key not in MAY_CHANGE and saved.get(key) != now.get(key):
             raise ConfigError(

@@ -140,6 +140,7 @@ __all__ = [
     "teacher_weights",
     "weighted_log_likelihood",
     "with_background",
+    "with_labels",
 ]
 
 #: Clients per chunk when a ``[K, N, C]`` array is transformed client by client.
@@ -182,6 +183,8 @@ class MarketParams:
     # "information" only: each target row mixes its teachers by their information on
     # the row's class (:func:`class_information`, :func:`class_weights`)
     class_quality: bool = False
+    # the share of each labeled target row that is its label's one-hot (:func:`with_labels`)
+    label_share: float = 0.0
     # --- scale (docs/scaling.md): 0 keeps the exact market
     divergence_rows: int = 0  # divergences on this many evenly spaced reference rows (0: all)
     background: bool = False  # neighbours: the rest's weight to one mean teacher (logit space)
@@ -436,6 +439,27 @@ def class_weights(weights: np.ndarray, quality: np.ndarray, per_class: np.ndarra
     alone = np.zeros_like(weights)
     alone[:, :num_clients] = own  # the student's own predictions: nothing to learn there
     return np.where(totals > 0, out / np.where(totals > 0, totals, 1.0), alone[None])
+
+
+def with_labels(targets: np.ndarray, labels: np.ndarray, share: float) -> np.ndarray:
+    """Targets that give each row's label at least ``share`` of their mass: the teachers'
+    mix scaled by ``1 - share``, plus ``share`` on the label.
+
+    Distilling toward them is distilling toward the mix with weight ``1 - share`` plus
+    cross-entropy on the labels with weight ``share`` (at the distillation temperature),
+    so whatever the teachers say, a student keeps learning the labels of the public rows.
+
+    Args:
+        targets: ``[K, N, C]`` soft targets, rows sum to 1. labels: ``[N]`` in ``[0, C)``.
+        share: in [0, 1).
+
+    Returns:
+        ``[K, N, C]`` in ``targets``' dtype, rows sum to 1; on every row the label's
+        probability is at least ``share``, and any teacher moves any class's probability
+        by at most ``1 - share`` of what it could move without the labels.
+    """
+    one_hot = np.eye(targets.shape[-1], dtype=targets.dtype)[np.asarray(labels)]  # [N, C]
+    return ((1.0 - share) * targets + share * one_hot[None]).astype(targets.dtype)
 
 
 def scoring_weights(priors: np.ndarray, labels: np.ndarray, uniform_share: float = 0.0) -> np.ndarray:
@@ -709,6 +733,8 @@ def run_market(
                                   class_information(scoring, labels[rows], priors),
                                   params.accuracy_exponent)
     targets = _class_targets(teachers, weights, per_class, target_labels, params, teacher_priors, kernels)
+    if params.label_share > 0:
+        targets = with_labels(targets, target_labels, params.label_share)
     if unlabeled is not None and np.asarray(unlabeled).shape[1] > 0:
         transfer_teachers, _ = _teachers(cap_loudness(centre(unlabeled), params.loudness_cap), priors, weights)
         targets = np.concatenate(

@@ -38,6 +38,7 @@ from kta_flwr.config import (
     ConfigError,
     RunConfig,
     parse_run_config,
+    stored_run_config,
 )
 from kta_flwr.tools import cli
 from kta_flwr.tools.federation import LocalFederation
@@ -160,7 +161,8 @@ def machines_note(runs: list[RunResult]) -> str:
 
 def reusable_run(run_dir: Path, cfg: RunConfig) -> Path | None:
     """The ``results.json`` of an earlier run in ``run_dir`` made with ``cfg`` (``output-dir``,
-    ``model-dir`` and the tracking keys aside; keys the earlier run did not have must be at their defaults)
+    ``model-dir`` and the tracking keys aside; keys the earlier run did not have must be at
+    what it ran with, :func:`~kta_flwr.config.stored_run_config`)
     that completed all its rounds (a run cut short writes one after every round), else None."""
     found = sorted(run_dir.glob("*/results.json"))
     if not found:
@@ -168,7 +170,7 @@ def reusable_run(run_dir: Path, cfg: RunConfig) -> Path | None:
     earlier = json.loads(found[-1].read_text())
     if len(earlier.get("rounds", [])) < cfg.num_server_rounds:
         return None
-    old = earlier["config"]
+    old = stored_run_config(earlier["config"])
     defaults = RunConfig().to_flwr()
     for key, value in cfg.to_flwr().items():
         if key not in ("output-dir", "model-dir", *TRACKING_KEYS) and old.get(key, defaults[key]) != value:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kta_flwr.config import parse_run_config
+from kta_flwr.config import parse_run_config, stored_run_config
 from kta_flwr.flower.round_log import dense_weights, read_rounds
 from kta_flwr.tools.plots import close_figure, figure
 
@@ -177,7 +177,7 @@ def _tiers(run_dir: Path, partitions: list[int]) -> tuple[dict[int, str], list[s
     results = run_dir / "results.json"
     if not results.is_file():
         return {}, []
-    cfg = parse_run_config(json.loads(results.read_text())["config"])
+    cfg = parse_run_config(stored_run_config(json.loads(results.read_text())["config"]))
     labels = [f"{tier}: {cfg.tier_model(index)}" for index, (tier, _) in enumerate(cfg.fleet_tiers)]
     return {p: labels[cfg.tier_of_partition(p)] for p in partitions} if labels else {}, labels
 

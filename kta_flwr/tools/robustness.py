@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kta_flwr.client.attacks import attackers
-from kta_flwr.config import ATTACK_FAMILIES, STRATEGY_FAMILIES, parse_run_config
+from kta_flwr.config import ATTACK_FAMILIES, STRATEGY_FAMILIES, parse_run_config, stored_run_config
 from kta_flwr.tools import cli
 from kta_flwr.tools.bench import slug, run_bench
 from kta_flwr.tools.plots import colours, panels, save_panels
@@ -62,7 +62,7 @@ def _row(results_dir: Path, method: str, seed: int) -> dict[str, Any] | None:
     found = sorted((results_dir / "runs" / f"{slug(method)}-seed{seed}").glob("*/results.json"))
     if not found:
         return None
-    cfg = parse_run_config(json.loads(found[-1].read_text())["config"])
+    cfg = parse_run_config(stored_run_config(json.loads(found[-1].read_text())["config"]))
     accuracies = client_accuracies(found[-1])
     hostile = attackers(cfg, len(accuracies))
     parts = method.split(":")
