@@ -4,6 +4,7 @@ node driven through the real ClientApp functions."""
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # One torch/BLAS thread per process: four pytest-xdist workers share two cores, and the
 # Flower processes a test starts (ServerApp, Ray actors) inherit this. Idle OpenMP threads
@@ -23,6 +24,9 @@ from client_app.app import evaluate, train
 from kta_flwr.config import parse_run_config
 from kta_flwr.flower import protocol
 from kta_flwr.tools.federation import stage_app
+
+if TYPE_CHECKING:
+    from kta_flwr.task.checkpoint import ModelMeta
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
