@@ -106,6 +106,9 @@ PARTITIONERS = ("dirichlet", "iid", "natural", "shard", "pathological", "linear"
 TARGET_SPACES = ("prob", "logit")
 #: What a kta teacher's weight is scaled by (:mod:`kta_flwr.maths.market`, step 5).
 TEACHER_QUALITIES = ("information", "likelihood", "accuracy")
+#: ``reference-labels``: the server scores teachers on the public labels, or on the others'
+#: consensus without any (docs/method.md#the-unlabeled-mode)
+REFERENCE_LABELS = ("public", "none")
 MARKETS = ("adaptive", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
 #: Where the server runs the market's heavy steps: numpy on the CPU, or torch on a GPU.
@@ -125,7 +128,7 @@ TRACKING_KEYS = ("tracking", "tracking-uri", "tracking-experiment")
 UPDATE_AGGREGATIONS = ("mean", "median", "trimmed-mean")
 #: Attacks that replace the logits a market client uploads (:mod:`kta_flwr.client.attacks`).
 LOGIT_ATTACKS = ("gaming", "rolled", "sign-flip", "cpa", "celmax", "scaled", "confident-wrong",
-                 "random", "sybil", "budgeted")
+                 "random", "sybil", "budgeted", "copy-targets")
 #: Attack name -> the strategy families it applies to.
 ATTACK_FAMILIES: dict[str, frozenset[str]] = {
     "none": frozenset({MARKET, PARAMETERS, COMPRESSED, PERSONAL, SUBMODELS, PROTOTYPES, COMMON}),
@@ -238,6 +241,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     score_uniform_share: float = 0.0
     class_quality: bool = False
     label_share: float = 0.2
+    reference_labels: str = "public"  # "none": the server holds no reference label (REFERENCE_LABELS)
     # --- an unlabeled transfer set beside the labeled reference set (docs/method.md#the-transfer-set)
     transfer_source: str = ""  # "", "pool", "emnist" or "file" (TRANSFER_SOURCES)
     transfer_path: str = ""  # emnist / file: where the inputs are (relative: as data-path)
@@ -680,6 +684,28 @@ def _check_transfer(cfg: RunConfig) -> None:
             "the rows clients distil on, but the transfer set has none; set it to 0 with 'transfer-source'")
 
 
+def _check_unlabeled(cfg: RunConfig) -> None:
+    """``reference-labels = none``: only what needs no label on either side."""
+    _choice("reference-labels", cfg.reference_labels, REFERENCE_LABELS)
+    if cfg.reference_labels == "public":
+        return
+    needs = [("strategy", cfg.strategy, "KT-pFL learns its coefficients on the labels")
+             if cfg.strategy == "ktpfl" else None,
+             ("market", cfg.market, "kta scores its teachers on a reserve of rows per client, "
+              "which the adaptive market holds out") if cfg.strategy == "kta" and cfg.market != "adaptive" else None,
+             ("holdout-fraction", cfg.holdout_fraction, "kta's reserve of scored rows per client is that "
+              "share of the rows") if cfg.strategy == "kta" and cfg.holdout_fraction <= 0 else None,
+             ("teacher-quality", cfg.teacher_quality, "without labels a teacher is scored by "
+              "'information' or 'accuracy' on the others' consensus") if cfg.teacher_quality == "likelihood" else None,
+             ("class-quality", cfg.class_quality, "it scores teachers per labeled class") if cfg.class_quality else None,
+             ("reference-ce-weight", cfg.reference_ce_weight, "clients would train on the labels")
+             if cfg.reference_ce_weight > 0 else None,
+             ("server-model", cfg.server_model, "the server's model is distilled toward the labels "
+              "and their consensus") if cfg.server_model else None]
+    for key, value, why in filter(None, needs):
+        raise ConfigError(f"run-config '{key}' = {value!r} does not go with 'reference-labels' = 'none': {why}")
+
+
 def _check_heterofl(cfg: RunConfig) -> None:
     """HeteroFL: a width-scalable global model and one rate in (0, 1] per tier."""
     if cfg.shared_model not in WIDTH_SCALABLE_MODELS:
@@ -854,6 +880,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         checked.append(("student-model", cfg.student_model))
     _check_newcomers(cfg)
     _check_transfer(cfg)
+    _check_unlabeled(cfg)
     if cfg.server_model:
         if not cfg.exchanges_knowledge:
             raise ConfigError(

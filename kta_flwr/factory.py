@@ -93,7 +93,10 @@ def _compressed(cfg: RunConfig, initial_arrays: ArrayRecord, options: NodeOption
 def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, fingerprint: str,
             kernels: MarketKernels, options: NodeOptions) -> NodeStrategy:
     return KnowledgeMarket(
-        params=market_params(cfg), reference_labels=reference_labels, num_classes=num_classes,
+        params=market_params(cfg), num_classes=num_classes,
+        # the unlabeled mode: the strategy never holds the labels (docs/method.md#the-unlabeled-mode)
+        reference_labels=reference_labels if cfg.reference_labels == "public" else None,
+        num_reference=len(reference_labels),
         fingerprint=fingerprint, codec=knowledge_codec(cfg),
         reference_fraction=cfg.reference_fraction, holdout_fraction=cfg.holdout,
         max_staleness=cfg.max_staleness, kernels=kernels,

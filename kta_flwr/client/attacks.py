@@ -29,6 +29,10 @@ Market family (what the attacker uploads instead of its honest logits ``z``, ``[
 - ``random``: Gaussian logits of standard deviation s;
 - ``sybil``: every attacker uploads the same confident wrong labels (one shared seeded
   draw), to gain weight by numbers;
+- ``copy-targets``: a free rider: on every row its instruction carries targets for, the
+  targets' top class (one-hot x s), the others' consensus repeated at full confidence;
+  its honest logits elsewhere (against the unlabeled mode, which scores agreement with
+  the consensus, ``docs/robustness.md``);
 - ``malformed``: broken replies (NaN logits, then metrics without ``num-examples``, then
   oversized logits), for the boundary's end-to-end test.
 
@@ -86,7 +90,7 @@ def _one_hot(classes: np.ndarray, num_classes: int, scale: float) -> np.ndarray:
 
 def poisoned_logits(  # pylint: disable=too-many-arguments
     cfg: RunConfig, attack: str, logits: np.ndarray, labels: np.ndarray, held_out: np.ndarray,
-    seed: int, server_round: int = 0,
+    seed: int, server_round: int = 0, sent: np.ndarray | None = None,
 ) -> np.ndarray:
     """What an attacker uploads instead of its honest ``logits`` (``[M, C]``) on reference
     rows with ``labels`` (``[M]``) and ``held_out`` (``[M]`` bool: the rows it believes
@@ -96,6 +100,8 @@ def poisoned_logits(  # pylint: disable=too-many-arguments
         seed: the node's seed for this round (``random``, ``budgeted``'s noise); ``sybil``
             uses the run's seed, so every attacker uploads the same rows.
         server_round: the round (``budgeted``'s budget rows, shared by the colluders).
+        sent: ``[M, C]`` the targets the attacker was sent on the same rows, NaN rows where
+            it was sent none (``copy-targets``; None: no targets at all).
     """
     z = np.asarray(logits, np.float32)
     num_classes, scale = z.shape[1], cfg.attack_scale
@@ -126,6 +132,11 @@ def poisoned_logits(  # pylint: disable=too-many-arguments
         return np.random.default_rng(seed).normal(0.0, scale, z.shape).astype(np.float32)
     if attack == "budgeted":
         return _budgeted(cfg, z, labels, held_out, most_likely_wrong, seed, server_round)
+    if attack == "copy-targets":
+        if sent is None:
+            return z
+        have = ~np.isnan(sent).any(axis=1)
+        return np.where(have[:, None], _one_hot(np.nan_to_num(sent).argmax(axis=1), num_classes, scale), z)
     if attack == "sybil":
         offset = np.random.default_rng([cfg.seed, 77]).integers(1, num_classes, len(labels))
         return _one_hot((labels + offset) % num_classes, num_classes, scale)
@@ -171,8 +182,9 @@ def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[st
         # transfer rows (after the reference rows) its own top class stands for the label
         labels = np.concatenate([reference.y[rows], honest[len(rows):].argmax(axis=1)])
         held_out = np.concatenate([node.held_out()[rows], np.zeros(len(honest) - len(rows), bool)])
+        sent = _sent_targets(node, msg, rows, len(honest)) if cfg.attack == "copy-targets" else None
         content[protocol.LOGITS] = protocol.pack(poisoned_logits(
-            cfg, cfg.attack, honest, labels, held_out, node.seed, node.server_round), codec)
+            cfg, cfg.attack, honest, labels, held_out, node.seed, node.server_round, sent), codec)
     elif cfg.attack in ("negated", "scaled-update") and sync.UPDATE in content.array_records:
         content[sync.UPDATE] = sync.to_record(_poisoned_update(node, content))
     elif cfg.attack in ("negated", "scaled-update"):
@@ -188,6 +200,24 @@ def poison_reply(node: Node, msg: Message, content: RecordDict, metrics: dict[st
         content[protocol.ARRAYS] = ArrayRecord(poisoned)
     elif cfg.attack == "malformed":
         _malformed(node, content, metrics)
+
+
+def _sent_targets(node: Node, msg: Message, rows: np.ndarray, num_rows: int) -> np.ndarray | None:
+    """``[num_rows, C]``: the targets ``msg`` carries on the reference ``rows`` of the upload
+    (the first ``len(rows)`` of its ``num_rows``), NaN on the others; None without targets."""
+    if not node.has_targets:
+        return None
+    num_classes = node.data.splits.num_classes
+    targets = protocol.unpack(msg.content, protocol.TARGETS, node.num_target_rows(), num_classes,
+                              knowledge_codec(node.cfg))
+    target_rows = node.target_rows()
+    where = np.full(len(node.data.reference.y), -1)
+    where[target_rows] = np.arange(len(target_rows))
+    position = np.full(num_rows, -1)
+    position[:len(rows)] = where[rows]
+    out = np.full((num_rows, num_classes), np.nan, np.float32)
+    out[position >= 0] = targets[position[position >= 0]]
+    return out
 
 
 def _poisoned_update(node: Node, content: RecordDict) -> dict[str, np.ndarray]:

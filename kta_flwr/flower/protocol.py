@@ -150,6 +150,14 @@ def held_out_mask(num_reference: int, fraction: float, draw: int | list[int]) ->
     return mask
 
 
+def reserve_mask(num_reference: int, fraction: float, draw: int, partition: int) -> np.ndarray:
+    """``[N_ref]`` bool, the unlabeled mode's reserve of one partition: the
+    :func:`held_out_mask` of ``fraction`` drawn from a market round's :func:`scoring_draw`
+    (the first one, fixed for the run) and the partition id. No client can compute it: the
+    draw digests every client's upload."""
+    return held_out_mask(num_reference, fraction, [draw, partition, 1])
+
+
 def held_out_count(num_reference: int, fraction: float) -> int:
     """How many reference rows are held out each round: ``floor(fraction * N_ref)``."""
     return math.floor(fraction * num_reference)

@@ -79,6 +79,11 @@ client's (prior-corrected) logits. In ``logit`` space that equals the dense weig
 ``W[k, j] = W_m[k, j] + t_k / K`` (``W_m``: the full weights on the m nearest and the
 client itself, ``t_k`` the rest), at the cost of one more gathered teacher per client.
 
+**Unlabeled mode** (``labels=None``, :mod:`kta_flwr.maths.label_free`): each teacher's
+quality is its information about the leave-one-out consensus of the others, on the rows
+it is scored on (``scored``, its reserve); tau and the gate follow the quality-weighted
+consensus; the defences that need labels do not apply.
+
 **Scale** (``docs/scaling.md``): the heavy steps (3, 6 and the adaptive scoring) run in
 :mod:`kta_flwr.maths.market_kernels`, without ``[K, N, C]`` temporaries per client and with
 the ``m`` nearest teachers gathered when ``neighbours`` is set; the direct transcription
@@ -93,6 +98,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kta_flwr.maths.label_free import (
+    agreement_information,
+    agreement_rate,
+    consensus_labels,
+    leave_one_out_labels,
+)
 from kta_flwr.maths.market_kernels import (
     EPS as _EPS,
     FAST,
@@ -626,21 +637,26 @@ def sybil_shares(divergence: np.ndarray, threshold: float) -> np.ndarray:
     return 1.0 / np.bincount(group, minlength=num_clients)[group]
 
 
-def run_market(
+def run_market(  # pylint: disable=too-many-arguments
     logits: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     params: MarketParams,
     held_out: np.ndarray | None = None,
     kernels: MarketKernels = FAST,
     target_rows: np.ndarray | None = None,
     unlabeled: np.ndarray | None = None,
+    scored: np.ndarray | None = None,
 ) -> MarketOutput:
     """One market round: accuracy, similarity graph, teacher weights and targets.
 
     Args:
         logits: ``[K, N, C]`` finite logits of the K participating clients (float32
             stays float32).
-        labels: ``[N]`` reference labels in ``[0, C)``.
+        labels: ``[N]`` reference labels in ``[0, C)``, or None: the unlabeled mode
+            (:mod:`kta_flwr.maths.label_free`): teachers are scored on their agreement
+            with the others (:func:`_label_free_scores`), and the adaptive market picks
+            tau and gates on the quality-weighted consensus; the defences that need
+            labels (``consistency``, ``class_quality``, ``label_share``) do not apply.
         params: the market's knobs.
         held_out: ``[N]`` bool, the rows clients never distill on; the adaptive market
             scores its candidates there (None or no row set: on every row).
@@ -652,6 +668,9 @@ def run_market(
         unlabeled: ``[K, T, C]`` the same clients' logits on T unlabeled transfer rows
             (None: none). Teachers are scored, and the graph measured, on the labeled
             rows alone; these rows only get targets, mixed by the same weights.
+        scored: unlabeled mode: ``[K, N]`` bool, the rows each client is scored on as a
+            teacher (its reserve, rows it is never sent targets on); None: the held-out
+            rows (every row when none is held out).
 
     Returns:
         The round's :class:`MarketOutput`; its ``targets`` (``[K, N_t + T, C]``) cover
@@ -660,8 +679,12 @@ def run_market(
     logits = np.asarray(logits)
     if logits.ndim != 3:
         raise ValueError(f"logits must be [K, N, C], got shape {logits.shape}")
-    if logits.shape[1] != len(labels):
+    labeled = labels is not None
+    if labeled and logits.shape[1] != len(labels):
         raise ValueError(f"logits cover {logits.shape[1]} samples, labels {len(labels)}")
+    if not labeled and params.weighting == "learned":
+        raise ValueError("the learned (KT-pFL) weights are fitted to the reference labels; "
+                         "the unlabeled mode has none")
     if params.background and params.target_space != "logit":
         raise ValueError("the background teacher needs target_space='logit' (a mean of logits "
                          f"mixes linearly only there), got {params.target_space!r}")
@@ -670,23 +693,29 @@ def run_market(
     # is scored as shouting, and pulls no harder than ``loudness_cap`` x the median.
     logits = centre(logits)
     mixed = cap_loudness(logits, params.loudness_cap)
-    both = held_out is not None and 0 < np.count_nonzero(held_out) < len(labels)
-    if params.consistency and both:
+    num_rows = logits.shape[1]
+    divergence = kernels.divergence(
+        probabilities(reference_rows(logits, _divergence_rows(num_rows, params)), params.temperature),
+        params.divergence,
+    )
+    shares = sybil_shares(divergence, params.sybil_divergence)
+    estimated_priors = class_prior(logits)
+    priors = estimated_priors if params.prior_correction else None
+    both = held_out is not None and 0 < np.count_nonzero(held_out) < num_rows
+    if not labeled:  # the others' consensus stands in for the labels
+        if scored is None:
+            scored = np.broadcast_to(np.asarray(held_out, bool) if both else True, logits.shape[:2])
+        accuracy, agreement, labels = _label_free_scores(logits, estimated_priors, priors, shares,
+                                                         scored, params)
+    elif params.consistency and both:
         accuracy = consistent_accuracy(logits, labels, np.asarray(held_out, bool))
     else:
         accuracy = reference_accuracy(logits, labels)
     labels = np.asarray(labels)
-    divergence = kernels.divergence(
-        probabilities(reference_rows(logits, _divergence_rows(len(labels), params)), params.temperature),
-        params.divergence,
-    )
-    shares = sybil_shares(divergence, params.sybil_divergence)
     similarity = similarity_graph(divergence, params.tau)
     num_clients = logits.shape[0]
     taus = np.full(num_clients, params.tau)
     distill = np.ones(num_clients, dtype=bool)
-    estimated_priors = class_prior(logits)
-    priors = estimated_priors if params.prior_correction else None
     if params.weighting == "uniform":
         weights = np.full((num_clients, num_clients), 1.0 / num_clients)
         taus[:] = np.inf
@@ -704,7 +733,9 @@ def run_market(
         scoring = reference_rows(logits, rows)
         sample_weights = scoring_weights(estimated_priors, labels[rows], params.score_uniform_share)
         quality = accuracy
-        if params.teacher_quality == "information":
+        if not labeled:
+            quality = agreement if params.teacher_quality == "information" else accuracy
+        elif params.teacher_quality == "information":
             quality = label_information(scoring, labels[rows], sample_weights, priors)
         elif params.teacher_quality == "likelihood":
             quality = label_quality(scoring, labels[rows], sample_weights)
@@ -728,12 +759,13 @@ def run_market(
         target_labels = labels[np.asarray(target_rows, bool)]
     teachers, teacher_priors = _teachers(mixed, priors, weights)
     per_class = None
-    if params.class_quality and params.weighting == "market" and params.teacher_quality == "information":
+    if (labeled and params.class_quality and params.weighting == "market"
+            and params.teacher_quality == "information"):
         per_class = class_weights(weights, quality,
                                   class_information(scoring, labels[rows], priors),
                                   params.accuracy_exponent)
     targets = _class_targets(teachers, weights, per_class, target_labels, params, teacher_priors, kernels)
-    if params.label_share > 0:
+    if labeled and params.label_share > 0:
         targets = with_labels(targets, target_labels, params.label_share)
     if unlabeled is not None and np.asarray(unlabeled).shape[1] > 0:
         transfer_teachers, _ = _teachers(cap_loudness(centre(unlabeled), params.loudness_cap), priors, weights)
@@ -742,6 +774,33 @@ def run_market(
                                      teacher_priors, kernels)], axis=1)
     return MarketOutput(accuracy, divergence, similarity, dense_weights(weights), targets, taus,
                         distill, estimated_priors)
+
+
+def _label_free_scores(  # pylint: disable=too-many-arguments
+    logits: np.ndarray, estimated_priors: np.ndarray, priors: np.ndarray | None, shares: np.ndarray,
+    scored: np.ndarray, params: MarketParams,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unlabeled mode's scores (:mod:`kta_flwr.maths.label_free`) of the centred
+    ``logits`` ``[K, N, C]``.
+
+    Each client's pseudo-labels are the others' consensus (priors out, loudness capped,
+    Sybil shares); it is scored on its ``scored`` rows (``[K, N]`` bool) as it uploaded
+    them (priors out), each row weighted for the student by its class marginal
+    (``estimated_priors``) at the consensus label.
+
+    Returns:
+        (``[K]`` agreement rate with its pseudo-labels, ``[K, K]`` information about them
+        ``I[k, j]``, ``[N]`` the labels the adaptive market scores on: the consensus with
+        each client weighted by its mean information times its share).
+    """
+    prior_free = _prior_free(logits, priors)
+    capped = cap_loudness(prior_free, params.loudness_cap)
+    pseudo = leave_one_out_labels(capped, shares)
+    row_weights = scoring_weights(estimated_priors, consensus_labels(capped, shares), params.score_uniform_share)
+    information = agreement_information(prior_free, pseudo, row_weights, scored)
+    value = information.mean(axis=0) * shares
+    labels = consensus_labels(capped, value if value.sum() > 0 else shares)
+    return agreement_rate(prior_free, pseudo, scored), information, labels
 
 
 def global_consensus(  # pylint: disable=too-many-arguments

@@ -42,16 +42,36 @@ from kta_flwr.flower.validation import (
     train_metrics,
 )
 from kta_flwr.maths.knowledge_codec import Codec
-from kta_flwr.maths.market import MarketOutput, MarketParams, global_consensus, run_market
+from kta_flwr.maths.market import MarketOutput, MarketParams, global_consensus, run_market, softmax
 from kta_flwr.maths.market_kernels import FAST, MarketKernels
 from kta_flwr.maths.noisy_logits import noisy_logit_bound
+
+def own_rows(targets: np.ndarray, uploads: np.ndarray, reserved: np.ndarray, temperature: float) -> None:
+    """Give each client, on its reserved rows, its own upload back as targets (in place).
+
+    Args:
+        targets: ``[K, M + T, C]`` the market's targets (reference rows, then transfer rows).
+        uploads: ``[K, M, C]`` the clients' logits on the M reference target rows.
+        reserved: ``[K, M]`` bool, each client's reserved rows among them.
+        temperature: the distillation temperature the targets are at.
+    """
+    own = softmax(uploads, temperature).astype(targets.dtype)
+    reference = targets[:, :uploads.shape[1]]
+    reference[reserved] = own[reserved]
+
 
 class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attributes
     """Prediction-space knowledge market: personalized soft targets per client.
 
     Args:
         params: market knobs, or None for local-only training (nothing exchanged).
-        reference_labels: ``[N_ref]`` labels of the public reference set.
+        reference_labels: ``[N_ref]`` labels of the public reference set, or None: the
+            unlabeled mode (``reference-labels = none``): the server holds no label and
+            scores each client on its *reserve*, ``holdout_fraction`` of the reference rows
+            drawn per client from a digest of the first market round's uploads, on which
+            it is never sent the others' knowledge (its targets there are its own upload),
+            so that it has nothing of theirs to copy where it is judged
+            (:mod:`kta_flwr.maths.label_free`).
         num_classes: C.
         fingerprint: hash of the reference set, sent so clients can check their copy.
         codec: how logits and targets are encoded on the wire.
@@ -74,6 +94,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             the round's reference subset (:func:`~kta_flwr.maths.market.global_consensus`),
             which the ServerApp distils its global model from (``server-model``); nothing
             more crosses the wire.
+        num_reference: N_ref, needed when ``reference_labels`` is None.
         options: sampling and metric hooks, :class:`~kta_flwr.flower.strategies.base.NodeOptions`
             (``seed`` also seeds the reference subsets).
     """
@@ -82,7 +103,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         self,
         *,
         params: MarketParams | None,
-        reference_labels: np.ndarray,
+        reference_labels: np.ndarray | None,
         num_classes: int,
         fingerprint: str,
         codec: Codec = Codec(),
@@ -94,9 +115,12 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         transfer_size: int = 0,
         transfer_rows: int = 0,
         consensus: bool = False,
+        num_reference: int | None = None,
         **options: Unpack[NodeOptions],
     ) -> None:
         super().__init__(**options)
+        if reference_labels is None and num_reference is None:
+            raise ValueError("KnowledgeMarket: the unlabeled mode (reference_labels=None) needs num_reference")
         self.computes_consensus = consensus
         #: The last round's consensus (taken by :meth:`take_consensus`).
         self.consensus: Consensus | None = None
@@ -108,7 +132,10 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         #: which widens the bound of what an honest upload holds.
         self.logit_noise = logit_noise
         self.params = params
-        self.reference_labels = np.asarray(reference_labels)
+        self.reference_labels = None if reference_labels is None else np.asarray(reference_labels)
+        self.num_reference = len(reference_labels) if reference_labels is not None else int(num_reference)
+        #: Unlabeled mode: the draw the clients' reserves come from (the first market round's).
+        self.reserve_draw: int | None = None
         self.num_classes = num_classes
         self.fingerprint = fingerprint
         self.codec = codec
@@ -142,8 +169,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
     def summary(self) -> None:
         """Log the market configuration."""
         log(INFO, "\t├──> Knowledge market: %s", self.params or "none (local-only)")
-        log(INFO, "\t├──> Reference set: %d samples, %d classes (fingerprint %s)",
-            len(self.reference_labels), self.num_classes, self.fingerprint)
+        log(INFO, "\t├──> Reference set: %d samples, %d classes (fingerprint %s)%s",
+            self.num_reference, self.num_classes, self.fingerprint,
+            "" if self.reference_labels is not None else ", no labels on the server")
         log(INFO, "\t└──> Sampling: fraction %.2f, min nodes %d", self.fraction_train, self.min_nodes)
 
     def configure_train(
@@ -228,7 +256,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
     def rows(self, subset_id: int) -> np.ndarray:
         """Reference rows of subset ``subset_id`` (all rows without subsets)."""
         return protocol.reference_subset(
-            len(self.reference_labels), self.reference_fraction, self.seed, subset_id
+            self.num_reference, self.reference_fraction, self.seed, subset_id
         )
 
     def transfer(self, subset_id: int) -> np.ndarray:
@@ -262,16 +290,19 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         # The scored rows: drawn now, from every upload of the round (no client could
         # compute them before it uploaded). Targets never cover them; the gate may keep
         # the targets back.
-        num_reference = len(self.reference_labels)
+        num_reference = self.num_reference
         self.last_draw = protocol.scoring_draw(server_round, stacked, self.last_draw,
                                                num_reference, self.holdout_fraction)
         held_out = protocol.held_out_mask(num_reference, self.holdout_fraction, self.last_draw)[rows]
         labeled, unlabeled = stacked[:, :len(rows)], stacked[:, len(rows):]
-        out = run_market(labeled, self.reference_labels[rows], self.params, held_out=held_out,
-                         kernels=self.kernels, target_rows=~held_out,
-                         unlabeled=unlabeled if self.transfer_rows else None)
+        reserves = self._reserves(rows)
+        out = run_market(labeled, None if reserves is not None else self.reference_labels[rows],
+                         self.params, held_out=held_out, kernels=self.kernels, target_rows=~held_out,
+                         unlabeled=unlabeled if self.transfer_rows else None, scored=reserves)
+        if reserves is not None:
+            own_rows(out.targets, labeled[:, ~held_out], reserves[:, ~held_out], self.params.temperature)
         self.last_market = out
-        if self.computes_consensus:
+        if self.computes_consensus and self.reference_labels is not None:
             agreed = global_consensus(labeled, self.reference_labels[rows], self.params, out.divergence,
                                       out.priors, unlabeled=unlabeled if self.transfer_rows else None)
             self.consensus = Consensus(rows, agreed[:len(rows)], self.transfer(subset_id), agreed[len(rows):])
@@ -300,6 +331,20 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
             "effective-teachers": float(np.exp(entropy).mean()),
         }
 
+    def _reserves(self, rows: np.ndarray) -> np.ndarray | None:
+        """Unlabeled mode: ``[K, M]`` bool, each market node's reserve among ``rows``
+        (:func:`kta_flwr.flower.protocol.reserve_mask` of its partition, from the first
+        market round's draw); None with labels."""
+        if self.reference_labels is not None:
+            return None
+        if self.reserve_draw is None:
+            self.reserve_draw = self.last_draw if self.last_draw is not None else 0
+        return np.stack([
+            protocol.reserve_mask(self.num_reference, self.holdout_fraction, self.reserve_draw,
+                                  self.partition_of.get(node, node))[rows]
+            for node in self.market_nodes
+        ])
+
     def round_decisions(self) -> dict[str, np.ndarray]:
         """The last market round's arrays (empty if the market did not run since)."""
         record, self.round_record = self.round_record, {}
@@ -318,7 +363,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         subset = next(iter(self.target_subset.values()))
         rows = self.rows(subset)
         if self.holdout_fraction > 0:
-            held_out = protocol.held_out_mask(len(self.reference_labels), self.holdout_fraction,
+            held_out = protocol.held_out_mask(self.num_reference, self.holdout_fraction,
                                               next(iter(self.target_draw.values())))
             rows = protocol.distill_rows(rows, held_out)
         teacher = np.asarray(predict(rows, self.transfer(subset)), np.float64)
@@ -344,7 +389,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         return {**super().state_dict(), "bank": self.bank, "bank_subset": self.bank_subset,
                 "bank_round": self.bank_round, "targets": self.targets,
                 "target_subset": self.target_subset, "target_draw": self.target_draw,
-                "last_draw": self.last_draw, "started": sorted(self.started)}
+                "last_draw": self.last_draw, "started": sorted(self.started),
+                "reserve_draw": self.reserve_draw}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
@@ -352,4 +398,5 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         for name in ("bank", "bank_subset", "bank_round", "targets", "target_subset", "target_draw"):
             setattr(self, name, {int(node): value for node, value in state[name].items()})
         self.last_draw = state["last_draw"]
+        self.reserve_draw = state.get("reserve_draw")
         self.started = {int(p) for p in state.get("started", [])}
