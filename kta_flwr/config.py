@@ -240,7 +240,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     loudness_cap: float = 2.0
     score_uniform_share: float = 0.0
     class_quality: bool = False
-    label_share: float = 0.2
+    label_share: float = 0.1
     reference_labels: str = "public"  # "none": the server holds no reference label (REFERENCE_LABELS)
     # --- an unlabeled transfer set beside the labeled reference set (docs/method.md#the-transfer-set)
     transfer_source: str = ""  # "", "pool", "emnist" or "file" (TRANSFER_SOURCES)

@@ -112,7 +112,7 @@ def test_run_state_round_trip_and_resume_checks(tmp_path):
     with pytest.raises(ConfigError, match="'num-server-rounds'"):
         check_resumable(loaded.config, RunConfig(num_server_rounds=1), 2)
     older = {k: v for k, v in loaded.config.items() if k != "label-share"}  # saved before the key
-    with pytest.raises(ConfigError, match=r"'label-share' = 0.2 differs from the run being resumed \(0.0\)"):
+    with pytest.raises(ConfigError, match=r"'label-share' = 0.1 differs from the run being resumed \(0.0\)"):
         check_resumable(older, RunConfig(), 2)
     check_resumable(older, RunConfig(label_share=0.0), 2)
     with pytest.raises(ConfigError, match="'resume-from'"):

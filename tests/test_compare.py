@@ -75,8 +75,8 @@ def test_bench_reuses_only_finished_runs_of_the_same_config(tmp_path):
     results.write_text(json.dumps({"config": cfg.to_flwr(), "rounds": [{}, {}, {}]}))
     assert reusable_run(tmp_path, cfg) == results
     assert reusable_run(tmp_path, cfg.replace(seed=1)) is None  # another config
-    # a run saved before 'label-share' existed ran without it (0), not with today's 0.2
+    # a run saved before 'label-share' existed ran without it (0), not with today's 0.1
     before = {k: v for k, v in cfg.to_flwr().items() if k != "label-share"}
     results.write_text(json.dumps({"config": before, "rounds": [{}, {}, {}]}))
-    assert cfg.label_share == 0.2 and reusable_run(tmp_path, cfg) is None
+    assert cfg.label_share == 0.1 and reusable_run(tmp_path, cfg) is None
     assert reusable_run(tmp_path, cfg.replace(label_share=0.0)) == results

@@ -349,7 +349,7 @@ def test_with_a_label_share_no_teacher_takes_a_row_off_its_label():
     held_out = held_out_mask(N, 0.2, 0)
     zeros = labels[~held_out] == 0
     undefended = _kta(gate=False, sybil_divergence=0.0, teacher_quality="accuracy", loudness_cap=0.0)
-    for share in (0.0, 0.2):
+    for share in (0.0, RunConfig().label_share):
         out = run_market(attacked, labels, replace(undefended, label_share=share), held_out,
                          target_rows=~held_out)
         assert out.weights[:HONEST, HONEST:].sum(axis=1).min() > 0.2  # the attackers are paid
