@@ -157,6 +157,24 @@ def test_the_server_holds_no_label_and_gives_each_client_its_own_upload_on_its_r
     assert restored.reserve_draw == market.reserve_draw
 
 
+@pytest.mark.usefixtures("server_identity")
+def test_fedmd_runs_without_labels_and_a_consensus_needs_them():
+    """FedMD, the other market strategy the mode allows: the plain mean of the uploads for
+    everyone, no label held; the server's consensus (server-model) is refused."""
+    cfg = RunConfig(strategy="fedmd", reference_labels="none")
+    market = _unlabeled_market(params=market_params(cfg), holdout_fraction=cfg.holdout)
+    rng = np.random.default_rng(6)
+    uploads = [rng.normal(0, 2, (100, C)).astype(np.float32) for _ in range(3)]
+    _round(market, uploads)
+    assert sorted(market.targets) == [10, 11, 12]
+    mean = softmax(np.mean([z - z.mean(axis=1, keepdims=True) for z in uploads], axis=0),
+                   market.params.temperature)
+    for targets in market.targets.values():
+        np.testing.assert_allclose(targets, mean, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no consensus"):
+        _unlabeled_market(consensus=True)
+
+
 @pytest.mark.parametrize(("changes", "named"), [
     ({"strategy": "ktpfl"}, "'strategy' = 'ktpfl'"),
     ({"market": "fixed"}, "'market' = 'fixed'"),

@@ -119,8 +119,9 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         **options: Unpack[NodeOptions],
     ) -> None:
         super().__init__(**options)
-        if reference_labels is None and num_reference is None:
-            raise ValueError("KnowledgeMarket: the unlabeled mode (reference_labels=None) needs num_reference")
+        if reference_labels is None and (num_reference is None or consensus):
+            raise ValueError("KnowledgeMarket: the unlabeled mode (reference_labels=None) needs "
+                             "num_reference, and has no consensus (it is scored on the labels)")
         self.computes_consensus = consensus
         #: The last round's consensus (taken by :meth:`take_consensus`).
         self.consensus: Consensus | None = None
@@ -302,7 +303,7 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         if reserves is not None:
             own_rows(out.targets, labeled[:, ~held_out], reserves[:, ~held_out], self.params.temperature)
         self.last_market = out
-        if self.computes_consensus and self.reference_labels is not None:
+        if self.computes_consensus:
             agreed = global_consensus(labeled, self.reference_labels[rows], self.params, out.divergence,
                                       out.priors, unlabeled=unlabeled if self.transfer_rows else None)
             self.consensus = Consensus(rows, agreed[:len(rows)], self.transfer(subset_id), agreed[len(rows):])
@@ -337,8 +338,8 @@ class KnowledgeMarket(NodeStrategy):  # pylint: disable=too-many-instance-attrib
         market round's draw); None with labels."""
         if self.reference_labels is not None:
             return None
-        if self.reserve_draw is None:
-            self.reserve_draw = self.last_draw if self.last_draw is not None else 0
+        if self.reserve_draw is None:  # the first market round: its draw is set
+            self.reserve_draw = self.last_draw
         return np.stack([
             protocol.reserve_mask(self.num_reference, self.holdout_fraction, self.reserve_draw,
                                   self.partition_of.get(node, node))[rows]
