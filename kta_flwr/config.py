@@ -217,6 +217,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     distill_weight: float = 1.0
     reference_ce_weight: float = 0.0
     private_ce_weight: float = 1.0
+    distill_label_mix: bool = False  # stage 2's rows weighted by the client's own label mix
     divergence: str = "js"
     similarity_tau: float = 0.02
     neighbours: int = 0
@@ -238,11 +239,9 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     teacher_quality: str = "information"
     sybil_divergence: float = 1e-5
     loudness_cap: float = 2.0
-    quality_cap: float = 0.0
     score_uniform_share: float = 0.0
     class_quality: bool = False
     label_share: float = 0.1
-    label_share_held: float = 0.0
     reference_labels: str = "public"  # "none": the server holds no reference label (REFERENCE_LABELS)
     # --- an unlabeled transfer set beside the labeled reference set (docs/method.md#the-transfer-set)
     transfer_source: str = ""  # "", "pool", "emnist" or "file" (TRANSFER_SOURCES)
@@ -796,8 +795,6 @@ def _validate(cfg: RunConfig) -> RunConfig:
     if not 0.0 <= cfg.label_share < 1.0:
         raise ConfigError(f"run-config 'label-share' = {cfg.label_share!r} must be in [0, 1) "
                           "(1 would send the labels alone, with nothing from the teachers)")
-    if not 0.0 <= cfg.label_share_held <= 100.0:
-        raise ConfigError(f"run-config 'label-share-held' = {cfg.label_share_held!r} must be in [0, 100]")
     for key, value in (
         ("distill-epochs", cfg.distill_epochs),
         ("server-model-epochs", cfg.server_model_epochs),
@@ -822,7 +819,6 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("max-staleness", cfg.max_staleness),
         ("sybil-divergence", cfg.sybil_divergence),
         ("loudness-cap", cfg.loudness_cap),
-        ("quality-cap", cfg.quality_cap),
         ("krum-malicious", cfg.krum_malicious),
         ("attack-scale", cfg.attack_scale),
         ("attack-noise", cfg.attack_noise),

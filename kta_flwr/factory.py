@@ -69,11 +69,9 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
         teacher_quality=cfg.teacher_quality if kta else "accuracy",
         sybil_divergence=cfg.sybil_divergence if kta else 0.0,
         loudness_cap=cfg.loudness_cap if kta else 0.0,
-        quality_cap=cfg.quality_cap if kta else 0.0,
         score_uniform_share=cfg.score_uniform_share if kta else 0.0,
         class_quality=cfg.class_quality and kta,
         label_share=cfg.label_share if kta else 0.0,
-        label_share_held=cfg.label_share_held if kta else 0.0,
     )
 
 

@@ -7,7 +7,9 @@ import torch
 from kta_flwr.config import RunConfig
 from kta_flwr.task.splits import load_client_data
 from kta_flwr.task.models import build_model
-from kta_flwr.task.training import Optim, distill, evaluate, shifts_and_flips, train_supervised
+from kta_flwr.task.training import (
+    Optim, distill, evaluate, label_mix_weights, shifts_and_flips, train_supervised,
+)
 from tests.conftest import FakeNode
 
 CPU = torch.device("cpu")
@@ -50,6 +52,34 @@ def test_private_term_keeps_what_the_client_learnt():
     assert before > 0.7
     assert results[0.0] < 0.4  # pure distillation forgot the private data
     assert results[1.0] > results[0.0] + 0.25
+
+
+def test_label_mix_weights_follow_the_clients_own_classes():
+    targets = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+    weights = label_mix_weights(targets, np.array([0] * 8 + [1] * 2), 3)  # mix (9, 3, 1) / 13
+    np.testing.assert_allclose(weights, np.array([9, 3, 1, 9]) / 5.5, rtol=1e-6)
+    assert weights.dtype == np.float32 and abs(weights.mean() - 1.0) < 1e-6
+    soft = np.full((2, 3), 1 / 3, np.float32)  # a row that names no class weighs the mean
+    np.testing.assert_allclose(label_mix_weights(soft, np.array([0, 1]), 3), 1.0, rtol=1e-6)
+
+
+def test_label_mix_weights_keep_a_skewed_client_from_learning_the_public_balance():
+    """Distilling toward the public labels at full confidence (a client that copies them)
+    teaches a label-skewed client to name every class as often as the balanced public
+    rows do; with its rows weighted by the client's own label mix it keeps more of its
+    personalized accuracy."""
+    data, model = _trained_client()
+    ref = data.reference
+    copied = np.eye(data.splits.num_classes, dtype=np.float32)[ref.y]
+    results = {}
+    for weighted in (False, True):
+        copy = build_model("cnn", data.splits.spec, seed=0)
+        copy.load_state_dict(model.state_dict())
+        distill(copy, ref.x, copied, epochs=3, batch_size=32, optim=OPT, device=CPU, seed=1,
+                temperature=1.0, kl_weight=1.0,
+                row_weights=label_mix_weights(copied, data.train.y, data.splits.num_classes) if weighted else None)
+        results[weighted] = _personal_acc(data, copy)
+    assert results[True] > results[False] + 0.02, results
 
 
 def test_distill_is_deterministic_for_a_seed():

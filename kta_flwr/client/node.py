@@ -45,6 +45,7 @@ from kta_flwr.task.training import (
     Optim,
     distill,
     evaluate,
+    label_mix_weights,
     model_vector,
     resolve_device,
     shifts_and_flips,
@@ -284,6 +285,8 @@ class Node:  # pylint: disable=too-many-instance-attributes
             max_grad_norm=self.cfg.distill_clip, augment=self._distill_augment(),
             dp=self.privacy.training() if self.privacy else None,
             private_rate=self.privacy.stage2_rate() if self.privacy else 0.0,
+            row_weights=(label_mix_weights(targets, self.data.train.y, targets.shape[1])
+                         if self.cfg.distill_label_mix else None),
         )
 
     def _distill_augment(self) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -188,9 +188,6 @@ class MarketParams:
     teacher_quality: str = "accuracy"
     sybil_divergence: float = 0.0  # teachers closer than this (mean JS, nats) share one weight
     loudness_cap: float = 0.0  # cap each teacher's centred logit row norm at this x the median
-    # cap each teacher's quality for a student at this x the median of the student's
-    # other teachers (:func:`cap_quality`; 0: no cap)
-    quality_cap: float = 0.0
     # the share of each scored row's weight that is the same for every class; the rest
     # follows the student's class marginal (:func:`scoring_weights`)
     score_uniform_share: float = 0.0
@@ -199,8 +196,6 @@ class MarketParams:
     class_quality: bool = False
     # the share of each labeled target row that is its label's one-hot (:func:`with_labels`)
     label_share: float = 0.0
-    # how much more of it goes to the rows of the classes a student holds (:func:`label_shares`)
-    label_share_held: float = 0.0
     # --- scale (docs/scaling.md): 0 keeps the exact market
     divergence_rows: int = 0  # divergences on this many evenly spaced reference rows (0: all)
     background: bool = False  # neighbours: the rest's weight to one mean teacher (logit space)
@@ -457,7 +452,7 @@ def class_weights(weights: np.ndarray, quality: np.ndarray, per_class: np.ndarra
     return np.where(totals > 0, out / np.where(totals > 0, totals, 1.0), alone[None])
 
 
-def with_labels(targets: np.ndarray, labels: np.ndarray, share: float | np.ndarray) -> np.ndarray:
+def with_labels(targets: np.ndarray, labels: np.ndarray, share: float) -> np.ndarray:
     """Targets that give each row's label at least ``share`` of their mass: the teachers'
     mix scaled by ``1 - share``, plus ``share`` on the label.
 
@@ -467,8 +462,7 @@ def with_labels(targets: np.ndarray, labels: np.ndarray, share: float | np.ndarr
 
     Args:
         targets: ``[K, N, C]`` soft targets, rows sum to 1. labels: ``[N]`` in ``[0, C)``.
-        share: in [0, 1); one for every row, or ``[K, N]``, one per student and row
-            (:func:`label_shares`).
+        share: in [0, 1).
 
     Returns:
         ``[K, N, C]`` in ``targets``' dtype, rows sum to 1; on every row the label's
@@ -476,37 +470,7 @@ def with_labels(targets: np.ndarray, labels: np.ndarray, share: float | np.ndarr
         by at most ``1 - share`` of what it could move without the labels.
     """
     one_hot = np.eye(targets.shape[-1], dtype=targets.dtype)[np.asarray(labels)]  # [N, C]
-    share = np.asarray(share, np.float64)
-    if share.ndim:
-        share = share[..., None]  # [K, N, 1]
     return ((1.0 - share) * targets + share * one_hot[None]).astype(targets.dtype)
-
-
-#: The most of a target row :func:`label_shares` gives its label.
-MAX_LABEL_SHARE = 0.5
-
-
-def label_shares(priors: np.ndarray, labels: np.ndarray, share: float, held_gain: float) -> np.ndarray:
-    """Each student's label share on each row: ``share`` where the student holds the
-    row's class at most as much as a uniform prior, more where it holds more,
-    ``s[k, i] = min(MAX_LABEL_SHARE, share * (1 + g * max(0, C * pi_k(y_i) - 1)))``.
-
-    The rows of the classes a student holds are where its personalized accuracy is
-    decided, so a teacher that is wrong there costs it most; a larger share there bounds
-    what such a teacher can take off the label, while the rows of classes it holds
-    little of keep the plain share (its targets there teach it what its data cannot).
-
-    Args:
-        priors: ``[K, C]`` the students' class marginals (their own uploads').
-        labels: ``[N]`` the rows' labels. share: ``s`` in [0, 1). held_gain: ``g`` >= 0
-            (0: ``share`` on every row).
-
-    Returns:
-        ``[K, N]`` shares in ``[share, max(share, MAX_LABEL_SHARE)]``.
-    """
-    priors = np.asarray(priors, np.float64)
-    excess = np.maximum(0.0, priors.shape[1] * priors[:, np.asarray(labels)] - 1.0)  # [K, N]
-    return np.minimum(max(share, MAX_LABEL_SHARE), share * (1.0 + held_gain * excess))
 
 
 def scoring_weights(priors: np.ndarray, labels: np.ndarray, uniform_share: float = 0.0) -> np.ndarray:
@@ -638,32 +602,6 @@ def cap_loudness(logits: np.ndarray, factor: float) -> np.ndarray:
     cap = factor * np.median(norms, axis=0, keepdims=True)  # [1, N]
     scale = np.minimum(1.0, cap / np.maximum(norms, _EPS))
     return (logits * scale[..., None]).astype(logits.dtype, copy=False)
-
-
-def cap_quality(quality: np.ndarray, factor: float) -> np.ndarray:
-    """Each teacher's quality for each student, at most ``factor`` x the median of the
-    student's other teachers' (a minority cannot move the median): no teacher, however
-    accurate it looks on the public labels, outweighs the typical one more than
-    ``factor``-fold, and where the typical teacher is worth nothing (the median is 0)
-    no teacher is paid.
-
-    Args:
-        quality: ``[K]`` accuracies (one median over all) or ``[K, K]`` qualities
-            ``Q[k, j]`` per student k (medians over ``j != k``; the diagonal, the
-            student's own entry, is kept).
-        factor: > 0; 0 or less returns ``quality`` unchanged.
-
-    Returns:
-        The capped qualities, same shape.
-    """
-    quality = np.asarray(quality, dtype=np.float64)
-    if factor <= 0 or len(quality) < 2:
-        return quality
-    if quality.ndim == 1:
-        return np.minimum(quality, factor * np.median(quality))
-    others = ~np.eye(len(quality), dtype=bool)
-    medians = np.median(quality[others].reshape(len(quality), -1), axis=1)  # [K]
-    return np.where(others, np.minimum(quality, factor * medians[:, None]), quality)
 
 
 def consistent_accuracy(logits: np.ndarray, labels: np.ndarray, held_out: np.ndarray) -> np.ndarray:
@@ -804,7 +742,6 @@ def run_market(  # pylint: disable=too-many-arguments
         elif params.teacher_quality != "accuracy":
             raise ValueError(f"unknown teacher_quality {params.teacher_quality!r}; "
                              "use information, likelihood or accuracy")
-        quality = cap_quality(quality, params.quality_cap)
         if params.adaptive:
             taus, weights, distill = adaptive_weights(
                 scoring, labels[rows], divergence, quality, params,
@@ -829,10 +766,7 @@ def run_market(  # pylint: disable=too-many-arguments
                                   params.accuracy_exponent)
     targets = _class_targets(teachers, weights, per_class, target_labels, params, teacher_priors, kernels)
     if labeled and params.label_share > 0:
-        share = params.label_share
-        if params.label_share_held > 0:
-            share = label_shares(estimated_priors, target_labels, share, params.label_share_held)
-        targets = with_labels(targets, target_labels, share)
+        targets = with_labels(targets, target_labels, params.label_share)
     if unlabeled is not None and np.asarray(unlabeled).shape[1] > 0:
         transfer_teachers, _ = _teachers(cap_loudness(centre(unlabeled), params.loudness_cap), priors, weights)
         targets = np.concatenate(

@@ -192,6 +192,7 @@ def distill(
     dp: PrivateTraining | None = None,
     private_rate: float = 0.0,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    row_weights: np.ndarray | None = None,
 ) -> float:
     """Stage 2: distill toward personalized soft targets on the reference set.
 
@@ -220,6 +221,8 @@ def distill(
             never exceeds the plan's).
         augment: applied to each batch of reference inputs (:func:`shifts_and_flips`);
             the rows keep their targets. None: the inputs as they are.
+        row_weights: ``[N]`` non-negative weight of each row's KL term
+            (:func:`label_mix_weights`); None: all 1.
 
     Returns:
         Mean loss over all batches.
@@ -227,6 +230,7 @@ def distill(
     if epochs == 0:
         return 0.0
     xs, qs = _as_tensor(x_ref, device), _as_tensor(targets, device).float()
+    ws = None if row_weights is None else _as_tensor(np.asarray(row_weights, np.float32), device)
     ys = _as_tensor(y_ref, device) if (y_ref is not None and ce_weight > 0) else None
     # unlabeled rows (transfer, label -1) take no cross-entropy; checked once, not per batch
     some_unlabeled = ys is not None and bool((ys < 0).any())
@@ -238,7 +242,11 @@ def distill(
     def reference_loss(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         out = module(xs[idx] if augment is None else augment(xs[idx]))
         log_p = F.log_softmax(out / temperature, dim=-1)
-        loss = kl_weight * temperature**2 * F.kl_div(log_p, qs[idx], reduction="batchmean")
+        if ws is None:
+            loss = kl_weight * temperature**2 * F.kl_div(log_p, qs[idx], reduction="batchmean")
+        else:
+            per_row = F.kl_div(log_p, qs[idx], reduction="none").sum(dim=-1)
+            loss = kl_weight * temperature**2 * (ws[idx] * per_row).mean()
         if ys is not None:
             labels = ys[idx]
             if some_unlabeled and bool((labels < 0).any()):  # cross-entropy on the labeled rows
@@ -270,6 +278,26 @@ def distill(
         return loss
 
     return _fit(model, len(qs), batch_loss, epochs, batch_size, optim, device, seed, max_grad_norm)
+
+
+def label_mix_weights(targets: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Importance weights of distillation rows for a client whose own data has the label
+    mix of ``labels``: row i weighs ``C * sum_c q[i, c] p(c)`` (``p``: the client's label
+    frequencies, add-one smoothed), scaled to mean 1. The public rows are (near)
+    balanced and the client's test data follows its own mix; weighted so, stage 2
+    learns most where the client will be tested, and a target that names a class the
+    client hardly holds, however confidently, pulls it little toward that class.
+
+    Args:
+        targets: ``[N, C]`` soft targets. labels: ``[n]`` the client's private labels.
+        num_classes: C.
+
+    Returns:
+        ``[N]`` float32 weights, mean 1.
+    """
+    mix = (np.bincount(np.asarray(labels, np.int64), minlength=num_classes) + 1.0) / (len(labels) + num_classes)
+    weights = np.asarray(targets, np.float64) @ mix
+    return (weights / max(weights.mean(), 1e-12)).astype(np.float32)
 
 
 def shifts_and_flips(seed: int, max_shift: int, flip: bool) -> Callable[[torch.Tensor], torch.Tensor]:
