@@ -626,6 +626,10 @@ def _check_privacy(cfg: RunConfig) -> None:
             f"run-config 'dp-epsilon'/'dp-noise' cannot be used with strategy {cfg.strategy!r}: "
             "its uploads are class means of the private data's embeddings, which DP-SGD "
             "does not cover")
+    if cfg.private and cfg.distill_label_mix:
+        raise ConfigError(
+            "run-config 'distill-label-mix' = true cannot be used with 'dp-epsilon'/'dp-noise': it "
+            "weights stage 2's public rows by the private label mix, which DP-SGD does not cover")
     if cfg.logit_noise > 0 and not cfg.exchanges_knowledge:
         raise ConfigError(
             f"run-config 'logit-noise' = {cfg.logit_noise!r} applies to strategies that upload "

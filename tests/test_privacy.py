@@ -295,6 +295,7 @@ def test_models_opacus_cannot_train_are_converted_or_refused():
     ({"dp-epsilon": -1.0}, "dp-epsilon"),
     ({"dp-noise": 1.0, "strategy": "fedkd"}, "dp-epsilon'/'dp-noise"),
     ({"logit-noise": 1.0, "strategy": "fedavg"}, "logit-noise"),
+    ({"dp-noise": 1.0, "distill-label-mix": True}, "distill-label-mix"),
 ])
 def test_bad_privacy_settings_name_the_key(values, key):
     with pytest.raises(ConfigError, match=key):
