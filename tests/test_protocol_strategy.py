@@ -245,6 +245,27 @@ def test_cross_device_rounds_keep_the_bank_bounded():
         assert set(strategy.targets) == recent
 
 
+@pytest.mark.parametrize("strategy", ["kta", "fedmd", "ktpfl"])  # every strategy with a stage 2
+def test_distill_label_mix_reaches_every_market_strategys_stage_2(tmp_path, strategy):
+    """``distill-label-mix`` through the real ClientApp: the same targets (each row naming
+    one class) give another stage-2 loss with the rows weighted by the client's label mix."""
+    losses = {}
+    for mixed in (False, True):
+        node = FakeNode(tmp_path / str(mixed), strategy, distill_label_mix=mixed)
+        held_out = protocol.held_out_mask(100, node.cfg.holdout, 12345)
+        rows = 100 - int(held_out.sum())
+        targets = np.full((rows, 10), 0.01, np.float32)
+        targets[np.arange(rows), np.arange(rows) % 10] = 0.91
+        msg = FakeNode.message("train", 2)
+        msg.content[protocol.TARGETS] = protocol.pack(targets, key=protocol.TARGETS)
+        msg.content[protocol.CONFIG] = ConfigRecord({"server-round": 2, protocol.TARGETS_SUBSET: 0,
+                                                     protocol.TARGETS_HOLDOUT: 12345})
+        answer = train(msg, node.context)
+        assert not answer.has_error(), answer.error
+        losses[mixed] = answer.content.metric_records["metrics"]["distill-loss"]
+    assert losses[True] != pytest.approx(losses[False], rel=1e-3)
+
+
 def test_a_client_distills_on_the_rows_the_instructions_draw_leaves_out(tmp_path):
     """The ClientApp reads the held-out rows from the draw its instruction names (targets
     for the 80 rows it leaves out of 100), and refuses targets that name no draw."""
