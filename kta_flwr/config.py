@@ -121,6 +121,11 @@ NODE_STATES = (NODE_STATE_MEMORY, NODE_STATE_DISK)
 #: ``tracking``: MLflow when it is installed (the ``tracking`` extra), else nothing; MLflow
 #: (refused at start without it); nothing.
 TRACKING_AUTO, TRACKING_MLFLOW, TRACKING_NONE = "auto", "mlflow", "none"
+#: A switch's third value: on unless the rest of the config rules it out (:data:`SWITCHES`).
+AUTO = "auto"
+#: Keys that take ``true``, ``false`` or ``"auto"`` (each resolved by a
+#: :class:`RunConfig` property: ``distill-label-mix`` by ``label_mix``).
+SWITCHES = ("distill-label-mix",)
 TRACKINGS = (TRACKING_AUTO, TRACKING_MLFLOW, TRACKING_NONE)
 #: The keys that say where a run is reported, not what it computes.
 TRACKING_KEYS = ("tracking", "tracking-uri", "tracking-experiment")
@@ -217,7 +222,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     distill_weight: float = 1.0
     reference_ce_weight: float = 0.0
     private_ce_weight: float = 1.0
-    distill_label_mix: bool = False  # stage 2's rows weighted by the client's own label mix
+    distill_label_mix: bool | str = AUTO  # stage 2's rows weighted by the client's own label mix
     divergence: str = "js"
     similarity_tau: float = 0.02
     neighbours: int = 0
@@ -419,6 +424,17 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         return self.dp_epsilon > 0 or self.dp_noise > 0
 
     @property
+    def label_mix(self) -> bool:
+        """True when stage 2 weights its rows by the client's own label mix
+        (``distill-label-mix``; ``"auto"``: on, but off under DP-SGD, which does not cover
+        the private label frequencies the weights read)."""
+        if not self.exchanges_knowledge:
+            return False
+        if self.distill_label_mix == AUTO:
+            return not self.private
+        return bool(self.distill_label_mix)
+
+    @property
     def privacy_metrics(self) -> tuple[str, ...]:
         """Train metrics every client sends under DP: ``dp-epsilon`` and
         ``dp-lifetime-epsilon`` (DP-SGD: this run's, and the data's over every run) and
@@ -533,7 +549,7 @@ def _kebab(name: str) -> str:
 
 #: Keys added with a default other than what runs did before them: the value a config
 #: written before the key existed ran with (:func:`stored_run_config`).
-BEFORE_KEY_EXISTED: dict[str, Any] = {"label-share": 0.0}
+BEFORE_KEY_EXISTED: dict[str, Any] = {"label-share": 0.0, "distill-label-mix": False}
 
 
 def stored_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -565,7 +581,12 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
-    """Check ``value`` against the default's type (ints are accepted for floats)."""
+    """Check ``value`` against the default's type (ints are accepted for floats; the
+    :data:`SWITCHES` take a bool or ``"auto"``)."""
+    if key in SWITCHES:
+        if isinstance(value, bool) or value == AUTO:
+            return value
+        raise ConfigError(f"run-config '{key}' = {value!r} must be true, false or {AUTO!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
@@ -626,14 +647,31 @@ def _check_privacy(cfg: RunConfig) -> None:
             f"run-config 'dp-epsilon'/'dp-noise' cannot be used with strategy {cfg.strategy!r}: "
             "its uploads are class means of the private data's embeddings, which DP-SGD "
             "does not cover")
-    if cfg.private and cfg.distill_label_mix:
+    if cfg.private and cfg.distill_label_mix is True:
         raise ConfigError(
             "run-config 'distill-label-mix' = true cannot be used with 'dp-epsilon'/'dp-noise': it "
-            "weights stage 2's public rows by the private label mix, which DP-SGD does not cover")
+            "weights stage 2's public rows by the private label mix, which DP-SGD does not cover "
+            f"({AUTO!r}, the default, turns it off under DP-SGD)")
     if cfg.logit_noise > 0 and not cfg.exchanges_knowledge:
         raise ConfigError(
             f"run-config 'logit-noise' = {cfg.logit_noise!r} applies to strategies that upload "
             f"logits {[s for s in MARKET_STRATEGIES if s != 'local']}, not {cfg.strategy!r}")
+
+
+def _check_stage2(cfg: RunConfig) -> None:
+    """The distillation stage's switches that are off by default, turned on for a strategy
+    without that stage (the markets that exchange knowledge have it): refused, since
+    nothing would read them."""
+    if cfg.exchanges_knowledge:
+        return
+    for key, on in (("distill-label-mix", cfg.distill_label_mix is True),
+                    ("distill-augment", cfg.distill_augment),
+                    ("reference-ce-weight", cfg.reference_ce_weight > 0)):
+        if on:
+            raise ConfigError(
+                f"run-config {key!r} applies to the distillation stage of the strategies that "
+                f"exchange knowledge {[s for s in MARKET_STRATEGIES if s != 'local']}; strategy "
+                f"{cfg.strategy!r} has none")
 
 
 def _check_newcomers(cfg: RunConfig) -> None:
@@ -832,6 +870,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
     ):
         _non_negative(key, value)
     _check_privacy(cfg)
+    _check_stage2(cfg)
     for key, value in (("fault-dropout", cfg.fault_dropout), ("fault-straggler", cfg.fault_straggler)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"run-config '{key}' = {value!r} must be in [0, 1)")

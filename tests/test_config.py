@@ -130,6 +130,18 @@ def test_the_common_architecture_is_the_one_most_partitions_train_ties_to_the_la
     assert cfg.common_architecture(4) == fourth
 
 
+@pytest.mark.parametrize("values, key", [
+    ({"strategy": "fedavg", "distill-augment": True}, "distill-augment"),
+    ({"strategy": "fedrep", "reference-ce-weight": 0.5}, "reference-ce-weight"),
+    ({"strategy": "local", "distill-label-mix": True}, "distill-label-mix"),
+])
+def test_distillation_switches_are_refused_by_strategies_without_that_stage(values, key):
+    with pytest.raises(ConfigError, match=f"'{key}' applies to the distillation stage .* "
+                                          f"strategy '{values['strategy']}' has none"):
+        parse_run_config(values)
+    assert parse_run_config({**values, "strategy": "kta"}).strategy == "kta"
+
+
 def test_reference_larger_than_data_rejected():
     cfg = parse_run_config({"reference-size": 1700})
     with pytest.raises(ConfigError, match="'reference-size' = 1700"):

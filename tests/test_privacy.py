@@ -17,7 +17,7 @@ from torch import nn
 from client_app.app import train
 from flwr.app import Context, RecordDict
 from kta_flwr.client.privacy import BudgetExceeded, Ledger, planned_calls
-from kta_flwr.config import ConfigError, parse_run_config
+from kta_flwr.config import ConfigError, parse_run_config, stored_run_config
 from kta_flwr.flower.validation import MAX_CENTRED_LOGIT
 from kta_flwr.maths.noisy_logits import logit_noise_std, noisy_logit_bound, noisy_logits
 from kta_flwr.task.models import ModelSpec, build_model
@@ -300,6 +300,26 @@ def test_models_opacus_cannot_train_are_converted_or_refused():
 def test_bad_privacy_settings_name_the_key(values, key):
     with pytest.raises(ConfigError, match=key):
         parse_run_config(values)
+
+
+@pytest.mark.parametrize("values, on", [
+    ({}, True),  # "auto", the default
+    ({"dp-epsilon": 3.0}, False),  # "auto" under DP-SGD: the weights read private labels
+    ({"dp-noise": 1.0, "distill-label-mix": "auto"}, False),
+    ({"distill-label-mix": False}, False),
+    ({"distill-label-mix": True}, True),
+])
+def test_label_mix_is_on_by_default_and_off_under_dp_sgd(values, on):
+    assert parse_run_config(values).label_mix is on
+
+
+def test_label_mix_takes_a_bool_or_auto():
+    with pytest.raises(ConfigError, match="'distill-label-mix' = 'yes' must be true, false or 'auto'"):
+        parse_run_config({"distill-label-mix": "yes"})
+
+
+def test_runs_saved_before_the_label_mix_ran_without_it():
+    assert not parse_run_config(stored_run_config({"strategy": "kta"})).label_mix
 
 
 def test_noisy_logits_clip_each_row_and_stay_within_the_servers_bound():

@@ -56,11 +56,26 @@ def test_private_term_keeps_what_the_client_learnt():
 
 def test_label_mix_weights_follow_the_clients_own_classes():
     targets = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
-    weights = label_mix_weights(targets, np.array([0] * 8 + [1] * 2), 3)  # mix (9, 3, 1) / 13
-    np.testing.assert_allclose(weights, np.array([9, 3, 1, 9]) / 5.5, rtol=1e-6)
-    assert weights.dtype == np.float32 and abs(weights.mean() - 1.0) < 1e-6
+    balanced = np.array([0, 1, 2] * 4)
+    for public in (balanced, None):  # None: no public labels, taken to be balanced
+        weights = label_mix_weights(targets, np.array([0] * 8 + [1] * 2), public, 3)  # mix (9, 3, 1) / 13
+        np.testing.assert_allclose(weights, np.array([9, 3, 1, 9]) / 5.5, rtol=1e-6)
+        assert weights.dtype == np.float32 and abs(weights.mean() - 1.0) < 1e-6
     soft = np.full((2, 3), 1 / 3, np.float32)  # a row that names no class weighs the mean
-    np.testing.assert_allclose(label_mix_weights(soft, np.array([0, 1]), 3), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(label_mix_weights(soft, np.array([0, 1]), balanced, 3), 1.0, rtol=1e-6)
+
+
+def test_label_mix_weights_divide_by_the_public_sets_own_mix():
+    """On an unbalanced public set (FEMNIST's follows the writers' skew to the digits) the
+    weights are the ratio of the two mixes: a client whose labels follow the public mix
+    weighs every row alike, and one class twice as common in the public set as in the
+    client weighs half as much as the client's mix alone would say."""
+    public = np.array([0] * 7 + [1] * 2 + [2])  # (8, 3, 2) / 13 add-one smoothed
+    rows = np.eye(3, dtype=np.float32)[[0, 1, 2]]
+    np.testing.assert_allclose(label_mix_weights(rows, public, public, 3), 1.0, rtol=1e-6)
+    client = np.array([0] * 3 + [1] * 4 + [2] * 3)  # (4, 5, 4) / 13
+    expected = np.array([4 / 8, 5 / 3, 4 / 2])
+    np.testing.assert_allclose(label_mix_weights(rows, client, public, 3), expected / expected.mean(), rtol=1e-6)
 
 
 def test_label_mix_weights_keep_a_skewed_client_from_learning_the_public_balance():
@@ -77,7 +92,7 @@ def test_label_mix_weights_keep_a_skewed_client_from_learning_the_public_balance
         copy.load_state_dict(model.state_dict())
         distill(copy, ref.x, copied, epochs=3, batch_size=32, optim=OPT, device=CPU, seed=1,
                 temperature=1.0, kl_weight=1.0,
-                row_weights=label_mix_weights(copied, data.train.y, data.splits.num_classes) if weighted else None)
+                row_weights=label_mix_weights(copied, data.train.y, ref.y, data.splits.num_classes) if weighted else None)
         results[weighted] = _personal_acc(data, copy)
     assert results[True] > results[False] + 0.02, results
 

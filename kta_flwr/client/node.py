@@ -285,9 +285,14 @@ class Node:  # pylint: disable=too-many-instance-attributes
             max_grad_norm=self.cfg.distill_clip, augment=self._distill_augment(),
             dp=self.privacy.training() if self.privacy else None,
             private_rate=self.privacy.stage2_rate() if self.privacy else 0.0,
-            row_weights=(label_mix_weights(targets, self.data.train.y, targets.shape[1])
-                         if self.cfg.distill_label_mix else None),
+            row_weights=(label_mix_weights(targets, self.data.train.y, self._public_labels(), targets.shape[1])
+                         if self.cfg.label_mix else None),
         )
+
+    def _public_labels(self) -> np.ndarray | None:
+        """``[N_ref]`` the reference set's labels, or None where the run has none
+        (``reference-labels = none``)."""
+        return self.data.reference.y if self.cfg.reference_labels == "public" else None
 
     def _distill_augment(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Stage 2's augmentation (``distill-augment``, images only): shifts by up to 1/8 of

@@ -280,23 +280,32 @@ def distill(
     return _fit(model, len(qs), batch_loss, epochs, batch_size, optim, device, seed, max_grad_norm)
 
 
-def label_mix_weights(targets: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+def label_mix_weights(targets: np.ndarray, labels: np.ndarray, public_labels: np.ndarray | None,
+                      num_classes: int) -> np.ndarray:
     """Importance weights of distillation rows for a client whose own data has the label
-    mix of ``labels``: row i weighs ``C * sum_c q[i, c] p(c)`` (``p``: the client's label
-    frequencies, add-one smoothed), scaled to mean 1. The public rows are (near)
-    balanced and the client's test data follows its own mix; weighted so, stage 2
-    learns most where the client will be tested, and a target that names a class the
-    client hardly holds, however confidently, pulls it little toward that class.
+    mix of ``labels``, from public rows whose labels have the mix of ``public_labels``:
+    row i weighs ``sum_c q[i, c] p(c) / r(c)`` (``p``, ``r``: the two label frequencies,
+    add-one smoothed), scaled to mean 1; on a balanced public set, ``C sum_c q[i, c] p(c)``.
+    Weighted so, stage 2 learns each class as often as the client's own (test) data holds
+    it, and a target that names a class the client hardly holds, however confidently,
+    pulls it little toward that class.
 
     Args:
         targets: ``[N, C]`` soft targets. labels: ``[n]`` the client's private labels.
+        public_labels: ``[N_ref]`` the labels of the public reference set (all of it);
+            None (no labels, ``reference-labels = none``): taken to be balanced.
         num_classes: C.
 
     Returns:
         ``[N]`` float32 weights, mean 1.
     """
-    mix = (np.bincount(np.asarray(labels, np.int64), minlength=num_classes) + 1.0) / (len(labels) + num_classes)
-    weights = np.asarray(targets, np.float64) @ mix
+    def frequencies(values: np.ndarray) -> np.ndarray:
+        counts = np.bincount(np.asarray(values, np.int64), minlength=num_classes)
+        return (counts + 1.0) / (len(values) + num_classes)
+
+    public = (np.full(num_classes, 1.0 / num_classes) if public_labels is None
+              else frequencies(public_labels))
+    weights = np.asarray(targets, np.float64) @ (frequencies(labels) / public)
     return (weights / max(weights.mean(), 1e-12)).astype(np.float32)
 
 
