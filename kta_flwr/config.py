@@ -56,6 +56,9 @@ STRATEGY_FAMILIES: dict[str, str] = {
 }
 STRATEGIES = tuple(STRATEGY_FAMILIES)
 MARKET_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == MARKET)
+#: The market strategies that upload predictions and distil the targets they get back
+#: (all but ``local``).
+KNOWLEDGE_STRATEGIES = tuple(n for n in MARKET_STRATEGIES if n != "local")
 #: What the server's global model (``server-model``) learns toward: the market's consensus
 #: of the uploads, or the public rows' labels alone (the baseline without any client).
 SERVER_MODEL_TEACHERS = ("consensus", "labels")
@@ -450,7 +453,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     @property
     def exchanges_knowledge(self) -> bool:
         """True for the market strategies that upload logits (all but ``local``)."""
-        return self.is_market and self.strategy != "local"
+        return self.strategy in KNOWLEDGE_STRATEGIES
 
     @property
     def has_private_teacher(self) -> bool:
@@ -655,7 +658,7 @@ def _check_privacy(cfg: RunConfig) -> None:
     if cfg.logit_noise > 0 and not cfg.exchanges_knowledge:
         raise ConfigError(
             f"run-config 'logit-noise' = {cfg.logit_noise!r} applies to strategies that upload "
-            f"logits {[s for s in MARKET_STRATEGIES if s != 'local']}, not {cfg.strategy!r}")
+            f"logits {list(KNOWLEDGE_STRATEGIES)}, not {cfg.strategy!r}")
 
 
 def _check_stage2(cfg: RunConfig) -> None:
@@ -670,7 +673,7 @@ def _check_stage2(cfg: RunConfig) -> None:
         if on:
             raise ConfigError(
                 f"run-config {key!r} applies to the distillation stage of the strategies that "
-                f"exchange knowledge {[s for s in MARKET_STRATEGIES if s != 'local']}; strategy "
+                f"exchange knowledge {list(KNOWLEDGE_STRATEGIES)}; strategy "
                 f"{cfg.strategy!r} has none")
 
 
@@ -707,7 +710,7 @@ def _check_transfer(cfg: RunConfig) -> None:
     if not cfg.exchanges_knowledge and cfg.transfer_source != "pool":
         raise ConfigError(
             f"run-config 'transfer-source' = {cfg.transfer_source!r} needs a strategy that uploads "
-            f"predictions ({sorted(s for s in MARKET_STRATEGIES if s != 'local')}), not "
+            f"predictions ({sorted(KNOWLEDGE_STRATEGIES)}), not "
             f"{cfg.strategy!r} ('pool' may be given to any strategy: its rows are then held out of "
             "the clients' data and unused, for comparisons on the same partitions)")
     _positive("transfer-size", cfg.transfer_size)
@@ -929,7 +932,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         if not cfg.exchanges_knowledge:
             raise ConfigError(
                 f"run-config 'server-model' = {cfg.server_model!r} needs a strategy that uploads "
-                f"predictions ({sorted(s for s in MARKET_STRATEGIES if s != 'local')}); "
+                f"predictions ({sorted(KNOWLEDGE_STRATEGIES)}); "
                 f"strategy {cfg.strategy!r} has "
                 + ("none" if cfg.is_market else "a global model of its own"))
         checked.append(("server-model", cfg.server_model))

@@ -133,6 +133,7 @@ def test_the_common_architecture_is_the_one_most_partitions_train_ties_to_the_la
 @pytest.mark.parametrize("values, key", [
     ({"strategy": "fedavg", "distill-augment": True}, "distill-augment"),
     ({"strategy": "fedrep", "reference-ce-weight": 0.5}, "reference-ce-weight"),
+    ({"strategy": "fedavg-topk", "distill-label-mix": True}, "distill-label-mix"),
     ({"strategy": "local", "distill-label-mix": True}, "distill-label-mix"),
 ])
 def test_distillation_switches_are_refused_by_strategies_without_that_stage(values, key):

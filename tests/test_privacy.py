@@ -308,6 +308,12 @@ def test_bad_privacy_settings_name_the_key(values, key):
     ({"dp-noise": 1.0, "distill-label-mix": "auto"}, False),
     ({"distill-label-mix": False}, False),
     ({"distill-label-mix": True}, True),
+    ({"strategy": "fedmd"}, True),  # every strategy that distils
+    ({"strategy": "ktpfl"}, True),
+    ({"strategy": "fedavg"}, False),  # "auto" where nothing distils: stock,
+    ({"strategy": "fedavg-topk"}, False),  # compressed,
+    ({"strategy": "ditto"}, False),  # personalization,
+    ({"strategy": "local"}, False),  # and the market without exchange
 ])
 def test_label_mix_is_on_by_default_and_off_under_dp_sgd(values, on):
     assert parse_run_config(values).label_mix is on
