@@ -111,7 +111,8 @@ TARGET_SPACES = ("prob", "logit")
 TEACHER_QUALITIES = ("information", "likelihood", "accuracy")
 #: ``reference-labels``: the server scores teachers on the public labels, or on the others'
 #: consensus without any (docs/method.md#the-unlabeled-mode)
-REFERENCE_LABELS = ("public", "none")
+REFERENCE_LABELS_PUBLIC, REFERENCE_LABELS_NONE = "public", "none"
+REFERENCE_LABELS = (REFERENCE_LABELS_PUBLIC, REFERENCE_LABELS_NONE)
 MARKETS = ("adaptive", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
 #: Where the server runs the market's heavy steps: numpy on the CPU, or torch on a GPU.
@@ -250,7 +251,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     score_uniform_share: float = 0.0
     class_quality: bool = False
     label_share: float = 0.1
-    reference_labels: str = "public"  # "none": the server holds no reference label (REFERENCE_LABELS)
+    reference_labels: str = REFERENCE_LABELS_PUBLIC  # "none": the server holds no reference label (REFERENCE_LABELS)
     # --- an unlabeled transfer set beside the labeled reference set (docs/method.md#the-transfer-set)
     transfer_source: str = ""  # "", "pool", "emnist" or "file" (TRANSFER_SOURCES)
     transfer_path: str = ""  # emnist / file: where the inputs are (relative: as data-path)
@@ -425,6 +426,12 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     def private(self) -> bool:
         """True when clients train with DP-SGD (``dp-epsilon`` or ``dp-noise`` set)."""
         return self.dp_epsilon > 0 or self.dp_noise > 0
+
+    @property
+    def labeled_reference(self) -> bool:
+        """True when the reference set's labels are public (``reference-labels``): the
+        server scores teachers on them and clients may read them."""
+        return self.reference_labels == REFERENCE_LABELS_PUBLIC
 
     @property
     def label_mix(self) -> bool:
@@ -733,7 +740,7 @@ def _check_transfer(cfg: RunConfig) -> None:
 def _check_unlabeled(cfg: RunConfig) -> None:
     """``reference-labels = none``: only what needs no label on either side."""
     _choice("reference-labels", cfg.reference_labels, REFERENCE_LABELS)
-    if cfg.reference_labels == "public":
+    if cfg.labeled_reference:
         return
     needs = [("strategy", cfg.strategy, "KT-pFL learns its coefficients on the labels")
              if cfg.strategy == "ktpfl" else None,

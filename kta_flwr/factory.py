@@ -95,7 +95,7 @@ def _market(cfg: RunConfig, *, reference_labels: np.ndarray, num_classes: int, f
     return KnowledgeMarket(
         params=market_params(cfg), num_classes=num_classes,
         # the unlabeled mode: the strategy never holds the labels (docs/method.md#the-unlabeled-mode)
-        reference_labels=reference_labels if cfg.reference_labels == "public" else None,
+        reference_labels=reference_labels if cfg.labeled_reference else None,
         num_reference=len(reference_labels),
         fingerprint=fingerprint, codec=knowledge_codec(cfg),
         reference_fraction=cfg.reference_fraction, holdout_fraction=cfg.holdout,

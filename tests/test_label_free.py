@@ -121,6 +121,7 @@ def _round(market: KnowledgeMarket, uploads: list[np.ndarray]) -> None:
 @pytest.mark.usefixtures("server_identity")
 def test_the_server_holds_no_label_and_gives_each_client_its_own_upload_on_its_reserve():
     cfg = parse_run_config({"strategy": "kta", "reference-labels": "none"})
+    assert not cfg.labeled_reference and parse_run_config({"strategy": "kta"}).labeled_reference
     built = build_strategy(cfg, initial_arrays=ArrayRecord(), reference_labels=np.arange(100) % C,
                            num_classes=C, fingerprint="abc",
                            options=node_options(cfg, lambda recs, key: MetricRecord({}), None))

@@ -292,7 +292,7 @@ class Node:  # pylint: disable=too-many-instance-attributes
     def _public_labels(self) -> np.ndarray | None:
         """``[N_ref]`` the reference set's labels, or None where the run has none
         (``reference-labels = none``)."""
-        return self.data.reference.y if self.cfg.reference_labels == "public" else None
+        return self.data.reference.y if self.cfg.labeled_reference else None
 
     def _distill_augment(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Stage 2's augmentation (``distill-augment``, images only): shifts by up to 1/8 of
