@@ -218,6 +218,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     momentum: float = 0.9
     weight_decay: float = 5e-4
     proximal_mu: float = 0.01
+    bn_recalibrate: bool = True  # BatchNorm's running statistics recomputed after training
     # --- parameter-sharing personalization (fedavg-ft, ditto, fedrep) --------------
     finetune_epochs: int = 1
     ditto_lambda: float = 0.1
@@ -561,7 +562,7 @@ def _kebab(name: str) -> str:
 
 #: Keys added with a default other than what runs did before them: the value a config
 #: written before the key existed ran with (:func:`stored_run_config`).
-BEFORE_KEY_EXISTED: dict[str, Any] = {"label-share": 0.0, "distill-label-mix": False}
+BEFORE_KEY_EXISTED: dict[str, Any] = {"label-share": 0.0, "distill-label-mix": False, "bn-recalibrate": False}
 
 
 def stored_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from kta_flwr.config import RunConfig
+from kta_flwr.config import RunConfig, parse_run_config, stored_run_config
 from kta_flwr.task.splits import load_client_data
 from kta_flwr.task.models import build_model
 from kta_flwr.task.training import (
-    Optim, distill, evaluate, label_mix_weights, shifts_and_flips, train_supervised,
+    Optim, distill, evaluate, label_mix_weights, recalibrate_batch_norm, shifts_and_flips, train_supervised,
 )
 from tests.conftest import FakeNode
 
@@ -187,3 +187,34 @@ def test_lr_decay_scales_every_client_learning_rate_by_the_round(tmp_path, strat
         assert node.optim(0.05).lr == pytest.approx(expected)
         model = torch.nn.Linear(2, 2)
         assert node.optim(0.05).build(model).param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_batch_norm_recalibration_recomputes_the_running_statistics_on_the_given_inputs():
+    data = load_client_data(RunConfig(), partition_id=0, num_partitions=2)
+    x, y = data.train.x[:256], data.train.y[:256]  # 8 equal batches: the mean of batch means is the mean
+    trained = {}
+    for recalibrate in (False, True):
+        model = build_model("resnet8", data.splits.spec, seed=0)
+        train_supervised(model, x, y, epochs=2, batch_size=32, optim=OPT, device=CPU, seed=0,
+                         recalibrate=recalibrate)
+        trained[recalibrate] = {k: v.clone() for k, v in model.state_dict().items()}
+    stem, stem_norm = model[0], model[1]
+    with torch.no_grad():
+        expected_mean = stem(torch.as_tensor(x)).mean(dim=(0, 2, 3))
+    assert torch.allclose(stem_norm.running_mean, expected_mean, atol=1e-5)
+    # same weights either way; only the statistics differ, and recalibrating again changes nothing
+    weights = [k for k in trained[True] if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(trained[True][k], trained[False][k]) for k in weights)
+    assert not torch.allclose(trained[True]["1.running_mean"], trained[False]["1.running_mean"])
+    assert recalibrate_batch_norm(model, x, 32, CPU)
+    assert torch.allclose(model[1].running_mean, trained[True]["1.running_mean"], atol=1e-6)
+    plain = build_model("cnn", data.splits.spec, seed=0)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    assert not recalibrate_batch_norm(plain, x, 32, CPU)  # no BatchNorm: nothing to do
+    assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def test_batch_norm_recalibration_is_on_by_default_and_off_for_runs_saved_before_it():
+    assert parse_run_config({}).bn_recalibrate
+    assert not parse_run_config(stored_run_config({"strategy": "kta"})).bn_recalibrate
+    assert not parse_run_config({"bn-recalibrate": False}).bn_recalibrate

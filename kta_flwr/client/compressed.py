@@ -41,7 +41,7 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
             metrics["train-loss"] = mutual_distill(
                 teacher, shared, data.train.x, data.train.y, epochs=cfg.local_epochs,
                 batch_size=cfg.batch_size, optim=node.optim(cfg.learning_rate),
-                device=node.device, seed=node.seed,
+                device=node.device, seed=node.seed, recalibrate=cfg.bn_recalibrate,
             )
             payload = codec.compress(model_vector(shared, layout) - vector, node.server_round)
         else:

@@ -216,7 +216,7 @@ class Node:  # pylint: disable=too-many-instance-attributes
             model, train.x, train.y, epochs=self.cfg.local_epochs if epochs is None else epochs,
             batch_size=self.cfg.batch_size, optim=self.optim(self.cfg.learning_rate),
             device=self.device, seed=self.seed, proximal_mu=proximal_mu, proximal_to=proximal_to,
-            dp=self.privacy.training() if self.privacy else None,
+            dp=self.privacy.training() if self.privacy else None, recalibrate=self.cfg.bn_recalibrate,
         )
 
     def reference_rows(self, key: str) -> np.ndarray:
@@ -287,6 +287,7 @@ class Node:  # pylint: disable=too-many-instance-attributes
             private_rate=self.privacy.stage2_rate() if self.privacy else 0.0,
             row_weights=(label_mix_weights(targets, self.data.train.y, self._public_labels(), targets.shape[1])
                          if self.cfg.label_mix else None),
+            recalibrate=self.cfg.bn_recalibrate,
         )
 
     def _public_labels(self) -> np.ndarray | None:

@@ -37,7 +37,7 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
             model, data.train.x, data.train.y, num_classes=num_classes, prototypes=prototypes, classes=classes,
             weight=cfg.prototype_weight, projection=projection, epochs=cfg.local_epochs,
             batch_size=cfg.batch_size, optim=node.optim(cfg.learning_rate), device=node.device,
-            seed=node.seed,
+            seed=node.seed, recalibrate=cfg.bn_recalibrate,
         )
     with timer("predict"):
         values, held = class_prototypes(embeddings(model, data.train.x, node.device, projection),

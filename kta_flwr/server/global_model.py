@@ -84,7 +84,7 @@ class ServerModel:
             device=self.device, seed=seed, temperature=cfg.temperature,
             kl_weight=0.0 if labels_only else 1.0, y_ref=self.public.y[known],
             ce_weight=1.0 if labels_only else cfg.server_model_label_weight,
-            max_grad_norm=cfg.distill_clip, augment=augment,
+            max_grad_norm=cfg.distill_clip, augment=augment, recalibrate=cfg.bn_recalibrate,
         )
 
     def predict(self, rows: np.ndarray, transfer_rows: np.ndarray) -> np.ndarray:
