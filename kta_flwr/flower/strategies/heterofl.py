@@ -17,7 +17,8 @@ block of every tensor (:mod:`kta_flwr.maths.heterofl`). Round ``r``:
 
 Evaluation: each sampled node evaluates its tier's sub-model of the current global model
 (as FedAvg's clients evaluate the global model). Not reproduced from the paper: its
-static batch normalisation (here BatchNorm's running statistics are averaged like every
+static batch normalisation (here BatchNorm's running statistics, recomputed by each
+client on its data after training under ``bn-recalibrate``, are averaged like every
 other entry, as our FedAvg does) and its scaler module; the masked cross-entropy of its
 non-IID experiments.
 """
