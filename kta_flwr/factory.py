@@ -182,7 +182,8 @@ def build_strategy(  # pylint: disable=too-many-arguments
         PARAMETERS: lambda: _stock(cfg, initial_arrays, options),
         PERSONAL: lambda: _stock(cfg, initial_arrays, options),
         SUBMODELS: lambda: HeteroFL(initial_arrays=initial_arrays, tier_shapes=tier_shapes,
-                                    tier_of=cfg.tier_of_partition, **options),
+                                    tier_of=cfg.tier_of_partition, static_batch_norm=cfg.bn_recalibrate,
+                                    **options),
         PROTOTYPES: lambda: FedProto(num_classes=num_classes, dim=cfg.prototype_dim, **options),
         COMMON: lambda: CommonFedAvg(initial_arrays=initial_arrays, is_member=is_member, **options),
     }

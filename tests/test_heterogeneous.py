@@ -10,13 +10,17 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from kta_flwr.client import parameters
+from kta_flwr.client.node import Node
+from kta_flwr.flower import protocol
 from kta_flwr.flower.metering import payload_bytes
 from kta_flwr.flower.strategies.common import CommonFedAvg
 from kta_flwr.flower.strategies.heterofl import HeteroFL
 from kta_flwr.flower.strategies.prototypes import PROTOTYPES, FedProto, prototype_record
 from kta_flwr.maths.heterofl import aggregate, extract
 from kta_flwr.maths.prototypes import aggregate_prototypes, class_prototypes
-from tests.conftest import FixedGrid, client_metrics, reply
+from kta_flwr.task.models import ModelSpec, build_model
+from tests.conftest import FakeNode, FixedGrid, client_metrics, reply
 
 
 def _global() -> dict[str, np.ndarray]:
@@ -109,11 +113,11 @@ def _arrays(tensors: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(value) for name, value in tensors.items()})
 
 
-def _heterofl() -> HeteroFL:
+def _heterofl(static_batch_norm: bool = True) -> HeteroFL:
     """Three nodes 5, 6, 7 holding partitions 0, 1, 2 of tiers 0 (1/4), 1 (1/2), 2 (whole)."""
     return HeteroFL(initial_arrays=_arrays(_global()), tier_shapes=[SMALL, HALF, _shapes(_global())],
-                    tier_of=lambda partition: partition, evaluate_metrics_aggr_fn=lambda *_: None,
-                    max_examples=100)
+                    tier_of=lambda partition: partition, static_batch_norm=static_batch_norm,
+                    evaluate_metrics_aggr_fn=lambda *_: None, max_examples=100)
 
 
 def _shapes(tensors: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
@@ -184,3 +188,27 @@ def test_common_fedavg_averages_only_the_common_architecture_the_others_train_al
     assert "dropping train reply of node 6: record 'arrays': is not an array record" in caplog.text
     assert "dropping train reply of node 7: record 'arrays': is missing" in caplog.text
     assert metrics["replies"] == 1 and (arrays["conv"].numpy() == 1.0).all()
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_heterofl_asks_for_static_batch_norm_and_the_node_recomputes_it(tmp_path):
+    """The paper's static BN: HeteroFL's evaluate instructions ask each node to recompute
+    the BatchNorm statistics of its sub-model on its own training inputs (statistics
+    averaged over other widths do not describe its activations); off, they are not asked."""
+    grid = FixedGrid([5, 6, 7])
+    asked = [m.content.config_records["config"] for m in _heterofl().configure_evaluate(1, ArrayRecord(), ConfigRecord({}), grid)]
+    assert [config[protocol.STATIC_BATCH_NORM] for config in asked] == [True, True, True]
+    off = _heterofl(static_batch_norm=False).configure_evaluate(1, ArrayRecord(), ConfigRecord({}), grid)
+    assert all(protocol.STATIC_BATCH_NORM not in m.content.config_records["config"] for m in off)
+
+    fake = FakeNode(tmp_path, "heterofl", models="resnet8")
+    state = build_model("resnet8", ModelSpec((1, 8, 8), 10), 0).state_dict()
+    stale = [name for name in state if name.endswith("running_mean")]
+    for name in stale:
+        state[name].fill_(100.0)  # statistics that describe no client's activations
+    for flagged in (False, True):
+        msg = fake.message("evaluate", 1, arrays=state)
+        msg.content.config_records["config"][protocol.STATIC_BATCH_NORM] = flagged
+        model = parameters.evaluation_model(Node(msg, fake.context), msg).state_dict()
+        recomputed = [name for name in stale if not (model[name] == 100.0).all()]
+        assert recomputed == (stale if flagged else []), flagged

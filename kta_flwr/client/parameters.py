@@ -8,8 +8,9 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from torch import nn
 
 from kta_flwr.client.node import FamilyHandler, Node
-from kta_flwr.flower.protocol import ARRAYS
+from kta_flwr.flower.protocol import ARRAYS, STATIC_BATCH_NORM
 from kta_flwr.flower.timing import PhaseTimer
+from kta_flwr.task.training import recalibrate_batch_norm
 
 
 def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]) -> RecordDict:
@@ -27,8 +28,13 @@ def train(node: Node, msg: Message, timer: PhaseTimer, metrics: dict[str, float]
 
 
 def evaluation_model(node: Node, msg: Message) -> nn.Module:
-    """The global model the evaluate message carries."""
-    return node.received_model(msg.content)
+    """The global model the evaluate message carries; with the instruction's
+    ``static-batch-norm`` (HeteroFL), its BatchNorm statistics recomputed on the node's
+    training inputs."""
+    model = node.received_model(msg.content)
+    if node.config.get(STATIC_BATCH_NORM, False):
+        recalibrate_batch_norm(model, node.data.train.x, node.cfg.batch_size, node.device)
+    return model
 
 
 HANDLER = FamilyHandler(train=train, evaluation_model=evaluation_model)

@@ -55,6 +55,9 @@ TARGETS_SUBSET = "targets-subset"
 TARGETS_HOLDOUT = "targets-holdout"
 #: Instruction config: the run a resumed run continues (absent: the run itself).
 LINEAGE = "lineage"
+#: Evaluate instruction config (HeteroFL's static BatchNorm): recompute the received
+#: model's BatchNorm statistics on the node's private training inputs before evaluating it.
+STATIC_BATCH_NORM = "static-batch-norm"
 #: Reply metric: the partition the node holds.
 PARTITION_ID = "partition-id"
 #: Optional reply ConfigRecord: what a node has to tell about the state it restored

@@ -16,11 +16,15 @@ block of every tensor (:mod:`kta_flwr.maths.heterofl`). Round ``r``:
    (the paper's Algorithm 1).
 
 Evaluation: each sampled node evaluates its tier's sub-model of the current global model
-(as FedAvg's clients evaluate the global model). Not reproduced from the paper: its
-static batch normalisation (here BatchNorm's running statistics, recomputed by each
-client on its data after training under ``bn-recalibrate``, are averaged like every
-other entry, as our FedAvg does) and its scaler module; the masked cross-entropy of its
-non-IID experiments.
+(as FedAvg's clients evaluate the global model). BatchNorm: the paper's *static* batch
+normalisation computes the statistics of a sub-model after training, since statistics
+averaged over sub-models of other widths do not describe its activations. Here, with
+``static_batch_norm`` (``bn-recalibrate``, the default), each node recomputes them for
+the sub-model it was sent on its own training inputs before evaluating
+(:data:`~kta_flwr.flower.protocol.STATIC_BATCH_NORM`; the paper pools every client's
+data, this keeps them on the node); the averaged statistics still travel in the global
+model. Not reproduced: its scaler module; the masked cross-entropy of its non-IID
+experiments.
 """
 
 from __future__ import annotations
@@ -48,12 +52,16 @@ class HeteroFL(NodeStrategy):
         tier_shapes: per tier, the tensor shapes of its sub-model (name -> shape; the
             same names as ``initial_arrays``).
         tier_of: partition id -> its tier (an index into ``tier_shapes``).
+        static_batch_norm: whether each node recomputes the BatchNorm statistics of the
+            sub-model it evaluates on its training inputs first (the paper's static BN).
         options: sampling and metric hooks, :class:`~kta_flwr.flower.strategies.base.NodeOptions`.
     """
 
     def __init__(self, *, initial_arrays: ArrayRecord, tier_shapes: Sequence[Mapping[str, tuple[int, ...]]],
-                 tier_of: Callable[[int], int], **options: Unpack[NodeOptions]) -> None:
+                 tier_of: Callable[[int], int], static_batch_norm: bool = True,
+                 **options: Unpack[NodeOptions]) -> None:
         super().__init__(**options)
+        self.static_batch_norm = static_batch_norm
         #: The global model: name -> full-width tensor, in state-dict order.
         self.params = {name: array.numpy() for name, array in initial_arrays.items()}
         self.tier_shapes = [dict(shapes) for shapes in tier_shapes]
@@ -120,6 +128,8 @@ class HeteroFL(NodeStrategy):
         del arrays
         if not self.evaluates_in(server_round):
             return []
+        if self.static_batch_norm:
+            config = ConfigRecord({**config, protocol.STATIC_BATCH_NORM: True})
         return self._messages(grid, EVALUATE, self.fraction_evaluate, server_round, config)
 
     # --- the global model, saved state -----------------------------------------------------
