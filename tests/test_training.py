@@ -8,7 +8,8 @@ from kta_flwr.config import RunConfig, parse_run_config, stored_run_config
 from kta_flwr.task.splits import load_client_data
 from kta_flwr.task.models import build_model
 from kta_flwr.task.training import (
-    Optim, distill, evaluate, label_mix_weights, recalibrate_batch_norm, shifts_and_flips, train_supervised,
+    Optim, distill, evaluate, label_mix_weights, mutual_distill, recalibrate_batch_norm, shifts_and_flips,
+    train_supervised, train_with_prototypes,
 )
 from tests.conftest import FakeNode
 
@@ -218,3 +219,38 @@ def test_batch_norm_recalibration_is_on_by_default_and_off_for_runs_saved_before
     assert parse_run_config({}).bn_recalibrate
     assert not parse_run_config(stored_run_config({"strategy": "kta"})).bn_recalibrate
     assert not parse_run_config({"bn-recalibrate": False}).bn_recalibrate
+
+
+def _stem_statistics_match(model: torch.nn.Module, x: np.ndarray) -> bool:
+    """Whether a resnet8's stem BatchNorm holds the mean of its stem's outputs on ``x``."""
+    with torch.no_grad():
+        expected = model[0](torch.as_tensor(x)).mean(dim=(0, 2, 3))
+    return torch.allclose(model[1].running_mean, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("trainer", ["distill-private", "distill-reference", "mutual-distill", "prototypes"])
+def test_every_training_pass_recalibrates_on_the_inputs_its_model_serves(trainer):
+    """Stage 2 (market: on the private inputs it is given, else on the reference rows),
+    FedKD's mutual distillation (teacher and student) and FedProto's objective each end
+    with BatchNorm statistics of their final weights; off, they keep the running averages."""
+    data = load_client_data(RunConfig(), partition_id=0, num_partitions=2)
+    x, y = data.train.x[:96], data.train.y[:96]  # 3 equal batches: the mean of batch means is the mean
+    x_ref = data.reference.x[:96]
+    spec, c = data.splits.spec, data.splits.num_classes
+    targets = np.full((len(x_ref), c), 1.0 / c, np.float32)
+    common = {"epochs": 1, "batch_size": 32, "optim": OPT, "device": CPU, "seed": 0}
+    for recalibrate in (False, True):
+        models = [build_model("resnet8", spec, seed=0)]
+        if trainer == "distill-private":
+            distill(models[0], x_ref, targets, temperature=1.0, kl_weight=1.0, private=(x, y),
+                    private_weight=1.0, recalibrate=recalibrate, **common)
+        elif trainer == "distill-reference":
+            distill(models[0], x_ref, targets, temperature=1.0, kl_weight=1.0, recalibrate=recalibrate, **common)
+        elif trainer == "mutual-distill":
+            models.append(build_model("resnet8", spec, seed=1))
+            mutual_distill(*models, x, y, recalibrate=recalibrate, **common)
+        else:
+            train_with_prototypes(models[0], x, y, num_classes=c, prototypes=None, classes=None, weight=1.0,
+                                  projection=None, recalibrate=recalibrate, **common)
+        served = x_ref if trainer == "distill-reference" else x
+        assert all(_stem_statistics_match(model, served) == recalibrate for model in models), recalibrate
