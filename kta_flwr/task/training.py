@@ -310,7 +310,7 @@ def distill(
         return loss
 
     mean_loss = _fit(model, len(qs), batch_loss, epochs, batch_size, optim, device, seed, max_grad_norm)
-    if recalibrate:
+    if recalibrate and dp is None:  # a forward pass over private rows is outside DP's accounting
         served = private[0] if private is not None and len(private[0]) else x_ref
         recalibrate_batch_norm(model, served, batch_size, device)
     return mean_loss
