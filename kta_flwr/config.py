@@ -241,7 +241,6 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     target_space: str = "logit"
     codec: str = "float32"
     codec_topk: int = 3
-    codec_topk_temperature: float = 1.0  # T under the topk codec (0: as `temperature`)
     reference_fraction: float = 1.0
     holdout_fraction: float = 0.2
     prior_correction: bool = True
@@ -462,16 +461,6 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         return self.family == COMPRESSED
 
     @property
-    def distill_temperature(self) -> float:
-        """The softening and distillation temperature T: ``codec-topk-temperature`` under
-        the ``topk`` codec (unless 0), else ``temperature``. Top-k rows imply the mass
-        outside their k classes spread evenly; softened at T > 1 that flat remainder
-        outweighs the k classes sent (62 classes, T = 3: most of a target's mass)."""
-        if self.codec == "topk" and self.codec_topk_temperature > 0:
-            return self.codec_topk_temperature
-        return self.temperature
-
-    @property
     def exchanges_knowledge(self) -> bool:
         """True for the market strategies that upload logits (all but ``local``)."""
         return self.strategy in KNOWLEDGE_STRATEGIES
@@ -571,27 +560,16 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _topk_temperature_before(run_config: Mapping[str, Any]) -> float:
-    """Before ``codec-topk-temperature``, top-k runs distilled at ``temperature`` (0 says
-    so); under the other codecs the key changes nothing and reads as today's default."""
-    return 0.0 if run_config.get("codec") == "topk" else RunConfig.codec_topk_temperature
-
-
 #: Keys added with a default other than what runs did before them: the value a config
-#: written before the key existed ran with (:func:`stored_run_config`), or a function of
-#: the stored config that gives it.
-BEFORE_KEY_EXISTED: dict[str, Any] = {
-    "label-share": 0.0, "distill-label-mix": False, "bn-recalibrate": False,
-    "codec-topk-temperature": _topk_temperature_before,
-}
+#: written before the key existed ran with (:func:`stored_run_config`).
+BEFORE_KEY_EXISTED: dict[str, Any] = {"label-share": 0.0, "distill-label-mix": False, "bn-recalibrate": False}
 
 
 def stored_run_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     """A run config as a run saved it (``results.json``'s ``config``), with every key of
     :data:`BEFORE_KEY_EXISTED` it lacks set to what that run ran with; keys of today
     that it lacks and that are not listed behaved as their defaults do now."""
-    before = {key: value(run_config) if callable(value) else value for key, value in BEFORE_KEY_EXISTED.items()}
-    return {**before, **run_config}
+    return {**BEFORE_KEY_EXISTED, **run_config}
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
@@ -874,7 +852,6 @@ def _validate(cfg: RunConfig) -> RunConfig:
                           "(1 would send the labels alone, with nothing from the teachers)")
     for key, value in (
         ("distill-epochs", cfg.distill_epochs),
-        ("codec-topk-temperature", cfg.codec_topk_temperature),
         ("server-model-epochs", cfg.server_model_epochs),
         ("server-model-label-weight", cfg.server_model_label_weight),
         ("momentum", cfg.momentum),

@@ -50,7 +50,7 @@ def market_params(cfg: RunConfig) -> MarketParams | None:
         return None
     kta = cfg.strategy == "kta"
     return MarketParams(
-        temperature=cfg.distill_temperature,
+        temperature=cfg.temperature,
         divergence=cfg.divergence,
         tau=cfg.similarity_tau,
         neighbours=cfg.neighbours,

@@ -80,23 +80,3 @@ def test_bench_reuses_only_finished_runs_of_the_same_config(tmp_path):
     results.write_text(json.dumps({"config": before, "rounds": [{}, {}, {}]}))
     assert cfg.label_share == 0.1 and reusable_run(tmp_path, cfg) is None
     assert reusable_run(tmp_path, cfg.replace(label_share=0.0)) == results
-
-
-def test_bench_reuse_reads_a_topk_run_saved_before_codec_topk_temperature_as_distilled_at_temperature(tmp_path):
-    """Saved before the key existed: a top-k run distilled at ``temperature`` (so today's
-    top-k config, at T = 1, does not reuse it); a float32 run is unaffected by the key
-    (so it is reused)."""
-    from kta_flwr.config import RunConfig
-    from kta_flwr.tools.bench import reusable_run
-
-    folder = tmp_path / "20261130-000000-kta"
-    folder.mkdir()
-    results = folder / "results.json"
-    for codec, reused in (("topk", False), ("float32", True)):
-        cfg = RunConfig(num_server_rounds=1, codec=codec)
-        before = {k: v for k, v in cfg.to_flwr().items() if k != "codec-topk-temperature"}
-        results.write_text(json.dumps({"config": before, "rounds": [{}]}))
-        assert (reusable_run(tmp_path, cfg) == results) is reused, codec
-    # asked for as it ran (T = temperature), the top-k run is reused
-    results.write_text(json.dumps({"config": {**before, "codec": "topk"}, "rounds": [{}]}))
-    assert reusable_run(tmp_path, RunConfig(num_server_rounds=1, codec="topk", codec_topk_temperature=0.0)) == results

@@ -41,24 +41,12 @@ def test_pyproject_config_matches_runconfig_defaults():
         ("partitioner", "shards", "dirichlet"),
         ("num-server-rounds", "ten", "expected int"),
         ("device", "tpu", "cuda"),
-        ("codec-topk-temperature", -1.0, ">= 0"),
     ],
 )
 def test_bad_values_name_the_key(key, value, needle):
     with pytest.raises(ConfigError) as err:
         parse_run_config({key: value})
     assert f"'{key}'" in str(err.value) and needle in str(err.value)
-
-
-def test_topk_distils_at_its_own_temperature_unless_zero_and_every_consumer_reads_it():
-    from kta_flwr.factory import market_params
-
-    assert parse_run_config({}).distill_temperature == 3.0  # float32: `temperature`
-    assert parse_run_config({"codec": "int8", "codec-topk-temperature": 2.0}).distill_temperature == 3.0
-    topk = parse_run_config({"codec": "topk"})
-    assert topk.distill_temperature == 1.0 and market_params(topk).temperature == 1.0
-    assert parse_run_config({"codec": "topk", "codec-topk-temperature": 0.0, "temperature": 2.0}
-                            ).distill_temperature == 2.0
 
 
 def test_background_teacher_needs_neighbours_in_logit_space():

@@ -279,7 +279,7 @@ class Node:  # pylint: disable=too-many-instance-attributes
             model, self._with_transfer(ref.x[rows], protocol.TARGETS_SUBSET), targets,
             epochs=self.cfg.distill_epochs, batch_size=self.cfg.batch_size,
             optim=self.optim(self.cfg.distill_learning_rate), device=self.device, seed=self.seed + 1,
-            temperature=self.cfg.distill_temperature, kl_weight=self.cfg.distill_weight,
+            temperature=self.cfg.temperature, kl_weight=self.cfg.distill_weight,
             y_ref=ref.y[rows], ce_weight=self.cfg.reference_ce_weight,
             private=(self.data.train.x, self.data.train.y), private_weight=self.cfg.private_ce_weight,
             max_grad_norm=self.cfg.distill_clip, augment=self._distill_augment(),

@@ -81,7 +81,7 @@ class ServerModel:
             self.model, self.public.x[known], self.targets[known],
             epochs=cfg.server_model_epochs, batch_size=cfg.batch_size,
             optim=Optim(cfg.distill_learning_rate, cfg.momentum, cfg.weight_decay),
-            device=self.device, seed=seed, temperature=cfg.distill_temperature,
+            device=self.device, seed=seed, temperature=cfg.temperature,
             kl_weight=0.0 if labels_only else 1.0, y_ref=self.public.y[known],
             ce_weight=1.0 if labels_only else cfg.server_model_label_weight,
             max_grad_norm=cfg.distill_clip, augment=augment, recalibrate=cfg.bn_recalibrate,
@@ -92,7 +92,7 @@ class ServerModel:
         ``rows`` then transfer rows ``transfer_rows`` (what it teaches with
         ``server-model-teacher-weight``)."""
         inputs = self.public.x[np.concatenate([rows, self.num_reference + np.asarray(transfer_rows, int)])]
-        return softmax(predict_logits(self.model, inputs, self.device), self.cfg.distill_temperature).astype(np.float32)
+        return softmax(predict_logits(self.model, inputs, self.device), self.cfg.temperature).astype(np.float32)
 
     def accuracy(self) -> float:
         """Top-1 accuracy on the whole test set."""

@@ -109,7 +109,7 @@ def plain_loop(cfg: RunConfig, num_clients: int) -> dict[str, Any]:
                         order = order.repeat(-(-steps // len(y)))[:steps]
                     for idx, pick in zip(torch.randperm(len(yr), device=device).split(bs),
                                          torch.tensor_split(order, steps)):
-                        log_p = F.log_softmax(model(xr[idx]) / cfg.distill_temperature, dim=-1)
+                        log_p = F.log_softmax(model(xr[idx]) / cfg.temperature, dim=-1)
                         loss = F.kl_div(log_p, soft[idx], reduction="batchmean")
                         if cfg.private_ce_weight > 0 and len(y):
                             loss = loss + F.cross_entropy(model(x[pick]), y[pick])
