@@ -86,3 +86,19 @@ def test_unknown_codec_and_bad_k():
         Codec("zip")
     with pytest.raises(ValueError, match="k >= 1"):
         Codec("topk", k=0)
+
+
+def test_softened_topk_rows_put_most_of_their_mass_on_the_classes_they_do_not_name():
+    """Why top-k over many classes distils better at ``temperature`` = 1 (FEMNIST,
+    docs/method.md#what-is-counted): the decoded remainder is flat, and at T = 3 over 62
+    classes that floor outweighs the 3 classes sent."""
+    probs = np.full((1, 62), 0.02 / 59)
+    probs[0, :3] = (0.9, 0.05, 0.03)
+    decoded = decode(encode(np.log(probs), Codec("topk", 3)), 1, 62, Codec("topk", 3))
+
+    def floor_mass(temperature: float) -> float:
+        soft = np.exp(decoded / temperature)
+        return float(soft[0, 3:].sum() / soft.sum())
+
+    assert floor_mass(1.0) == pytest.approx(0.02, abs=0.005)
+    assert floor_mass(3.0) > 0.5
