@@ -190,6 +190,13 @@ def test_lr_decay_scales_every_client_learning_rate_by_the_round(tmp_path, strat
         assert node.optim(0.05).build(model).param_groups[0]["lr"] == pytest.approx(expected)
 
 
+def _stem_statistics_match(model: torch.nn.Module, x: np.ndarray) -> bool:
+    """Whether a resnet8's stem BatchNorm holds the mean of its stem's outputs on ``x``."""
+    with torch.no_grad():
+        expected = model[0](torch.as_tensor(x)).mean(dim=(0, 2, 3))
+    return torch.allclose(model[1].running_mean, expected, atol=1e-5)
+
+
 def test_batch_norm_recalibration_recomputes_the_running_statistics_on_the_given_inputs():
     data = load_client_data(RunConfig(), partition_id=0, num_partitions=2)
     x, y = data.train.x[:256], data.train.y[:256]  # 8 equal batches: the mean of batch means is the mean
@@ -199,10 +206,7 @@ def test_batch_norm_recalibration_recomputes_the_running_statistics_on_the_given
         train_supervised(model, x, y, epochs=2, batch_size=32, optim=OPT, device=CPU, seed=0,
                          recalibrate=recalibrate)
         trained[recalibrate] = {k: v.clone() for k, v in model.state_dict().items()}
-    stem, stem_norm = model[0], model[1]
-    with torch.no_grad():
-        expected_mean = stem(torch.as_tensor(x)).mean(dim=(0, 2, 3))
-    assert torch.allclose(stem_norm.running_mean, expected_mean, atol=1e-5)
+    assert _stem_statistics_match(model, x)
     # same weights either way; only the statistics differ, and recalibrating again changes nothing
     weights = [k for k in trained[True] if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(trained[True][k], trained[False][k]) for k in weights)
@@ -219,13 +223,6 @@ def test_batch_norm_recalibration_is_on_by_default_and_off_for_runs_saved_before
     assert parse_run_config({}).bn_recalibrate
     assert not parse_run_config(stored_run_config({"strategy": "kta"})).bn_recalibrate
     assert not parse_run_config({"bn-recalibrate": False}).bn_recalibrate
-
-
-def _stem_statistics_match(model: torch.nn.Module, x: np.ndarray) -> bool:
-    """Whether a resnet8's stem BatchNorm holds the mean of its stem's outputs on ``x``."""
-    with torch.no_grad():
-        expected = model[0](torch.as_tensor(x)).mean(dim=(0, 2, 3))
-    return torch.allclose(model[1].running_mean, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("trainer", ["distill-private", "distill-reference", "mutual-distill", "prototypes"])
