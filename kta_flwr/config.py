@@ -109,8 +109,6 @@ FLEETS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
 #: writer split (:func:`kta_flwr.task.splits.partition_indices`).
 PARTITIONERS = ("dirichlet", "iid", "natural", "shard", "pathological", "linear", "exponential")
 TARGET_SPACES = ("prob", "logit")
-#: How a decoded top-k row spreads its remainder over the unnamed classes (knowledge_codec).
-TOPK_RESTS = ("even", "bucket")
 #: What a kta teacher's weight is scaled by (:mod:`kta_flwr.maths.market`, step 5).
 TEACHER_QUALITIES = ("information", "likelihood", "accuracy")
 #: ``reference-labels``: the server scores teachers on the public labels, or on the others'
@@ -243,7 +241,6 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     target_space: str = "logit"
     codec: str = "float32"
     codec_topk: int = 3
-    codec_topk_rest: str = "even"
     reference_fraction: float = 1.0
     holdout_fraction: float = 0.2
     prior_correction: bool = True
@@ -812,7 +809,6 @@ def _validate(cfg: RunConfig) -> RunConfig:
                           f"'information' (it splits that score by class); got {cfg.teacher_quality!r}")
     _choice("device", cfg.device, DEVICES)
     _choice("codec", cfg.codec, CODECS)
-    _choice("codec-topk-rest", cfg.codec_topk_rest, TOPK_RESTS)
     _choice("update-aggregation", cfg.update_aggregation, UPDATE_AGGREGATIONS)
     if cfg.update_aggregation != "mean" and not cfg.is_compressed:
         raise ConfigError(

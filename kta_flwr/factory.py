@@ -32,8 +32,7 @@ MARKET_WEIGHTING = {"kta": "market", "fedmd": "uniform", "ktpfl": "learned"}
 
 def knowledge_codec(cfg: RunConfig) -> Codec:
     """The codec of the logits (up) and targets (down) on the wire."""
-    rest_temperature = cfg.temperature if cfg.codec_topk_rest == "bucket" else 1.0
-    return Codec(cfg.codec, cfg.codec_topk, rest_temperature)
+    return Codec(cfg.codec, cfg.codec_topk)
 
 
 def update_codec(cfg: RunConfig, layout: ParamLayout) -> UpdateCodec:

@@ -21,11 +21,8 @@ topk       k x class index (uint8/uint16) +            total variation between t
 =========  ==========================================  ================================
 
 ``topk`` sends the k largest probabilities of each row's softmax (of the logits, or of
-the probability row itself) and implies the remainder mass r, spread evenly over the other
-classes; logits decode to ``log p'`` (whose softmax is ``p'``). With ``rest_temperature``
-T > 1 logits decode so that their softmax at T is the sent row softened as k classes and
-one "rest" bucket (``p_i ** (1/T)`` and ``r ** (1/T)``, normalised), the bucket's mass
-spread evenly: each unnamed class gets ``r / (C - k) ** T`` before the softening.
+the probability row itself) and implies the remainder mass, spread evenly over the other
+classes; logits decode to ``log p'`` (whose softmax is ``p'``).
 """
 
 from __future__ import annotations
@@ -44,20 +41,16 @@ class CodecError(ValueError):
 
 @dataclass(frozen=True)
 class Codec:
-    """A codec name and, for ``topk``, the entries kept per row and the temperature the
-    decoded logits are softened at (1: each unnamed class gets ``r / (C - k)``)."""
+    """A codec name and, for ``topk``, the entries kept per row."""
 
     name: str = "float32"
     k: int = 3
-    rest_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in CODECS:
             raise ValueError(f"unknown codec {self.name!r}; choose one of {list(CODECS)}")
         if self.name == "topk" and self.k < 1:
             raise ValueError(f"topk codec needs k >= 1, got {self.k}")
-        if not self.rest_temperature > 0:
-            raise ValueError(f"topk codec needs rest_temperature > 0, got {self.rest_temperature}")
 
     def names(self) -> tuple[str, ...]:
         """Names of the payload arrays."""
@@ -163,7 +156,7 @@ def decode(
         rest = np.clip(1.0 - top.sum(axis=1, keepdims=True), 0.0, None)
         out = np.full((n, c), 0.0, dtype=np.float32)
         if c > k:
-            out += rest / float(c - k) ** (codec.rest_temperature if kind == "logits" else 1.0)
+            out += rest / (c - k)
         np.put_along_axis(out, index, top, axis=1)
         out /= np.maximum(out.sum(axis=1, keepdims=True), 1e-12)
         if kind == "logits":
