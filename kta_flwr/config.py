@@ -268,6 +268,7 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     server_model_teacher: str = "consensus"  # or "labels": the public labels alone (a baseline)
     server_model_augment: bool = True  # images: random shifts (and flips where labels survive them)
     server_model_teacher_weight: float = 0.0  # its predictions' share in every client's targets
+    server_model_learning_rate: float = 0.0  # its SGD learning rate; 0: distill-learning-rate
     # --- newcomers: partitions that join a running fleet (docs/method.md#newcomers) --------
     newcomer_fraction: float = 0.0  # share of the fleet's partitions held back (0: none)
     newcomer_round: int = 0  # the round they join
@@ -324,6 +325,12 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
         if self.fleet:
             return tuple(model for _, model in self.fleet_tiers)
         return tuple(name.strip() for name in self.models.split(",") if name.strip())
+
+    @property
+    def server_model_lr(self) -> float:
+        """The server model's SGD learning rate: ``server-model-learning-rate``, or
+        ``distill-learning-rate`` where that is 0."""
+        return self.server_model_learning_rate or self.distill_learning_rate
 
     @property
     def fleet_tiers(self) -> tuple[tuple[str, str], ...]:
@@ -854,6 +861,7 @@ def _validate(cfg: RunConfig) -> RunConfig:
         ("distill-epochs", cfg.distill_epochs),
         ("server-model-epochs", cfg.server_model_epochs),
         ("server-model-label-weight", cfg.server_model_label_weight),
+        ("server-model-learning-rate", cfg.server_model_learning_rate),
         ("momentum", cfg.momentum),
         ("weight-decay", cfg.weight_decay),
         ("proximal-mu", cfg.proximal_mu),

@@ -173,6 +173,24 @@ def test_the_server_model_reads_public_rows_and_the_consensus_only(digits):
         restored.load_state_dict({**models[0].state_dict(), "architecture": "mlp"})
 
 
+def test_the_server_model_trains_at_its_own_learning_rate_or_the_distillation_one(digits):
+    cfg, splits = digits
+    rows = np.arange(0, 60, 2)
+    targets = np.random.default_rng(3).dirichlet(np.ones(10), size=len(rows)).astype(np.float32)
+
+    def trained(**changes) -> dict[str, np.ndarray]:
+        model = ServerModel(cfg.replace(**changes), splits, torch.device("cpu"))
+        model.learn(1, Consensus(rows, targets))
+        return model.tensors()
+
+    inherited = trained(distill_learning_rate=0.02)  # server-model-learning-rate 0: distill's
+    explicit = trained(distill_learning_rate=0.5, server_model_learning_rate=0.02)
+    other = trained(distill_learning_rate=0.02, server_model_learning_rate=0.005)
+    for name, value in inherited.items():
+        np.testing.assert_array_equal(value, explicit[name])
+    assert any(not np.array_equal(value, other[name]) for name, value in inherited.items())
+
+
 @pytest.mark.parametrize(("changes", "named"), [
     ({"strategy": "fedavg", "server-model": "mlp"}, "strategy 'fedavg' has a global model of its own"),
     ({"strategy": "local", "server-model": "mlp"}, "strategy 'local' has none"),
@@ -180,6 +198,8 @@ def test_the_server_model_reads_public_rows_and_the_consensus_only(digits):
     ({"server-model": "textbag"}, "'server-model' names 'textbag'"),
     ({"server-model": "mlp", "server-model-teacher": "oracle"}, "'server-model-teacher'"),
     ({"server-model": "mlp", "server-model-epochs": -1}, "'server-model-epochs'"),
+    ({"server-model": "mlp", "server-model-learning-rate": -0.01}, "'server-model-learning-rate' = -0.01"),
+    ({"server-model": "mlp", "server-model-learning-rate": float("nan")}, "'server-model-learning-rate' = nan"),
 ])
 def test_a_bad_server_model_config_is_refused_naming_the_key(changes, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(")):

@@ -9,7 +9,7 @@ and the market's consensus of the uploaded predictions on them
 sees a client's data or weights, and nothing more crosses the wire: the clients' bytes
 are those of the run without it. It keeps the latest consensus of every public row (a
 rotating reference subset covers the rows over rounds), trains ``server-model-epochs``
-epochs a round (KL toward the consensus at ``temperature`` plus
+epochs a round at ``server-model-learning-rate`` (KL toward the consensus at ``temperature`` plus
 ``server-model-label-weight`` × cross-entropy on the labels; ``server-model-teacher =
 "labels"``: cross-entropy on the labels alone, the baseline without the clients; images shifted and,
 where labels survive it, flipped: ``server-model-augment``), is evaluated on the whole
@@ -80,7 +80,7 @@ class ServerModel:
         return distill(
             self.model, self.public.x[known], self.targets[known],
             epochs=cfg.server_model_epochs, batch_size=cfg.batch_size,
-            optim=Optim(cfg.distill_learning_rate, cfg.momentum, cfg.weight_decay),
+            optim=Optim(cfg.server_model_lr, cfg.momentum, cfg.weight_decay),
             device=self.device, seed=seed, temperature=cfg.temperature,
             kl_weight=0.0 if labels_only else 1.0, y_ref=self.public.y[known],
             ce_weight=1.0 if labels_only else cfg.server_model_label_weight,
