@@ -67,7 +67,7 @@ NEWCOMER_STARTS = ("scratch", "global")
 #: Where an unlabeled transfer set comes from (``transfer-source``; "": none): rows of
 #: the training pool no client holds (labels dropped), another dataset's training inputs
 #: (``emnist``: EMNIST Letters), or a user's array file of model inputs.
-TRANSFER_SOURCES = ("", "pool", "emnist", "file")
+TRANSFER_SOURCES = ("", "pool", "emnist", "femnist", "file")
 PARAMETER_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PARAMETERS)
 COMPRESSED_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == COMPRESSED)
 PERSONAL_STRATEGIES = tuple(n for n, f in STRATEGY_FAMILIES.items() if f == PERSONAL)
@@ -256,8 +256,8 @@ class RunConfig:  # pylint: disable=too-many-instance-attributes
     label_share: float = 0.1
     reference_labels: str = REFERENCE_LABELS_PUBLIC  # "none": the server holds no reference label (REFERENCE_LABELS)
     # --- an unlabeled transfer set beside the labeled reference set (docs/method.md#the-transfer-set)
-    transfer_source: str = ""  # "", "pool", "emnist" or "file" (TRANSFER_SOURCES)
-    transfer_path: str = ""  # emnist / file: where the inputs are (relative: as data-path)
+    transfer_source: str = ""  # "", "pool", "emnist", "femnist" or "file" (TRANSFER_SOURCES)
+    transfer_path: str = ""  # emnist / femnist / file: where the inputs are (relative: as data-path)
     transfer_size: int = 2000  # rows in the transfer set
     transfer_rows: int = 200  # transfer rows exchanged per round (a rotating window)
     distill_augment: bool = False  # images: stage 2's inputs shifted (and flipped where labels survive it)
@@ -735,11 +735,11 @@ def _check_transfer(cfg: RunConfig) -> None:
     if cfg.transfer_rows > cfg.transfer_size:
         raise ConfigError(f"run-config 'transfer-rows' = {cfg.transfer_rows} exceeds 'transfer-size' "
                           f"= {cfg.transfer_size}: a round cannot exchange more rows than the set has")
-    if cfg.transfer_source in ("emnist", "file") and not cfg.transfer_path:
+    if cfg.transfer_source in ("emnist", "femnist", "file") and not cfg.transfer_path:
         raise ConfigError(f"run-config 'transfer-source' = {cfg.transfer_source!r} needs 'transfer-path' "
                           "(where its inputs are)")
     if cfg.transfer_source == "pool" and cfg.transfer_path:
-        raise ConfigError("run-config 'transfer-path' is for the sources 'emnist' and 'file'; "
+        raise ConfigError("run-config 'transfer-path' is for the sources 'emnist', 'femnist' and 'file'; "
                           "'transfer-source' = 'pool' carves its rows out of the dataset itself")
     if cfg.reference_ce_weight > 0:
         raise ConfigError(

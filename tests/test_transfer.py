@@ -92,6 +92,28 @@ def test_emnist_letters_become_femnist_transfer_rows_dark_on_light(shared_datase
     assert transfer[:, :, 0, :].mean() > 0.9 and splits.reference.x[:, :, 0, :].mean() > 0.9
 
 
+def test_another_femnist_sample_gives_transfer_rows_of_writers_the_task_never_sees(shared_datasets):
+    task, other = (shared_datasets / "femnist" / f"femnist_leaf_niid05_{name}.npz" for name in ("wenzhu", "arakotom"))
+    with np.load(task) as mine, np.load(other) as theirs:
+        kept = ~np.isin(theirs["writer_train"], mine["writer_train"])  # the task's test writers are among them
+        expected = {row.tobytes() for row in (theirs["x_train"][kept][:, None] / np.float32(255)).astype(np.float32)}
+    rows = int(kept.sum())
+    assert 0 < rows < len(kept)  # the two samples share writers, and those are left out
+
+    def femnist(size: int) -> RunConfig:
+        return parse_run_config({"dataset": "femnist", "data-path": str(task), "partitioner": "natural",
+                                 "reference-size": 300, "test-size": 0, "models": "femnist_cnn",
+                                 "transfer-source": "femnist", "transfer-path": str(other),
+                                 "transfer-size": size, "transfer-rows": 10})
+
+    splits = load_splits(femnist(rows))
+    assert (splits.transfer.y == UNLABELED).all()
+    assert {row.tobytes() for row in splits.transfer.x} == expected
+    assert len(splits.train.y) == len(load_splits(femnist(rows).replace(transfer_source="", transfer_path="")).train.y)
+    with pytest.raises(ConfigError, match=f"'transfer-size' = {rows + 1} exceeds the {rows} inputs"):
+        load_splits(femnist(rows + 1))
+
+
 @pytest.mark.parametrize(("changes", "named"), [
     ({"transfer-source": "web"}, "'transfer-source'"),
     ({"transfer-source": "emnist", "transfer-path": "e", "strategy": "fedavg"}, "'transfer-source'"),
@@ -99,6 +121,7 @@ def test_emnist_letters_become_femnist_transfer_rows_dark_on_light(shared_datase
     ({"transfer-source": "pool", "transfer-rows": 300, "transfer-size": 200}, "'transfer-rows'"),
     ({"transfer-source": "pool", "transfer-rows": -1}, "'transfer-rows'"),
     ({"transfer-source": "emnist"}, "'transfer-path'"),
+    ({"transfer-source": "femnist"}, "'transfer-path'"),
     ({"transfer-source": "pool", "transfer-path": "x.npy"}, "'transfer-path'"),
     ({"transfer-source": "pool", "reference-ce-weight": 0.5}, "'reference-ce-weight'"),
 ])

@@ -225,6 +225,18 @@ def load_femnist(data_path: str) -> Source:
     return Source(train, test.take(keep), train_groups, test_groups[keep])
 
 
+def _femnist_inputs(data_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """FEMNIST's training images ``[M, 1, 28, 28]`` and writer ids ``[M]``, no labels: of
+    an npz only ``x_train`` and ``writer_train`` are read (a LEAF folder's JSON shards
+    hold them with the labels; those are dropped)."""
+    root = Path(data_path).expanduser()
+    if root.is_dir() and (root / "train").is_dir():
+        train, writers = _leaf_json(root / "train")
+        return train.x, writers
+    npz = np.load(_locate("femnist", data_path, ("femnist*.npz", "*.npz"), "an npz with x_train/writer_train"))
+    return _images(npz["x_train"]), npz["writer_train"].astype(str)
+
+
 def _leaf_json(folder: Path) -> tuple[ArrayDataset, np.ndarray]:
     xs, ys, writers = [], [], []
     for shard in sorted(folder.glob("*.json")):
@@ -280,19 +292,23 @@ def load_agnews(data_path: str) -> Source:
 
 
 def load_transfer_inputs(source: str, path: str, input_shape: tuple[int, ...],
-                         task_images: np.ndarray) -> np.ndarray:
+                         task_images: np.ndarray, task_writers: np.ndarray | None = None) -> np.ndarray:
     """The inputs of an external transfer set (no labels are read): float32
     ``[M, *input_shape]``.
 
     Args:
-        source: ``"emnist"`` (EMNIST Letters' training images, upright) or ``"file"`` (an
-            ``.npy`` array, or an ``.npz`` with an array ``x``, of inputs exactly as the
-            task's models read them: float32, normalised as the task's loader does).
+        source: ``"emnist"`` (EMNIST Letters' training images, upright), ``"femnist"``
+            (the training images of another FEMNIST sample, as ``data-path`` reads one,
+            less every writer of ``task_writers``; its labels are not kept) or ``"file"``
+            (an ``.npy`` array, or an ``.npz`` with an array ``x``, of inputs exactly as
+            the task's models read them: float32, normalised as the task's loader does).
         path: the run config's ``transfer-path``, resolved.
         input_shape: the task's input shape (``[C, H, W]``).
         task_images: some of the task's inputs (its reference set): EMNIST's images
             are inverted when their background (mean border pixel) is the opposite of
             the task's (FEMNIST writes dark on light, EMNIST light on dark).
+        task_writers: ``femnist``: the writer ids of the task's own rows (training pool,
+            reference and test), none of whose rows may enter the transfer set.
 
     Raises:
         ConfigError: no file at ``path``, or inputs of another shape, dtype or with
@@ -302,6 +318,9 @@ def load_transfer_inputs(source: str, path: str, input_shape: tuple[int, ...],
     try:
         if source == "emnist":
             x = load_emnist_letters(path).train.x
+        elif source == "femnist":
+            x, writers = _femnist_inputs(path)
+            x = x[~np.isin(writers, np.asarray([] if task_writers is None else task_writers, str))]
         else:
             file = Path(path).expanduser()
             if not file.is_file():
@@ -311,7 +330,7 @@ def load_transfer_inputs(source: str, path: str, input_shape: tuple[int, ...],
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"{where}: cannot be read as an .npy array or an .npz with 'x' ({err})") from None
+        raise ConfigError(f"{where}: cannot be read ({err})") from None
     if not np.issubdtype(x.dtype, np.number) or tuple(x.shape[1:]) != tuple(input_shape):
         raise ConfigError(f"{where} holds {x.dtype} inputs of shape {list(x.shape[1:])}; the task's "
                           f"models read float32 inputs of shape {list(input_shape)}")

@@ -178,7 +178,8 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
     reference = train.take(ref_rows)
     pool, pool_groups = train.take(pool_rows), None if groups is None else groups[pool_rows]
     # --- transfer (unlabeled) -------------------------------------------------------
-    transfer, pool, pool_groups = _transfer_set(transfer_spec, pool, pool_groups, reference, seed)
+    task_writers = None if src.train_groups is None else np.union1d(src.train_groups, src.test_groups)
+    transfer, pool, pool_groups = _transfer_set(transfer_spec, pool, pool_groups, reference, seed, task_writers)
     # --- cap ------------------------------------------------------------------------
     if 0 < max_train_size < len(pool.y):
         _, rows = _stratified(pool.y, max_train_size, seed + 2)
@@ -193,14 +194,15 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
     )
 
 
-def _transfer_set(
+def _transfer_set(  # pylint: disable=too-many-arguments
     spec: tuple[str, str, int], pool: ArrayDataset, pool_groups: np.ndarray | None,
-    reference: ArrayDataset, seed: int,
+    reference: ArrayDataset, seed: int, task_writers: np.ndarray | None = None,
 ) -> tuple[ArrayDataset | None, ArrayDataset, np.ndarray | None]:
     """(transfer set or None, pool, pool groups): ``spec`` = (source, resolved path,
     size). ``pool`` carves ``size`` rows out of the training pool (whole writers, in a
     seeded order, when the data has writer ids; stratified otherwise), so no client
-    holds them; ``emnist``/``file`` draw ``size`` rows of the inputs at the path. Labels
+    holds them; ``emnist``/``femnist``/``file`` draw ``size`` rows of the inputs at the
+    path (``femnist``: none of a writer in ``task_writers``, the task's own). Labels
     are dropped (:data:`UNLABELED`). The test set is left as it is."""
     source, path, size = spec
     if not source:
@@ -220,7 +222,7 @@ def _transfer_set(
         if reference.x.dtype == object:
             raise ConfigError(f"run-config 'transfer-source' = {source!r} reads images; the task's "
                               "inputs are text (use 'pool')")
-        everything = load_transfer_inputs(source, path, tuple(reference.x.shape[1:]), reference.x)
+        everything = load_transfer_inputs(source, path, tuple(reference.x.shape[1:]), reference.x, task_writers)
         if size > len(everything):
             raise ConfigError(f"run-config 'transfer-size' = {size} exceeds the {len(everything)} "
                               f"inputs at 'transfer-path' = {path!r}")
