@@ -20,7 +20,8 @@ from kta_flwr.flower.strategies.market import KnowledgeMarket
 from kta_flwr.maths.market import cap_loudness, centre, global_consensus, run_market
 from kta_flwr.maths.market_kernels import FAST
 from kta_flwr.server.global_model import ServerModel
-from kta_flwr.task.splits import UNLABELED, load_client_data, load_splits
+from kta_flwr.task.datasets import ArrayDataset, Source
+from kta_flwr.task.splits import UNLABELED, load_client_data, load_splits, writers_of
 from tests.conftest import FakeNode, FixedGrid, client_metrics, reply, train_round
 
 C = 10
@@ -112,6 +113,15 @@ def test_another_femnist_sample_gives_transfer_rows_of_writers_the_task_never_se
     assert len(splits.train.y) == len(load_splits(femnist(rows).replace(transfer_source="", transfer_path="")).train.y)
     with pytest.raises(ConfigError, match=f"'transfer-size' = {rows + 1} exceeds the {rows} inputs"):
         load_splits(femnist(rows + 1))
+
+
+def test_the_writers_of_a_dataset_without_ids_on_its_test_split_are_its_training_writers():
+    train = ArrayDataset(np.zeros((4, 1, 2, 2), np.float32), np.arange(4), 4)
+    groups = np.array(["w2", "w1", "w2", "w3"])
+    np.testing.assert_array_equal(writers_of(Source(train, None, groups, None)), ["w1", "w2", "w3"])
+    np.testing.assert_array_equal(writers_of(Source(train, train, groups, np.array(["w4"] * 4))),
+                                  ["w1", "w2", "w3", "w4"])
+    assert writers_of(Source(train)) is None
 
 
 @pytest.mark.parametrize(("changes", "named"), [

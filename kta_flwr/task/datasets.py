@@ -206,6 +206,10 @@ def _cifar10_batches(folder: Path) -> Source:
     return Source(read([f"data_batch_{i}" for i in range(1, 6)]), read(["test_batch"]))
 
 
+#: Where a FEMNIST npz is looked for inside a folder, in order.
+_FEMNIST_FILES = ("femnist*.npz", "*.npz")
+
+
 def load_femnist(data_path: str) -> Source:
     """FEMNIST (LEAF) as float32 ``[M, 1, 28, 28]`` in [0, 1], 62 classes, writer ids.
 
@@ -217,7 +221,7 @@ def load_femnist(data_path: str) -> Source:
         train, train_groups = _leaf_json(root / "train")
         test, test_groups = _leaf_json(root / "test")
     else:
-        npz = np.load(_locate("femnist", data_path, ("femnist*.npz", "*.npz"), "an npz with x_train/y_train/writer_train or a LEAF folder"))
+        npz = np.load(_locate("femnist", data_path, _FEMNIST_FILES, "an npz with x_train/y_train/writer_train or a LEAF folder"))
         train = ArrayDataset(_images(npz["x_train"]), npz["y_train"].astype(np.int64), 62)
         test = ArrayDataset(_images(npz["x_test"]), npz["y_test"].astype(np.int64), 62)
         train_groups, test_groups = npz["writer_train"].astype(str), npz["writer_test"].astype(str)
@@ -233,7 +237,7 @@ def _femnist_inputs(data_path: str) -> tuple[np.ndarray, np.ndarray]:
     if root.is_dir() and (root / "train").is_dir():
         train, writers = _leaf_json(root / "train")
         return train.x, writers
-    npz = np.load(_locate("femnist", data_path, ("femnist*.npz", "*.npz"), "an npz with x_train/writer_train"))
+    npz = np.load(_locate("femnist", data_path, _FEMNIST_FILES, "an npz with x_train/writer_train"))
     return _images(npz["x_train"]), npz["writer_train"].astype(str)
 
 
@@ -330,7 +334,9 @@ def load_transfer_inputs(source: str, path: str, input_shape: tuple[int, ...],
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"{where}: cannot be read ({err})") from None
+        expected = {"emnist": "emnist_letters.npz", "femnist": "an npz with x_train/writer_train or a LEAF folder",
+                    "file": "an .npy array or an .npz with 'x'"}[source]
+        raise ConfigError(f"{where}: cannot be read as {expected} ({err})") from None
     if not np.issubdtype(x.dtype, np.number) or tuple(x.shape[1:]) != tuple(input_shape):
         raise ConfigError(f"{where} holds {x.dtype} inputs of shape {list(x.shape[1:])}; the task's "
                           f"models read float32 inputs of shape {list(input_shape)}")

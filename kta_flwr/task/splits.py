@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 UNLABELED = -1
 
 __all__ = ["UNLABELED", "ArrayDataset", "CentralSplits", "ClientData", "load_client_data", "load_splits",
-           "shared_split"]
+           "shared_split", "writers_of"]
 
 
 @dataclass(frozen=True, eq=False)  # identity hash: used as a cache key
@@ -178,8 +178,7 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
     reference = train.take(ref_rows)
     pool, pool_groups = train.take(pool_rows), None if groups is None else groups[pool_rows]
     # --- transfer (unlabeled) -------------------------------------------------------
-    task_writers = None if src.train_groups is None else np.union1d(src.train_groups, src.test_groups)
-    transfer, pool, pool_groups = _transfer_set(transfer_spec, pool, pool_groups, reference, seed, task_writers)
+    transfer, pool, pool_groups = _transfer_set(transfer_spec, pool, pool_groups, reference, seed, writers_of(src))
     # --- cap ------------------------------------------------------------------------
     if 0 < max_train_size < len(pool.y):
         _, rows = _stratified(pool.y, max_train_size, seed + 2)
@@ -192,6 +191,13 @@ def _load_splits(  # pylint: disable=too-many-arguments,too-many-locals
         pool, reference, test, pool_groups, test_groups, vocab, text_length if src.is_text else 0,
         transfer,
     )
+
+
+def writers_of(src: Source) -> np.ndarray | None:
+    """The distinct writer ids of ``src``'s rows, training and test (None: the data has
+    none); a split without ids (a hub dataset with no test split) adds none."""
+    groups = [g for g in (src.train_groups, src.test_groups) if g is not None]
+    return np.unique(np.concatenate(groups)) if groups else None
 
 
 def _transfer_set(  # pylint: disable=too-many-arguments
